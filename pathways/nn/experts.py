@@ -1,0 +1,70 @@
+"""Feed-forward experts stored as banks of stacked weights.
+
+A bank holds E_i experts of one hidden width F_i: w_in [E_i, D, F_i] and w_out [E_i, F_i, D],
+annotated with the logical axis 'expert' so the parallel layer can shard experts over
+devices. A layer may hold several banks of different widths (heterogeneous experts)
+without padding narrow experts to the widest; global expert ids run over the banks in order.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ExpertBank(nnx.Module):
+  """E experts, each x -> gelu(x W_in) W_out, with hidden width F.
+
+  Args:
+    d_model: D.
+    num_experts: E in this bank.
+    hidden: F, hidden width of every expert in this bank.
+    rngs: nnx.Rngs with a 'params' stream.
+  """
+
+  def __init__(self, d_model: int, num_experts: int, hidden: int, *, rngs: nnx.Rngs):
+    for name, v in (('num_experts', num_experts), ('hidden', hidden), ('d_model', d_model)):
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f'{name}={v!r}: must be an int >= 1.')
+    init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    self.num_experts = num_experts
+    self.hidden = hidden
+    self.w_in_ExDxF = nnx.Param(init(rngs.params(), (num_experts, d_model, hidden), jnp.float32),
+                                logical_axes=('expert', 'embed', 'mlp'))
+    self.w_out_ExFxD = nnx.Param(init(rngs.params(), (num_experts, hidden, d_model), jnp.float32),
+                                 logical_axes=('expert', 'mlp', 'embed'))
+
+  def weights(self):
+    return self.w_in_ExDxF[...], self.w_out_ExFxD[...]
+
+  def flops_per_token(self, d_model: int) -> int:
+    """Multiply-adds x 2 of one token through one expert of this bank (forward)."""
+    return 4 * d_model * self.hidden
+
+
+def bank_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, dtype=jnp.float32):
+  """Applies each expert to its own buffer: one batched matmul per weight."""
+  h = jnp.einsum('ecd,edf->ecf', buf_ExCxD.astype(dtype), w_in_ExDxF.astype(dtype))
+  h = jax.nn.gelu(h)
+  return jnp.einsum('ecf,efd->ecd', h, w_out_ExFxD.astype(dtype))
+
+
+def apply_banks(buf_ExCxD, weights: Sequence[tuple[jax.Array, jax.Array]], dtype=jnp.float32):
+  """Splits a buffer over all experts by bank, applies each bank, concatenates."""
+  outs, start = [], 0
+  for w_in, w_out in weights:
+    e = w_in.shape[0]
+    outs.append(bank_ffn(buf_ExCxD[start:start + e], w_in, w_out, dtype))
+    start += e
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+def bank_offsets(weights) -> list[int]:
+  """First global expert id of each bank."""
+  offsets, start = [], 0
+  for w_in, _ in weights:
+    offsets.append(start)
+    start += w_in.shape[0]
+  return offsets

@@ -1,0 +1,209 @@
+"""The sparse mixture-of-experts feed-forward layer.
+
+Dimension vocabulary (tensor names carry their shape, e.g. `x_BxLxD`, `buf_ExCxD`):
+  B  batch (examples)            L  sequence length        T  tokens, T = B * L
+  G  groups (capacity is per group; T = G * S)              S  tokens per group
+  D  model width                 F  expert hidden width (per bank: F_i)
+  E  real experts over all banks (bank i holds E_i)        E' E + null experts
+  K  choices per token (top-k)   C  capacity: buffer slots per expert per group
+  A  assignments per group, A = S * K, ordered choice-major (a = k * S + s)
+  N  tasks
+
+One call: router(x) -> Routing; per group, capacity and dispatcher move tokens into
+[E, C, D] buffers, experts run, outputs are combined with the gate weights. Tokens whose
+assignments were all dropped, or that took only null experts, or that are inactive
+(padding, halted examples), get zero from this layer: the residual stream carries them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pathways import registry
+from pathways.nn import capacity as capacity_lib
+from pathways.nn import dispatch as dispatch_lib
+from pathways.nn import experts as experts_lib
+from pathways.nn import router as router_lib
+
+ROUTERS = registry.Registry('router')
+ROUTERS.add('top_k', router_lib.TopKRouter)
+ROUTERS.add('expert_choice', router_lib.ExpertChoiceRouter)
+
+AUX_LOSSES = ('load_balance_loss', 'importance_load_loss', 'router_z_loss')
+
+
+def _check_capacity_factor(name, value):
+  if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not value > 0):
+    raise ValueError(f'{name}={value!r}: must be a number > 0, or None for dropless.')
+
+
+class MoELayer(nnx.Module):
+  """Routed feed-forward block: router + expert banks + dispatcher.
+
+  Args:
+    d_model: D.
+    banks: one (num_experts, hidden) pair per expert bank, e.g. ((8, 256),) or
+      ((4, 128), (4, 512)) for narrow and wide experts in one layer.
+    k: choices per token (token choice) or mean experts per token (expert choice).
+    router: 'top_k' or 'expert_choice'.
+    capacity_factor: training capacity factor (> 0), or None for dropless.
+    eval_capacity_factor: capacity factor when deterministic; defaults to capacity_factor.
+    dispatcher: 'sorted' (fast default), 'einsum' (reference) or 'ragged' (dropless,
+      GPU/TPU).
+    group_size: S, tokens per capacity group; None puts all T tokens in one group.
+    num_null_experts, top_p, noisy, renormalize: see `TopKRouter`.
+    route_on: 'token', 'example' (masked mean of the example) or 'task' (Task-MoE).
+    num_tasks: N, for route_on='task'.
+    causal: the layer serves per-position (causal) prediction; refuses expert choice.
+    dtype: compute dtype of the experts (parameters and router stay float32).
+    rngs: nnx.Rngs.
+  """
+
+  def __init__(self, d_model: int, banks: Sequence[tuple[int, int]], k: int, *,
+               router: str = 'top_k', capacity_factor: float | None = 1.25,
+               eval_capacity_factor: float | None = -1.0, dispatcher: str = 'sorted',
+               group_size: int | None = None, num_null_experts: int = 0,
+               top_p: float | None = None, noisy: bool = False, renormalize: bool = True,
+               route_on: str = 'token', num_tasks: int = 0, causal: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    if eval_capacity_factor == -1.0:
+      eval_capacity_factor = capacity_factor
+    router_cls = ROUTERS.lookup(router)
+    self.dispatch_fn = dispatch_lib.DISPATCHERS.lookup(dispatcher)
+    self.dispatcher = dispatcher
+    _check_capacity_factor('capacity_factor', capacity_factor)
+    _check_capacity_factor('eval_capacity_factor', eval_capacity_factor)
+    if dispatcher == 'ragged' and (capacity_factor is not None or eval_capacity_factor is not None):
+      raise ValueError(f"dispatcher='ragged' is dropless: capacity_factor={capacity_factor!r} and "
+                       f"eval_capacity_factor={eval_capacity_factor!r} must both be None.")
+    if not banks or any(len(b) != 2 for b in banks):
+      raise ValueError(f'banks={banks!r}: must be a non-empty sequence of (num_experts, hidden).')
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+      raise ValueError(f'group_size={group_size!r}: must be an int >= 1, or None.')
+    if dtype not in (jnp.float32, jnp.bfloat16):
+      raise ValueError(f'dtype={dtype!r}: must be jnp.float32 or jnp.bfloat16.')
+    self.banks = nnx.List([experts_lib.ExpertBank(d_model, e, f, rngs=rngs) for e, f in banks])
+    self.num_experts = sum(e for e, _ in banks)
+    if router == 'top_k':
+      self.router = router_cls(d_model, self.num_experts, k, num_null_experts=num_null_experts,
+                               top_p=top_p, renormalize=renormalize, noisy=noisy,
+                               route_on=route_on, num_tasks=num_tasks, rngs=rngs)
+    else:
+      if num_null_experts or top_p is not None or noisy:
+        raise ValueError(f"router='expert_choice' takes no num_null_experts ({num_null_experts!r}), "
+                         f"top_p ({top_p!r}) or noisy ({noisy!r}): those are token-choice options.")
+      if capacity_factor is None or eval_capacity_factor is None:
+        raise ValueError("router='expert_choice' has no dropless mode: capacity_factor and "
+                         "eval_capacity_factor must be numbers > 0.")
+      self.router = router_cls(d_model, self.num_experts, k, capacity_factor=capacity_factor,
+                               eval_capacity_factor=eval_capacity_factor, causal=causal,
+                               route_on=route_on, num_tasks=num_tasks, rngs=rngs)
+    self.d_model = d_model
+    self.k = k
+    self.capacity_factor = capacity_factor
+    self.eval_capacity_factor = eval_capacity_factor
+    self.group_size = group_size
+    self.route_on = route_on
+    self.dtype = dtype
+
+  def __call__(self, x_BxLxD, *, mask_BxL=None, task_ids_B=None, logit_bias_BxLxE=None,
+               deterministic: bool = True):
+    """Applies the layer.
+
+    Args:
+      x_BxLxD: input tokens.
+      mask_BxL: active tokens (False: padding or halted; such tokens take no expert).
+      task_ids_B: task of each example (needed for route_on='task').
+      logit_bias_BxLxE: added to router logits (E' wide): per-task priors, -inf masks.
+      deterministic: evaluation mode (eval capacity factor, no router noise).
+
+    Returns:
+      y_BxLxD (zero for tokens that reached no expert) and a dict of scalar metrics, the
+      auxiliary losses among them, plus 'expert_load' (E,): fraction of kept assignments
+      per expert.
+    """
+    b, l, d = x_BxLxD.shape
+    if d != self.d_model:
+      raise ValueError(f'x_BxLxD.shape={x_BxLxD.shape}: last axis must be d_model={self.d_model}.')
+    t = b * l
+    s = self.group_size or t
+    if t % s:
+      raise ValueError(f'group_size={s} must divide the number of tokens T = B * L = {t}.')
+    g = t // s
+    if mask_BxL is None:
+      mask_BxL = jnp.ones((b, l), bool)
+    if mask_BxL.shape != (b, l):
+      raise ValueError(f'mask_BxL.shape={mask_BxL.shape}: must be (B, L) = {(b, l)}.')
+    task_ids_GxS = None
+    if task_ids_B is not None:
+      if task_ids_B.shape != (b,):
+        raise ValueError(f'task_ids_B.shape={task_ids_B.shape}: must be (B,) = {(b,)}.')
+      task_ids_GxS = jnp.broadcast_to(task_ids_B[:, None], (b, l)).reshape(g, s)
+    signal_GxSxD = router_lib.routing_signal(x_BxLxD, mask_BxL, self.route_on).reshape(g, s, d)
+    bias = None if logit_bias_BxLxE is None else logit_bias_BxLxE.reshape(g, s, -1)
+    active_GxS = mask_BxL.reshape(g, s)
+    routing, metrics = self.router(signal_GxSxD, active_GxS=active_GxS, task_ids_GxS=task_ids_GxS,
+                                   logit_bias_GxSxE=bias, deterministic=deterministic)
+    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+    c = capacity_lib.capacity(s, self.num_experts, self.k, cf)
+    weights = [bank.weights() for bank in self.banks]
+    fn = lambda x, r: self.dispatch_fn(x, r, weights, c, self.dtype)
+    if self.dispatcher == 'ragged':
+      # Dropless: groups do not matter, and ragged_dot has no batching rule for group sizes.
+      flat = jax.tree.map(lambda a: a.reshape((t,) + a.shape[2:]), routing)
+      y_TxD, kept_TxK = fn(x_BxLxD.reshape(t, d), flat)
+      y_GxSxD, kept = y_TxD.reshape(g, s, d), kept_TxK.reshape(g, s, -1)
+    else:
+      y_GxSxD, kept = jax.vmap(fn)(x_BxLxD.reshape(g, s, d), routing)
+    metrics.update(self._dispatch_metrics(routing, kept, active_GxS))
+    return y_GxSxD.reshape(b, l, d), metrics
+
+  def _dispatch_metrics(self, routing, kept, active_GxS):
+    num_active = jnp.maximum(jnp.sum(active_GxS), 1)
+    if routing.choice == 'token':
+      valid = routing.valid_SxK
+      kept_count_E = router_lib.per_expert_sum(kept.reshape(-1), routing.expert_SxK.reshape(-1),
+                                               self.num_experts)
+      dropped = 1.0 - jnp.sum(kept) / jnp.maximum(jnp.sum(valid), 1)
+    else:
+      kept_count_E = jnp.sum(kept, axis=(0, 2)).astype(jnp.float32)
+      s = active_GxS.shape[1]
+      picked_GxS = jnp.zeros(active_GxS.shape, bool)
+      picked_GxS = jax.vmap(lambda p, tok, v: p.at[jnp.where(v, tok, s)].set(True, mode='drop'))(
+          picked_GxS, routing.token_ExC.reshape(active_GxS.shape[0], -1),
+          kept.reshape(active_GxS.shape[0], -1))
+      dropped = 1.0 - jnp.sum(picked_GxS & active_GxS) / num_active
+    return {
+        'fraction_dropped': dropped,
+        'expert_load': kept_count_E / jnp.maximum(jnp.sum(kept_count_E), 1.0),
+        'computed_experts_per_token': jnp.sum(kept) / num_active,
+    }
+
+  def flops_per_token_per_expert(self) -> list[int]:
+    """Forward FLOPs one token spends in each expert (global id order): real widths."""
+    out = []
+    for bank in self.banks:
+      out += [bank.flops_per_token(self.d_model)] * bank.num_experts
+    return out
+
+
+class DenseFFN(nnx.Module):
+  """The dense feed-forward block x -> gelu(x W_in) W_out: the baseline MoE is measured against."""
+
+  def __init__(self, d_model: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal()
+    self.w_in_DxF = nnx.Param(init(rngs.params(), (d_model, hidden), jnp.float32),
+                              logical_axes=('embed', 'mlp'))
+    self.w_out_FxD = nnx.Param(init(rngs.params(), (hidden, d_model), jnp.float32),
+                               logical_axes=('mlp', 'embed'))
+    self.dtype = dtype
+
+  def __call__(self, x_BxLxD):
+    h = jax.nn.gelu(jnp.einsum('bld,df->blf', x_BxLxD.astype(self.dtype),
+                               self.w_in_DxF[...].astype(self.dtype)))
+    return jnp.einsum('blf,fd->bld', h, self.w_out_FxD[...].astype(self.dtype)).astype(
+        x_BxLxD.dtype)
