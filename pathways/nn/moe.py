@@ -123,8 +123,9 @@ class MoELayer(nnx.Module):
 
     Returns:
       y_BxLxD (zero for tokens that reached no expert) and a dict of scalar metrics, the
-      auxiliary losses among them, plus 'expert_load' (E,): fraction of kept assignments
-      per expert.
+      auxiliary losses among them, plus two (E,) vectors: 'router_load', the fraction of
+      the router's choices per expert (before capacity), and 'expert_load', the fraction of
+      computed (kept) assignments per expert.
     """
     b, l, d = x_BxLxD.shape
     if d != self.d_model:
@@ -151,14 +152,7 @@ class MoELayer(nnx.Module):
     cf = self.eval_capacity_factor if deterministic else self.capacity_factor
     c = capacity_lib.capacity(s, self.num_experts, self.k, cf)
     weights = [bank.weights() for bank in self.banks]
-    fn = lambda x, r: self.dispatch_fn(x, r, weights, c, self.dtype)
-    if self.dispatcher == 'ragged':
-      # Dropless: groups do not matter, and ragged_dot has no batching rule for group sizes.
-      flat = jax.tree.map(lambda a: a.reshape((t,) + a.shape[2:]), routing)
-      y_TxD, kept_TxK = fn(x_BxLxD.reshape(t, d), flat)
-      y_GxSxD, kept = y_TxD.reshape(g, s, d), kept_TxK.reshape(g, s, -1)
-    else:
-      y_GxSxD, kept = jax.vmap(fn)(x_BxLxD.reshape(g, s, d), routing)
+    y_GxSxD, kept = self.dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, c, self.dtype)
     metrics.update(self._dispatch_metrics(routing, kept, active_GxS))
     return y_GxSxD.reshape(b, l, d), metrics
 

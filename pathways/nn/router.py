@@ -174,6 +174,7 @@ class TopKRouter(_RouterBase):
         'router_z_loss': aux_losses.router_z_loss(clean.reshape(-1, num_choices), active_T),
         'router_entropy': aux_losses.router_entropy(probs_TxE, active_T),
         'experts_per_token': jnp.sum(routing.valid_SxK) / jnp.maximum(jnp.sum(active_T), 1),
+        'router_load': count_E / jnp.maximum(jnp.sum(count_E), 1.0),
     }
 
 
@@ -236,6 +237,7 @@ class ExpertChoiceRouter(_RouterBase):
         'router_z_loss': aux_losses.router_z_loss(logits_GxSxE.reshape(-1, e), active_T),
         'router_entropy': aux_losses.router_entropy(probs_TxE, active_T),
         'experts_per_token': jnp.sum(valid_GxExC) / jnp.maximum(jnp.sum(active_T), 1),
+        'router_load': count_E / jnp.maximum(jnp.sum(count_E), 1.0),
     }
     return routing, metrics
 

@@ -1,0 +1,208 @@
+"""Benchmark: MoE layer throughput against a dense FFN and against the one-hot reference.
+
+Forward+backward (and forward-only) time of:
+  * dense: the dense FFN with hidden width F_dense (same active FLOPs per token as the MoE
+    when F_expert = F_dense / k);
+  * moe: `MoELayer` with the fast 'sorted' dispatcher, one capacity group;
+  * einsum@S: the same layer with the one-hot [S, E, C] reference dispatcher and capacity
+    groups of S tokens (the layout of vmoe/flaxformer/praxis), at each --einsum_groups size;
+  * ragged: the dropless grouped-matmul dispatcher (skipped where XLA would lower ragged_dot
+    to more than --ragged_max_groups dense matmuls, as it does on CPU).
+All variants of one configuration are timed side by side, round-robin, in one process;
+reported numbers are medians over --repeats. Router logits get a fixed per-expert bias,
+calibrated so that the coefficient of variation of expert load is about --load_cv.
+
+Prints one JSON object per line and a table; writes all rows to --output.
+
+  python -m tools.benchmark_moe                        # the README's table
+  python -m tools.benchmark_moe --tokens=4096 --experts=8 --repeats=3
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pathways.nn import moe
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('tokens', ['16384', '4096'], 'T values (tokens per step).')
+flags.DEFINE_list('experts', ['8', '64', '512'], 'E values.')
+flags.DEFINE_integer('d_model', 512, 'D.')
+flags.DEFINE_integer('dense_hidden', 2048, 'F of the dense FFN; experts get dense_hidden / k.')
+flags.DEFINE_integer('k', 2, 'Experts per token.')
+flags.DEFINE_float('capacity_factor', 1.25, 'Capacity factor of the capacity paths.')
+flags.DEFINE_list('einsum_groups', ['256', '1024'], 'Group sizes tried for the one-hot reference.')
+flags.DEFINE_float('load_cv', 0.3, 'Target coefficient of variation of expert load.')
+flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant (median reported).')
+flags.DEFINE_integer('ragged_max_groups', 8, 'Run the ragged path on CPU only up to this E.')
+flags.DEFINE_bool('forward_only', True, 'Also time forward-only (inference).')
+flags.DEFINE_string('output', 'results/benchmark_moe.json', 'Where to write the rows (JSON).')
+
+
+def _calibrate_bias(layer, x, target_cv, seed=0):
+  """Per-expert logit bias scale*z for which the router's load (choices per expert, before
+  capacity) has the target coefficient of variation; found by bisection on `scale`."""
+  e = layer.num_experts
+  z = np.random.default_rng(seed).standard_normal(e)
+  z = jnp.asarray((z - z.mean()) / z.std(), jnp.float32)
+  sample = x.reshape(1, -1, x.shape[-1])
+
+  @jax.jit
+  def load_cv(scale):
+    bias = jnp.broadcast_to(scale * z, sample.shape[:2] + (e,))
+    _, metrics = layer.router(sample, logit_bias_GxSxE=bias)
+    load = metrics['router_load']
+    return jnp.std(load) / jnp.mean(load)
+
+  lo, hi = 0.0, 4.0
+  if float(load_cv(lo)) >= target_cv:
+    return jnp.zeros((e,), jnp.float32)
+  for _ in range(30):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if float(load_cv(mid)) < target_cv else (lo, mid)
+  return lo * z
+
+
+def _make_fns(layer_or_dense, bias_E, is_moe):
+  graphdef, params = nnx.split(layer_or_dense, nnx.Param)[:2]
+  rest = nnx.split(layer_or_dense, nnx.Param, ...)[2]
+
+  def forward(params, x):
+    m = nnx.merge(graphdef, params, rest)
+    if is_moe:
+      bias = jnp.broadcast_to(bias_E, x.shape[:2] + bias_E.shape)
+      y, metrics = m(x, logit_bias_BxLxE=bias, deterministic=False)
+      return y, metrics
+    return m(x), {}
+
+  def loss(params, x):
+    y, metrics = forward(params, x)
+    return jnp.sum(y.astype(jnp.float32)), metrics
+
+  train = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  infer = jax.jit(lambda p, x: forward(p, x)[0])
+  return params, train, infer
+
+
+def _block(out):
+  jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, 'block_until_ready') else a, out)
+
+
+def _time_round_robin(fns, repeats):
+  """fns: name -> thunk. Warm up (compile) each, then time them in turn `repeats` times."""
+  for thunk in fns.values():
+    _block(thunk())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, thunk in fns.items():
+      start = time.perf_counter()
+      _block(thunk())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_config(t, e, log):
+  d, k = FLAGS.d_model, FLAGS.k
+  f_expert = FLAGS.dense_hidden // k
+  seq = 1024 if t % 1024 == 0 else t
+  x = jax.random.normal(jax.random.key(0), (t // seq, seq, d), jnp.float32)
+  rngs = lambda: nnx.Rngs(0)
+  variants = {'dense': (moe.DenseFFN(d, FLAGS.dense_hidden, rngs=rngs()), False)}
+  variants['moe'] = (moe.MoELayer(d, [(e, f_expert)], k, capacity_factor=FLAGS.capacity_factor,
+                                  dispatcher='sorted', rngs=rngs()), True)
+  for s in FLAGS.einsum_groups:
+    s = int(s)
+    if t % s == 0:
+      variants[f'einsum@{s}'] = (moe.MoELayer(d, [(e, f_expert)], k,
+                                              capacity_factor=FLAGS.capacity_factor,
+                                              dispatcher='einsum', group_size=s, rngs=rngs()),
+                                 True)
+  bias = _calibrate_bias(variants['moe'][0], x, FLAGS.load_cv)
+  ragged_note = None
+  if jax.default_backend() != 'cpu' or e <= FLAGS.ragged_max_groups:
+    variants['ragged'] = (moe.MoELayer(d, [(e, f_expert)], k, capacity_factor=None,
+                                       eval_capacity_factor=None, dispatcher='ragged',
+                                       rngs=rngs()), True)
+  else:
+    ragged_note = (f'not run: on {jax.default_backend()} XLA lowers ragged_dot to one dense matmul '
+                   f'per expert ({e} here); it is the GPU/TPU dropless path')
+  compiled = {name: _make_fns(m, bias, is_moe) for name, (m, is_moe) in variants.items()}
+  # Realized load statistics of the fast path (before capacity: router choices).
+  _, metrics = compiled['moe'][1](compiled['moe'][0], x)[0]
+  load = np.asarray(metrics['router_load'])
+  row = {
+      'tokens': t, 'experts': e, 'k': k, 'd_model': d, 'expert_hidden': f_expert,
+      'dense_hidden': FLAGS.dense_hidden, 'capacity_factor': FLAGS.capacity_factor,
+      'backend': jax.default_backend(), 'repeats': FLAGS.repeats,
+      'load_cv': float(load.std() / load.mean()),
+      'fraction_dropped': float(metrics['fraction_dropped']),
+  }
+  log(f'T={t} E={e}: compiling and timing {len(variants)} variants (train)...')
+  train = _time_round_robin(
+      {name: (lambda p=p, fn=fn: fn(p, x)) for name, (p, fn, _) in compiled.items()},
+      FLAGS.repeats)
+  row['train_seconds'] = train
+  if FLAGS.forward_only:
+    log(f'T={t} E={e}: timing forward-only...')
+    row['forward_seconds'] = _time_round_robin(
+        {name: (lambda p=p, fn=fn: fn(p, x)) for name, (p, _, fn) in compiled.items()},
+        FLAGS.repeats)
+  for mode in ('train', 'forward'):
+    secs = row.get(f'{mode}_seconds')
+    if not secs:
+      continue
+    ref = min(v for n, v in secs.items() if n.startswith('einsum@'))
+    row[f'{mode}_vs_dense'] = {n: secs['dense'] / v for n, v in secs.items() if n != 'dense'}
+    row[f'{mode}_moe_vs_best_einsum'] = ref / secs['moe']
+    row[f'{mode}_tokens_per_second'] = {n: t / v for n, v in secs.items()}
+  if ragged_note:
+    row['ragged'] = ragged_note
+  return row
+
+
+def _table(rows):
+  lines = ['| T | E | load CV | dropped | train: moe/dense | ragged/dense | best einsum/dense | '
+           'moe/best einsum | fwd: moe/dense | fwd: moe/best einsum |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    tv, fv = r['train_vs_dense'], r.get('forward_vs_dense', {})
+    best = max(v for n, v in tv.items() if n.startswith('einsum@'))
+    rg = f"{tv['ragged']:.2f}" if 'ragged' in tv else 'n/a'
+    fwd = f"{fv['moe']:.2f}" if fv else '-'
+    fwd_ref = f"{r['forward_moe_vs_best_einsum']:.2f}" if fv else '-'
+    lines.append(f"| {r['tokens']} | {r['experts']} | {r['load_cv']:.2f} | "
+                 f"{r['fraction_dropped']:.3f} | {tv['moe']:.2f} | {rg} | {best:.2f} | "
+                 f"{r['train_moe_vs_best_einsum']:.2f} | {fwd} | {fwd_ref} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  rows = []
+  for t in map(int, FLAGS.tokens):
+    for e in map(int, FLAGS.experts):
+      row = bench_config(t, e, log)
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  print(_table(rows))
+  if FLAGS.output:
+    os.makedirs(os.path.dirname(FLAGS.output) or '.', exist_ok=True)
+    with open(FLAGS.output, 'w') as f:
+      json.dump({'device': str(jax.devices()[0]), 'rows': rows}, f, indent=1)
+    log(f'wrote {FLAGS.output}')
+
+
+if __name__ == '__main__':
+  app.run(main)
