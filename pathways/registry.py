@@ -69,3 +69,66 @@ class Registry:
     finally:
       del self._entries[name]
       del self._sources[name]
+
+
+# ----------------------------------------------------------------------------- tasks
+
+TASKS = Registry('task')
+ENTRY_POINT_GROUP = 'pathways.tasks'
+
+
+def register_task(task):
+  """Registers a `pathways.task.Task` (a call, or a decorator on a zero-argument factory).
+
+  Returns what it was given, so `@register_task` leaves the factory usable.
+  """
+  from pathways import task as task_lib  # pylint: disable=g-import-not-at-top
+
+  built = task() if callable(task) and not isinstance(task, task_lib.Task) else task
+  if not isinstance(built, task_lib.Task):
+    raise ValueError(f'register_task got {type(built).__name__}; expected a pathways.task.Task '
+                     f'or a factory returning one.')
+  TASKS.add(built.name, built, source=_source(task))
+  return task
+
+
+def get_task(name: str):
+  """The registered task called `name`; an unknown name lists the known ones."""
+  return TASKS.lookup(name)
+
+
+def import_task_modules(modules) -> None:
+  """Imports plugin modules (they register tasks when imported), naming any that fail."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ImportError(f'task plugin module {module!r} failed to import: '
+                        f'{type(e).__name__}: {e}') from e
+
+
+def load_entry_point_tasks() -> list[str]:
+  """Loads every installed distribution's entry points in the group 'pathways.tasks'.
+
+  An entry point may name a module (importing it registers its tasks) or a callable (called
+  with no arguments; it registers tasks or returns Task objects to register).
+  Returns the names of the entry points loaded.
+  """
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  loaded = []
+  for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    try:
+      obj = ep.load()
+      if callable(obj):
+        result = obj()
+        for t in (result or ()):
+          register_task(t)
+    except Exception as e:  # pylint: disable=broad-except
+      dist = getattr(ep.dist, 'name', '?')
+      raise ImportError(f'task plugin entry point {ep.name!r} = {ep.value!r} (distribution '
+                        f'{dist!r}) failed to load: {type(e).__name__}: {e}') from e
+    loaded.append(ep.name)
+  return loaded

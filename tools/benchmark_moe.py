@@ -47,6 +47,8 @@ flags.DEFINE_float('load_cv', 0.3, 'Target coefficient of variation of expert lo
 flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant (median reported).')
 flags.DEFINE_integer('ragged_max_groups', 8, 'Run the ragged path on CPU only up to this E.')
 flags.DEFINE_bool('forward_only', True, 'Also time forward-only (inference).')
+flags.DEFINE_bool('breakdown', True, 'Also time the parts of the MoE layer (fwd+bwd): router, '
+                  'expert FFN alone on full buffers, and the rest (ranking, gathers, combine).')
 flags.DEFINE_string('output', 'results/benchmark_moe.json', 'Where to write the rows (JSON).')
 
 
@@ -158,6 +160,9 @@ def bench_config(t, e, log):
     row['forward_seconds'] = _time_round_robin(
         {name: (lambda p=p, fn=fn: fn(p, x)) for name, (p, _, fn) in compiled.items()},
         FLAGS.repeats)
+  if FLAGS.breakdown:
+    log(f'T={t} E={e}: timing the parts of the MoE layer...')
+    row['breakdown_seconds'] = _breakdown(variants['moe'][0], x, bias, compiled, t, e)
   for mode in ('train', 'forward'):
     secs = row.get(f'{mode}_seconds')
     if not secs:
@@ -169,6 +174,35 @@ def bench_config(t, e, log):
   if ragged_note:
     row['ragged'] = ragged_note
   return row
+
+
+def _breakdown(layer, x, bias_E, compiled, t, e):
+  """fwd+bwd seconds of the layer's parts, timed side by side with the whole layer."""
+  from pathways.nn import capacity as capacity_lib  # pylint: disable=g-import-not-at-top
+  from pathways.nn import experts as experts_lib  # pylint: disable=g-import-not-at-top
+  d = x.shape[-1]
+  c = capacity_lib.capacity(t, e, FLAGS.k, FLAGS.capacity_factor)
+  bank = layer.banks[0]
+  buf = jax.random.normal(jax.random.key(1), (e, c, d), jnp.float32)
+  experts = jax.jit(jax.grad(
+      lambda b, w1, w2: jnp.sum(experts_lib.bank_ffn(b, w1, w2)), argnums=(0, 1, 2)))
+  graphdef, params, rest = nnx.split(layer.router, nnx.Param, ...)
+
+  def router_loss(params, x):
+    routing, _ = nnx.merge(graphdef, params, rest)(
+        x.reshape(1, t, d), logit_bias_GxSxE=jnp.broadcast_to(bias_E, (1, t, e)))
+    return jnp.sum(routing.weight_SxK)
+
+  router = jax.jit(jax.grad(router_loss, argnums=(0, 1)))
+  p_moe, train_moe, _ = compiled['moe']
+  w1, w2 = bank.weights()
+  parts = _time_round_robin({
+      'layer': lambda: train_moe(p_moe, x),
+      'expert_ffn': lambda: experts(buf, w1, w2),
+      'router': lambda: router(params, x),
+  }, FLAGS.repeats)
+  parts['ranking_gathers_combine_rest'] = parts['layer'] - parts['expert_ffn'] - parts['router']
+  return parts
 
 
 def _table(rows):
@@ -184,6 +218,17 @@ def _table(rows):
     lines.append(f"| {r['tokens']} | {r['experts']} | {r['load_cv']:.2f} | "
                  f"{r['fraction_dropped']:.3f} | {tv['moe']:.2f} | {rg} | {best:.2f} | "
                  f"{r['train_moe_vs_best_einsum']:.2f} | {fwd} | {fwd_ref} |")
+  if any('breakdown_seconds' in r for r in rows):
+    lines += ['', '| T | E | dense | MoE layer | expert FFN | router | ranking+gathers+rest | '
+              'expert FFN / dense |', '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+      b = r.get('breakdown_seconds')
+      if b:
+        dense = r['train_seconds']['dense']
+        lines.append(f"| {r['tokens']} | {r['experts']} | {dense:.2f} s | {b['layer']:.2f} s | "
+                     f"{b['expert_ffn']:.2f} s | {b['router']:.2f} s | "
+                     f"{b['ranking_gathers_combine_rest']:.2f} s | "
+                     f"{b['expert_ffn'] / dense:.2f} |")
   return '\n'.join(lines)
 
 

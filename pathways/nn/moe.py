@@ -197,7 +197,10 @@ class DenseFFN(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x_BxLxD):
-    h = jax.nn.gelu(jnp.einsum('bld,df->blf', x_BxLxD.astype(self.dtype),
-                               self.w_in_DxF[...].astype(self.dtype)))
-    return jnp.einsum('blf,fd->bld', h, self.w_out_FxD[...].astype(self.dtype)).astype(
-        x_BxLxD.dtype)
+    # Flattened to 2-D: XLA:CPU runs the backward of a 3-D einsum (two contracting axes for
+    # the weight gradient) about 1.5x slower than the same 2-D matmul.
+    b, l, d = x_BxLxD.shape
+    x_TxD = x_BxLxD.reshape(b * l, d).astype(self.dtype)
+    h_TxF = jax.nn.gelu(x_TxD @ self.w_in_DxF[...].astype(self.dtype))
+    y_TxD = h_TxF @ self.w_out_FxD[...].astype(self.dtype)
+    return y_TxD.reshape(b, l, d).astype(x_BxLxD.dtype)

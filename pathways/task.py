@@ -1,0 +1,97 @@
+"""The Task interface: what a task plugin states about itself.
+
+A task names its data (a TFDS builder or any random-access data source, and its splits),
+its modality (which stem embeds it), its head (pooled classification or per-position
+prediction, and the number of classes or the vocabulary size), its loss and metrics, and
+optionally connectivity (the experts it may use per MoE layer), a sampling weight, a compute
+budget (FLOPs per example) and a per-example difficulty feature for analysis.
+
+Tasks are plain data: the model and the data pipeline read them; they hold no parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+MODALITIES = ('image', 'bytes', 'vector')
+HEADS = ('classify', 'per_position')
+LOSSES = ('cross_entropy',)
+METRICS = ('accuracy', 'loss', 'perplexity')
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One task of the multitask model.
+
+  Attributes:
+    name: unique task name; per-task parameters are keyed by it.
+    modality: 'image' (uint8 [H, W] or [H, W, C]), 'bytes' (int [L] tokens) or 'vector'
+      (float [D_in]); the stem of that modality embeds the inputs.
+    head: 'classify' (one label per example, pooled) or 'per_position' (one target per
+      position, causal attention: language modelling).
+    num_classes: classes of a 'classify' head, vocabulary of a 'per_position' head.
+    data: a callable (split, data_dir) -> random-access source (len() and [i] giving dicts
+      of numpy arrays), usually `tfds.data_source` over this task's TFDS builder.
+    splits: role -> split name, with at least 'train' and 'eval'.
+    input_feature, target_feature: feature names in the examples.
+    input_shape, input_dtype: shape and dtype of one example's input (checked before any
+      compilation).
+    is_prepared: optional callable (data_dir) -> bool, for listings.
+    loss, metrics: from LOSSES and METRICS.
+    connectivity: optional {moe_layer_index: allowed expert ids}; default everything.
+    sampling_weight: relative weight in the training mixture (> 0).
+    flops_budget: optional target FLOPs per example.
+    difficulty_feature: optional feature holding a per-example difficulty (int or float).
+    description: one line for listings.
+  """
+  name: str
+  modality: str
+  head: str
+  num_classes: int
+  data: Callable[[str, str | None], Any]
+  splits: Mapping[str, str]
+  input_feature: str
+  target_feature: str
+  input_shape: tuple[int, ...]
+  input_dtype: str
+  is_prepared: Callable[[str | None], bool] | None = None
+  loss: str = 'cross_entropy'
+  metrics: tuple[str, ...] = ('accuracy', 'loss')
+  connectivity: Mapping[int, tuple[int, ...]] | None = None
+  sampling_weight: float = 1.0
+  flops_budget: float | None = None
+  difficulty_feature: str | None = None
+  description: str = ''
+
+  def __post_init__(self):
+    def bad(field, value, allowed):
+      raise ValueError(f'task {self.name!r}: {field}={value!r}: {allowed}.')
+
+    if not isinstance(self.name, str) or not self.name:
+      bad('name', self.name, 'must be a non-empty string')
+    if self.modality not in MODALITIES:
+      bad('modality', self.modality, f'must be one of {MODALITIES}')
+    if self.head not in HEADS:
+      bad('head', self.head, f'must be one of {HEADS}')
+    if self.head == 'per_position' and self.modality != 'bytes':
+      bad('head', self.head, "per-position prediction needs modality 'bytes'")
+    if not isinstance(self.num_classes, int) or self.num_classes < 2:
+      bad('num_classes', self.num_classes, 'must be an int >= 2')
+    if not callable(self.data):
+      bad('data', self.data, 'must be a callable (split, data_dir) -> data source')
+    for role in ('train', 'eval'):
+      if role not in self.splits:
+        bad('splits', dict(self.splits), f"must name a {role!r} split")
+    if self.loss not in LOSSES:
+      bad('loss', self.loss, f'must be one of {LOSSES}')
+    for m in self.metrics:
+      if m not in METRICS:
+        bad('metrics', self.metrics, f'each must be one of {METRICS}')
+    if not self.sampling_weight > 0:
+      bad('sampling_weight', self.sampling_weight, 'must be > 0')
+    if self.flops_budget is not None and not self.flops_budget > 0:
+      bad('flops_budget', self.flops_budget, 'must be > 0 or None')
+    for layer, experts in (self.connectivity or {}).items():
+      if not experts:
+        bad('connectivity', dict(self.connectivity),
+            f'layer {layer} leaves the task no expert')

@@ -1,0 +1,125 @@
+"""The registry: lookup errors list known names, duplicates name both sources, plugins load."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from pathways import registry
+from pathways import task as task_lib
+
+
+def _task(name='toy', **kw):
+  args = dict(name=name, modality='vector', head='classify', num_classes=3,
+              data=lambda split, data_dir: [{'x': np.zeros(4, np.float32), 'y': 0}],
+              splits={'train': 'train', 'eval': 'test'}, input_feature='x', target_feature='y',
+              input_shape=(4,), input_dtype='float32')
+  args.update(kw)
+  return task_lib.Task(**args)
+
+
+def test_unknown_name_lists_known():
+  reg = registry.Registry('widget')
+  reg.add('a', 1)
+  reg.add('b', 2)
+  with pytest.raises(ValueError, match=r"unknown widget 'c'; known: \['a', 'b'\]"):
+    reg.lookup('c')
+
+
+def test_duplicate_names_both_sources():
+  reg = registry.Registry('widget')
+
+  def first():
+    pass
+
+  def second():
+    pass
+
+  reg.add('w', first)
+  with pytest.raises(ValueError, match=r"widget 'w' is registered twice: first by .*first.*"
+                                       r"again by .*second"):
+    reg.add('w', second)
+
+
+def test_temporary_registration_is_removed():
+  reg = registry.Registry('widget')
+  with reg.temporary('tmp', 3):
+    assert reg.lookup('tmp') == 3
+  assert 'tmp' not in reg
+
+
+def test_register_task_and_lookup():
+  t = _task('registry_test_toy')
+  with registry.TASKS.temporary(t.name, t):
+    assert registry.get_task('registry_test_toy') is t
+  with pytest.raises(ValueError, match=r"unknown task 'nope'; known:"):
+    registry.get_task('nope')
+
+
+@pytest.mark.parametrize('kw,pattern', [
+    (dict(modality='audio'), r"task 'toy': modality='audio': must be one of \('image', 'bytes', "
+                             r"'vector'\)"),
+    (dict(head='pooled'), r"head='pooled'"),
+    (dict(head='per_position'), r"per-position prediction needs modality 'bytes'"),
+    (dict(num_classes=1), r'num_classes=1: must be an int >= 2'),
+    (dict(splits={'train': 'train'}), r"must name a 'eval' split"),
+    (dict(sampling_weight=0), r'sampling_weight=0: must be > 0'),
+    (dict(connectivity={0: ()}), r'layer 0 leaves the task no expert'),
+    (dict(metrics=('f1',)), r"metrics=\('f1',\)"),
+])
+def test_bad_task_refused(kw, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    _task(**kw)
+
+
+def test_plugin_module_import_failure_names_module():
+  with pytest.raises(ImportError, match=r"task plugin module 'no_such_plugin_mod' failed to import: "
+                                        r"ModuleNotFoundError"):
+    registry.import_task_modules(['no_such_plugin_mod'])
+
+
+def test_entry_point_plugin_installed_into_a_temporary_location(tmp_path):
+  """A tiny plugin distribution, pip-installed into a temporary target, adds a task."""
+  src = tmp_path / 'src'
+  (src / 'toy_plugin').mkdir(parents=True)
+  (src / 'toy_plugin' / '__init__.py').write_text(textwrap.dedent('''
+      import numpy as np
+      import pathways
+      from pathways import task as task_lib
+      from pathways import registry
+
+      def tasks():
+        return [task_lib.Task(
+            name='plugin_toy', modality='vector', head='classify', num_classes=2,
+            data=lambda split, data_dir: [{'x': np.ones(3, np.float32), 'y': 1}],
+            splits={'train': 'train', 'eval': 'train'}, input_feature='x',
+            target_feature='y', input_shape=(3,), input_dtype='float32')]
+      '''))
+  (src / 'pyproject.toml').write_text(textwrap.dedent('''
+      [build-system]
+      requires = ["setuptools>=68"]
+      build-backend = "setuptools.build_meta"
+      [project]
+      name = "toy-plugin"
+      version = "0.0.1"
+      [project.entry-points."pathways.tasks"]
+      toy = "toy_plugin:tasks"
+      '''))
+  target = tmp_path / 'site'
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+                  '--target', str(target), str(src)], check=True, capture_output=True)
+  probe = textwrap.dedent('''
+      from pathways import registry
+      print(registry.load_entry_point_tasks())
+      t = registry.get_task('plugin_toy')
+      print(t.name, t.num_classes, t.data('train', None)[0]['y'])
+      ''')
+  env = dict(os.environ, PYTHONPATH=str(target))
+  out = subprocess.run([sys.executable, '-c', probe], env=env, check=True, capture_output=True,
+                       text=True).stdout.split('\n')
+  assert out[0] == "['toy']"
+  assert out[1] == 'plugin_toy 2 1'
+  # Not installed for good: this process does not see it.
+  assert 'toy' not in registry.load_entry_point_tasks()
