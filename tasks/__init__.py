@@ -1,0 +1,5 @@
+"""Built-in task plugins; importing this package registers them all."""
+from tasks import algorithmic  # noqa: F401
+from tasks import catalogue  # noqa: F401
+from tasks import digits  # noqa: F401
+from tasks import pycode  # noqa: F401

@@ -1,0 +1,104 @@
+"""Text tasks on the Python standard library's own source files (bytes, offline).
+
+* `pycode_lm`: byte-level language modelling on windows of 128 bytes (per-position head).
+* `stdlib_package`: which of 8 standard-library packages a 128-byte snippet comes from.
+
+Files are listed in sorted order and split by a hash of their path (about 10% to test), so a
+file never lands in both splits. The data depend on the installed Python's standard library.
+Byte 0 is padding (it does not occur in source text).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from pathways import registry
+from pathways.data import tfds_source
+
+WINDOW = 128
+PACKAGES = ('asyncio', 'email', 'json', 'unittest', 'xml', 'http', 'multiprocessing', 'logging')
+
+
+def _stdlib_files(subdir: str = ''):
+  root = os.path.join(sysconfig.get_paths()['stdlib'], subdir)
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in ('test', 'tests', 'site-packages',
+                                                          'idlelib', '__pycache__'))
+    out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith('.py')]
+  return out
+
+
+def _split_of(path: str) -> str:
+  h = int(hashlib.sha256(os.path.basename(path).encode()).hexdigest(), 16)
+  return 'test' if h % 10 == 0 else 'train'
+
+
+def _windows(path: str, width: int, limit: int):
+  with open(path, 'rb') as f:
+    data = f.read().replace(b'\x00', b' ')
+  for start in range(0, max(0, len(data) - width), width)[:limit]:
+    yield start, np.frombuffer(data[start:start + width], np.uint8)
+
+
+class PathwaysPycodeLm(tfds.core.GeneratorBasedBuilder):
+  """Windows of 129 bytes of standard-library source: inputs [128] and next-byte targets."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'inputs': tfds.features.Tensor(shape=(WINDOW,), dtype=np.uint8),
+        'targets': tfds.features.Tensor(shape=(WINDOW,), dtype=np.int32),
+    }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {s: self._generate_examples(s) for s in ('train', 'test')}
+
+  def _generate_examples(self, split):
+    for path in _stdlib_files():
+      if _split_of(path) != split:
+        continue
+      for start, w in _windows(path, WINDOW + 1, limit=32):
+        yield f'{path}:{start}', {'inputs': w[:-1], 'targets': w[1:].astype(np.int32)}
+
+
+class PathwaysStdlibPackage(tfds.core.GeneratorBasedBuilder):
+  """128-byte snippets labelled with the standard-library package they come from."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'inputs': tfds.features.Tensor(shape=(WINDOW,), dtype=np.uint8),
+        'label': tfds.features.Tensor(shape=(), dtype=np.int64),
+    }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {s: self._generate_examples(s) for s in ('train', 'test')}
+
+  def _generate_examples(self, split):
+    for label, package in enumerate(PACKAGES):
+      count = 0
+      for path in _stdlib_files(package):
+        if _split_of(path) != split or count >= 600:
+          continue
+        for start, w in _windows(path, WINDOW, limit=40):
+          yield f'{path}:{start}', {'inputs': w, 'label': label}
+          count += 1
+
+
+registry.register_task(tfds_source.builder_task(
+    PathwaysPycodeLm, name='pycode_lm', modality='bytes', head='per_position', num_classes=256,
+    input_feature='inputs', target_feature='targets', input_shape=(WINDOW,), input_dtype='uint8',
+    metrics=('accuracy', 'loss', 'perplexity'),
+    description='byte-level language modelling on the standard library (pathways_pycode_lm)'))
+registry.register_task(tfds_source.builder_task(
+    PathwaysStdlibPackage, name='stdlib_package', modality='bytes', head='classify',
+    num_classes=len(PACKAGES), input_feature='inputs', target_feature='label',
+    input_shape=(WINDOW,), input_dtype='uint8',
+    description=f'which stdlib package a snippet is from: {", ".join(PACKAGES)}'))
