@@ -34,7 +34,8 @@ def _stdlib_files(subdir: str = ''):
 
 
 def _split_of(path: str) -> str:
-  h = int(hashlib.sha256(os.path.basename(path).encode()).hexdigest(), 16)
+  relative = os.path.relpath(path, sysconfig.get_paths()['stdlib'])
+  h = int(hashlib.sha256(relative.encode()).hexdigest(), 16)
   return 'test' if h % 10 == 0 else 'train'
 
 

@@ -1,0 +1,199 @@
+"""The multitask batch contract and the pipeline that fills it.
+
+One layout for every step (`BatchLayout`, static): tasks in the config's order, each owning a
+fixed block of rows (see `mixture.slots`). A batch is a dict of numpy arrays:
+
+  task_id     int32   [B]          ids = positions in the config's task list
+  weight      float32 [B]          1 for examples that count this step, 0 for idle slots
+  label       int32   [B]          class of 'classify' tasks, -1 otherwise
+  difficulty  float32 [B]          the task's difficulty feature, NaN where none
+  image       uint8   [B_image, H, W, C]  rows `layout.rows['image']`, zero-padded to the
+                                   largest image task
+  tokens      int32   [B_bytes, L]  rows `layout.rows['bytes']`; 0 is padding
+  targets     int32   [B_bytes, L]  next-token targets of 'per_position' tasks, -1 = none
+  vector      float32 [B_vector, V]
+
+(only the modalities present appear). Stems embed each modality's rows to [B_m, L_max, D]
+and the model puts them back in row order, so the whole batch runs in one call.
+
+Data: each task's split is a `grain.MapDataset` over its random-access source, seeded,
+shuffled and repeated; this process reads every `process_count`-th index from
+`process_index`. The pipeline's state is the next index of each task and the step: it is
+small JSON, and a restored pipeline yields exactly the batches the original would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from pathways import task as task_lib
+from pathways.data import mixture as mixture_lib
+
+MODALITY_ARRAY = {'image': 'image', 'bytes': 'tokens', 'vector': 'vector'}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """Static layout: which rows belong to which task and modality, and the array shapes."""
+  task_names: tuple[str, ...]
+  slots: tuple[int, ...]
+  offsets: tuple[int, ...]
+  rows: dict  # modality -> np.ndarray of batch rows, in order
+  shapes: dict  # array name -> shape of one example (padded)
+
+  @property
+  def batch_size(self) -> int:
+    return int(sum(self.slots))
+
+  def task_rows(self, i: int) -> range:
+    return range(self.offsets[i], self.offsets[i] + self.slots[i])
+
+
+def make_layout(tasks: Sequence[task_lib.Task], slots: Sequence[int]) -> BatchLayout:
+  offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(slots)[:-1]]))
+  rows, shapes = {}, {}
+  for modality, array in MODALITY_ARRAY.items():
+    members = [i for i, t in enumerate(tasks) if t.modality == modality]
+    if not members:
+      continue
+    rows[modality] = np.concatenate([np.arange(offsets[i], offsets[i] + slots[i])
+                                     for i in members]).astype(np.int32)
+    dims = [tasks[i].input_shape for i in members]
+    if modality == 'image':
+      dims = [d if len(d) == 3 else tuple(d) + (1,) for d in dims]
+    shapes[array] = tuple(int(max(d[j] for d in dims)) for j in range(len(dims[0])))
+  return BatchLayout(tuple(t.name for t in tasks), tuple(int(s) for s in slots), offsets, rows,
+                     shapes)
+
+
+def check_example(t: task_lib.Task, example) -> None:
+  """Stops on data whose shapes or dtypes differ from what the task declares (before any
+  compilation), naming the task, the feature and both shapes."""
+  for feature in (t.input_feature, t.target_feature) + (
+      (t.difficulty_feature,) if t.difficulty_feature else ()):
+    if feature not in example:
+      raise ValueError(f'task {t.name!r}: feature {feature!r} missing from its data; the '
+                       f'examples have {sorted(example)}.')
+  x = np.asarray(example[t.input_feature])
+  if tuple(x.shape) != tuple(t.input_shape) or x.dtype != np.dtype(t.input_dtype):
+    raise ValueError(f'task {t.name!r}: feature {t.input_feature!r} has shape {tuple(x.shape)} '
+                     f'dtype {x.dtype}; the task declares shape {tuple(t.input_shape)} dtype '
+                     f'{t.input_dtype} for modality {t.modality!r}.')
+  if t.modality == 'image' and x.ndim not in (2, 3):
+    raise ValueError(f'task {t.name!r}: image feature {t.input_feature!r} has shape {x.shape}; '
+                     'images must be [H, W] or [H, W, C].')
+  y = np.asarray(example[t.target_feature])
+  want = () if t.head == 'classify' else tuple(t.input_shape)
+  if tuple(y.shape) != want:
+    raise ValueError(f'task {t.name!r}: target {t.target_feature!r} has shape {tuple(y.shape)}; '
+                     f'a {t.head!r} head needs shape {want}.')
+
+
+def _seed_for(seed: int, name: str) -> int:
+  return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 31)
+
+
+class MultitaskPipeline:
+  """Iterator of multitask batches in the fixed layout; `get_state`/`set_state` resume it.
+
+  Args:
+    tasks: the tasks, in the experiment config's order (their ids are these positions).
+    batch_size: B, examples per step (the layout may hold up to one extra slot per task).
+    split: 'train' or 'eval' (the task's split role).
+    seed: shuffling and schedule seed.
+    mixture: 'proportional', 'uniform' or 'temperature'; temperature for the last.
+    data_dir: TFDS data directory.
+    process_index, process_count: this host's shard of every task's data.
+    sources: optional name -> random-access source, instead of calling each task's `data`.
+  """
+
+  def __init__(self, tasks: Sequence[task_lib.Task], batch_size: int, *, split: str = 'train',
+               seed: int = 0, mixture: str = 'proportional', temperature: float = 2.0,
+               data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
+               sources: dict | None = None):
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+      raise ValueError(f'tasks={names}: a task is listed twice.')
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index}: must be in [0, process_count='
+                       f'{process_count}).')
+    self.tasks = list(tasks)
+    self.seed = seed
+    self.batch_size = batch_size
+    self._sources = {}
+    for t in self.tasks:
+      src = (sources or {}).get(t.name) or t.data(t.splits[split], data_dir)
+      if len(src) < process_count:
+        raise ValueError(f'task {t.name!r}: split {t.splits[split]!r} has {len(src)} examples, '
+                         f'fewer than process_count={process_count}.')
+      check_example(t, src[0])
+      self._sources[t.name] = src
+    sizes = [len(self._sources[t.name]) for t in self.tasks]
+    self.weights = mixture_lib.mixture_weights(sizes, [t.sampling_weight for t in self.tasks],
+                                               mixture, temperature)
+    self.layout = make_layout(self.tasks, mixture_lib.slots(self.weights, batch_size))
+    self._datasets = {
+        t.name: grain.MapDataset.source(self._sources[t.name]).seed(
+            _seed_for(seed, t.name)).shuffle().repeat(None) for t in self.tasks}
+    self._process = (process_index, process_count)
+    self._step = 0
+    self._next = {t.name: 0 for t in self.tasks}
+
+  def _example(self, name: str, position: int):
+    index, count = self._process
+    return self._datasets[name][position * count + index]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    layout, b = self.layout, self.layout.batch_size
+    counts = mixture_lib.active_counts(self.weights, self.batch_size, self._step, self.seed)
+    batch = {'task_id': np.zeros(b, np.int32), 'weight': np.zeros(b, np.float32),
+             'label': np.full(b, -1, np.int32), 'difficulty': np.full(b, np.nan, np.float32)}
+    for modality, rows in layout.rows.items():
+      array = MODALITY_ARRAY[modality]
+      dtype = {'image': np.uint8, 'tokens': np.int32, 'vector': np.float32}[array]
+      batch[array] = np.zeros((len(rows),) + layout.shapes[array], dtype)
+      if modality == 'bytes':
+        batch['targets'] = np.full((len(rows),) + layout.shapes[array], -1, np.int32)
+    local = {m: {int(r): j for j, r in enumerate(rows)} for m, rows in layout.rows.items()}
+    for i, t in enumerate(self.tasks):
+      task_rows = layout.task_rows(i)
+      batch['task_id'][list(task_rows)] = i
+      for row in list(task_rows)[:int(counts[i])]:
+        ex = self._example(t.name, self._next[t.name])
+        self._next[t.name] += 1
+        batch['weight'][row] = 1.0
+        if t.difficulty_feature:
+          batch['difficulty'][row] = float(ex[t.difficulty_feature])
+        x = np.asarray(ex[t.input_feature])
+        j = local[t.modality][row]
+        array = MODALITY_ARRAY[t.modality]
+        if t.modality == 'image' and x.ndim == 2:
+          x = x[..., None]
+        batch[array][(j,) + tuple(slice(0, n) for n in x.shape)] = x
+        if t.head == 'classify':
+          batch['label'][row] = int(ex[t.target_feature])
+        else:
+          y = np.asarray(ex[t.target_feature])
+          batch['targets'][j, :y.shape[0]] = y
+    self._step += 1
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps({'step': self._step, 'next': self._next, 'seed': self.seed,
+                       'tasks': [t.name for t in self.tasks]}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    s = json.loads(state)
+    if s['tasks'] != [t.name for t in self.tasks] or s['seed'] != self.seed:
+      raise ValueError(f"pipeline state is for tasks {s['tasks']} with seed {s['seed']}; this "
+                       f"pipeline has tasks {[t.name for t in self.tasks]} with seed {self.seed}.")
+    self._step = s['step']
+    self._next = dict(s['next'])

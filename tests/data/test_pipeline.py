@@ -1,0 +1,101 @@
+"""The batch contract: mixture proportions, determinism, exact resume, fixed shapes, errors."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pathways import registry
+from pathways.data import mixture
+from pathways.data import pipeline
+
+MIX = ('digits', 'parity', 'addition', 'stdlib_package')
+
+
+def _pipe(data_dir, **kw):
+  args = dict(batch_size=20, data_dir=data_dir, seed=7, mixture='uniform')
+  args.update(kw)
+  return pipeline.MultitaskPipeline([registry.get_task(n) for n in MIX], **args)
+
+
+def test_active_counts_realize_fractional_weights_exactly():
+  w = np.array([0.5, 0.3, 0.15, 0.05])
+  counts = np.stack([mixture.active_counts(w, 10, s, seed=1) for s in range(2000)])
+  # Expected per step: 5, 3, 1.5, 0.5 -> exact over 2000 steps (periods 2 and 2).
+  np.testing.assert_allclose(counts.mean(0), [5, 3, 1.5, 0.5], atol=1e-3)
+  assert (counts <= mixture.slots(w, 10)).all()
+
+
+def test_mixture_schemes():
+  sizes, s = [100, 400], [1.0, 1.0]
+  np.testing.assert_allclose(mixture.mixture_weights(sizes, s, 'uniform'), [0.5, 0.5])
+  np.testing.assert_allclose(mixture.mixture_weights(sizes, s, 'proportional'), [0.2, 0.8])
+  np.testing.assert_allclose(mixture.mixture_weights(sizes, s, 'temperature', 2.0), [1 / 3, 2 / 3])
+  with pytest.raises(ValueError, match=r"mixture scheme='mixed': must be one of"):
+    mixture.mixture_weights(sizes, s, 'mixed')
+
+
+def test_pipeline_proportions_over_many_steps(data_dir):
+  p = _pipe(data_dir, mixture='proportional', batch_size=16)
+  totals = np.zeros(len(MIX))
+  for _ in range(300):
+    b = next(p)
+    totals += np.bincount(b['task_id'], weights=b['weight'], minlength=len(MIX))
+  np.testing.assert_allclose(totals / totals.sum(), p.weights, atol=0.01)
+
+
+def test_same_seed_same_batches_and_fixed_shapes(data_dir):
+  a, b = _pipe(data_dir), _pipe(data_dir)
+  shapes = None
+  for _ in range(5):
+    x, y = next(a), next(b)
+    assert sorted(x) == sorted(y)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+    s = {k: (v.shape, v.dtype) for k, v in x.items()}
+    assert shapes is None or s == shapes
+    shapes = s
+  c = next(_pipe(data_dir, seed=8))
+  assert not np.array_equal(c['tokens'], next(_pipe(data_dir))['tokens'])
+
+
+def test_restored_pipeline_yields_exactly_the_same_batches(data_dir):
+  a = _pipe(data_dir)
+  for _ in range(3):
+    next(a)
+  state = a.get_state()
+  expected = [next(a) for _ in range(4)]
+  b = _pipe(data_dir)
+  b.set_state(state)
+  for want in expected:
+    got = next(b)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  with pytest.raises(ValueError, match='pipeline state is for tasks'):
+    _pipe(data_dir, seed=9).set_state(state)
+
+
+def test_process_shards_are_disjoint(data_dir):
+  t = [registry.get_task('parity')]
+  shard = lambda i: pipeline.MultitaskPipeline(t, 8, data_dir=data_dir, process_index=i,
+                                               process_count=2)
+  a, b = next(shard(0)), next(shard(1))
+  assert not {bytes(r) for r in a['tokens']} & {bytes(r) for r in b['tokens']}
+
+
+def test_layout_rows_by_modality(data_dir):
+  p = _pipe(data_dir)
+  layout = p.layout
+  b = next(p)
+  assert b['image'].shape[0] == len(layout.rows['image']) == layout.slots[0]
+  assert b['tokens'].shape[0] == len(layout.rows['bytes'])
+  assert set(b['task_id'][layout.rows['image']]) == {0}
+
+
+def test_mismatched_data_stops_before_compilation(data_dir):
+  digits = registry.get_task('digits')
+  wrong = dataclasses.replace(digits, input_shape=(28, 28, 1))
+  with pytest.raises(ValueError, match=r"task 'digits': feature 'image' has shape \(8, 8, 1\) "
+                                       r"dtype uint8; the task declares shape \(28, 28, 1\)"):
+    pipeline.MultitaskPipeline([wrong], 4, data_dir=data_dir)
+  with pytest.raises(ValueError, match=r"batch_size=2: must be an int >= the number of tasks"):
+    _pipe(data_dir, batch_size=2)

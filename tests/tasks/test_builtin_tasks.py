@@ -1,0 +1,65 @@
+"""Each built-in task prepares from scratch offline and yields well-formed batches;
+catalogue tasks do under `tfds.testing.mock_data`."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from pathways import registry
+from pathways.data import pipeline
+from tasks import algorithmic
+from tasks import pycode
+from tests.tasks.conftest import BUILTIN
+
+
+@pytest.mark.parametrize('name', BUILTIN)
+def test_builtin_task_prepares_offline_and_batches(name, data_dir):
+  t = registry.get_task(name)
+  train, test = t.data('train', data_dir), t.data('test', data_dir)
+  assert len(train) > 1000 and len(test) > 100
+  assert t.is_prepared(data_dir)
+  p = pipeline.MultitaskPipeline([t], 8, data_dir=data_dir, seed=3)
+  b = next(p)
+  assert (b['task_id'] == 0).all() and (b['weight'] == 1).all()
+  if t.head == 'classify':
+    assert ((b['label'] >= 0) & (b['label'] < t.num_classes)).all()
+  else:
+    valid = b['targets'] >= 0
+    assert valid.any() and (b['targets'][valid] < t.num_classes).all()
+  if t.difficulty_feature:
+    assert np.isfinite(b['difficulty']).all()
+
+
+def test_parity_labels_and_difficulty_are_right(data_dir):
+  src = registry.get_task('parity').data('train', data_dir)
+  for i in range(50):
+    ex = src[i]
+    bits = ex['inputs'][ex['inputs'] > 0] - ord('0')
+    assert len(bits) == ex['difficulty']
+    assert bits.sum() % 2 == ex['label']
+
+
+def test_addition_targets_spell_the_sum():
+  inputs, targets = algorithmic.addition_example(57, 8)
+  text = bytes(inputs[inputs > 0]).decode()
+  assert text == '57+8=65'
+  # '=' is at position 4; targets there and at 5 are the sum's digits '6', '5'.
+  np.testing.assert_array_equal(targets[:7], [-1, -1, -1, -1, ord('6'), ord('5'), -1])
+
+
+def test_pycode_splits_by_file():
+  files = pycode._stdlib_files()
+  splits = [pycode._split_of(f) for f in files]
+  assert splits == [pycode._split_of(f) for f in files]  # deterministic
+  share = splits.count('test') / len(splits)
+  assert 0.05 < share < 0.15, share
+
+
+@pytest.mark.parametrize('name', ['mnist', 'fashion_mnist', 'kmnist', 'emnist_balanced',
+                                  'cifar10'])
+def test_catalogue_task_under_mock_data(name, tmp_path):
+  t = registry.get_task(name)
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    p = pipeline.MultitaskPipeline([t], 4, data_dir=str(tmp_path))
+    b = next(p)
+  assert b['image'].shape == (4,) + t.input_shape
+  assert ((b['label'] >= 0) & (b['label'] < t.num_classes)).all()
