@@ -54,6 +54,11 @@ class Registry:
     self.lookup(name)
     return self._sources[name]
 
+  def remove(self, name: str) -> None:
+    """Forgets `name` (tests and interactive sessions); unknown names are ignored."""
+    self._entries.pop(name, None)
+    self._sources.pop(name, None)
+
   def names(self) -> list[str]:
     return sorted(self._entries)
 
@@ -67,8 +72,7 @@ class Registry:
     try:
       yield obj
     finally:
-      del self._entries[name]
-      del self._sources[name]
+      self.remove(name)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -132,3 +136,19 @@ def load_entry_point_tasks() -> list[str]:
                         f'{dist!r}) failed to load: {type(e).__name__}: {e}') from e
     loaded.append(ep.name)
   return loaded
+
+
+BUILTIN_TASK_MODULES = ('tasks',)
+
+
+def discover(task_modules=(), *, builtin: bool = True, entry_points: bool = True) -> list[str]:
+  """Registers every task a run can see: the built-in `tasks` package, the plugin modules named
+  in the experiment config (`config.task_modules`) or on the command line, and installed
+  distributions' `pathways.tasks` entry points. Returns the registered task names.
+
+  Importing a module twice is a no-op, so `discover` may be called more than once.
+  """
+  import_task_modules((BUILTIN_TASK_MODULES if builtin else ()) + tuple(task_modules))
+  if entry_points:
+    load_entry_point_tasks()
+  return TASKS.names()

@@ -93,7 +93,8 @@ def test_entry_point_plugin_installed_into_a_temporary_location(tmp_path):
       def tasks():
         return [task_lib.Task(
             name='plugin_toy', modality='vector', head='classify', num_classes=2,
-            data=lambda split, data_dir: [{'x': np.ones(3, np.float32), 'y': 1}],
+            data=lambda split, data_dir: [{'x': np.full(3, i, np.float32), 'y': i % 2}
+                                          for i in range(8)],
             splits={'train': 'train', 'eval': 'train'}, input_feature='x',
             target_feature='y', input_shape=(3,), input_dtype='float32')]
       '''))
@@ -114,12 +115,41 @@ def test_entry_point_plugin_installed_into_a_temporary_location(tmp_path):
       from pathways import registry
       print(registry.load_entry_point_tasks())
       t = registry.get_task('plugin_toy')
-      print(t.name, t.num_classes, t.data('train', None)[0]['y'])
+      print(t.name, t.num_classes, t.data('train', None)[1]['y'])
+      from pathways.data import pipeline
+      b = next(pipeline.MultitaskPipeline([t], 4))
+      print(b['vector'].shape, sorted(set(b['label'].tolist())) <= [0, 1])
       ''')
   env = dict(os.environ, PYTHONPATH=str(target))
   out = subprocess.run([sys.executable, '-c', probe], env=env, check=True, capture_output=True,
                        text=True).stdout.split('\n')
   assert out[0] == "['toy']"
   assert out[1] == 'plugin_toy 2 1'
+  assert out[2] == '(4, 3) True'
   # Not installed for good: this process does not see it.
   assert 'toy' not in registry.load_entry_point_tasks()
+
+
+def test_duplicate_task_names_name_both_modules(tmp_path, monkeypatch):
+  for mod in ('dup_plugin_a', 'dup_plugin_b'):
+    (tmp_path / f'{mod}.py').write_text(textwrap.dedent(f'''
+        import numpy as np
+        from pathways import registry
+        from pathways import task as task_lib
+
+        @registry.register_task
+        def make():
+          return task_lib.Task(
+              name='dup_toy', modality='vector', head='classify', num_classes=2,
+              data=lambda split, data_dir: [], splits={{'train': 'a', 'eval': 'b'}},
+              input_feature='x', target_feature='y', input_shape=(3,), input_dtype='float32')
+        '''))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  try:
+    registry.import_task_modules(['dup_plugin_a'])
+    with pytest.raises(ImportError, match=r"'dup_plugin_b' failed to import: ValueError: task "
+                                          r"'dup_toy' is registered twice: first by "
+                                          r"dup_plugin_a.make.*again by dup_plugin_b.make"):
+      registry.import_task_modules(['dup_plugin_b'])
+  finally:
+    registry.TASKS.remove('dup_toy')

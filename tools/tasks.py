@@ -32,8 +32,7 @@ def task_rows(data_dir=None):
 
 def main(argv):
   del argv
-  registry.import_task_modules(['tasks'] + FLAGS.task_module)
-  registry.load_entry_point_tasks()
+  registry.discover(FLAGS.task_module)
   rows = task_rows(FLAGS.data_dir)
   cols = ['name', 'modality', 'head', 'classes', 'prepared', 'data']
   widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}

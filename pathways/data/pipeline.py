@@ -144,6 +144,10 @@ class MultitaskPipeline:
     self._step = 0
     self._next = {t.name: 0 for t in self.tasks}
 
+  def task_ids(self) -> dict[str, int]:
+    """Name -> id: positions in the config's task list (saved with every checkpoint)."""
+    return {t.name: i for i, t in enumerate(self.tasks)}
+
   def _example(self, name: str, position: int):
     index, count = self._process
     return self._datasets[name][position * count + index]
