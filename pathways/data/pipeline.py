@@ -10,6 +10,7 @@ fixed block of rows (see `mixture.slots`). A batch is a dict of numpy arrays:
   image       uint8   [B_image, H, W, C]  rows `layout.rows['image']`, zero-padded to the
                                    largest image task
   tokens      int32   [B_bytes, L]  rows `layout.rows['bytes']`; 0 is padding
+  tokens_mask bool    [B_bytes, L]  True on real tokens (the padding mask)
   targets     int32   [B_bytes, L]  next-token targets of 'per_position' tasks, -1 = none
   vector      float32 [B_vector, V]
 
@@ -187,6 +188,8 @@ class MultitaskPipeline:
         else:
           y = np.asarray(ex[t.target_feature])
           batch['targets'][j, :y.shape[0]] = y
+    if 'tokens' in batch:
+      batch['tokens_mask'] = batch['tokens'] != 0
     self._step += 1
     return batch
 

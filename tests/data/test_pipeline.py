@@ -89,6 +89,11 @@ def test_layout_rows_by_modality(data_dir):
   assert b['image'].shape[0] == len(layout.rows['image']) == layout.slots[0]
   assert b['tokens'].shape[0] == len(layout.rows['bytes'])
   assert set(b['task_id'][layout.rows['image']]) == {0}
+  np.testing.assert_array_equal(b['tokens_mask'], b['tokens'] != 0)
+  # parity rows: 1..16 real tokens, the rest padding.
+  parity_rows = np.isin(layout.rows['bytes'], list(layout.task_rows(1)))
+  lengths = b['tokens_mask'][parity_rows].sum(-1)
+  assert ((lengths >= 1) & (lengths <= 16)).all()
 
 
 def test_mismatched_data_stops_before_compilation(data_dir):
