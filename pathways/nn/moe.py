@@ -123,7 +123,9 @@ class MoELayer(nnx.Module):
 
     Returns:
       y_BxLxD (zero for tokens that reached no expert) and a dict of scalar metrics, the
-      auxiliary losses among them, plus two (E,) vectors: 'router_load', the fraction of
+      auxiliary losses among them ('fraction_dropped': share of assignments over capacity;
+      'fraction_tokens_dropped': share of active tokens that lost every assignment), plus
+      two (E,) vectors: 'router_load', the fraction of
       the router's choices per expert (before capacity), and 'expert_load', the fraction of
       computed (kept) assignments per expert.
     """
@@ -163,6 +165,8 @@ class MoELayer(nnx.Module):
       kept_count_E = router_lib.per_expert_sum(kept.reshape(-1), routing.expert_SxK.reshape(-1),
                                                self.num_experts)
       dropped = 1.0 - jnp.sum(kept) / jnp.maximum(jnp.sum(valid), 1)
+      lost_GxS = jnp.any(valid, -1) & ~jnp.any(kept, -1)  # wanted experts, got none
+      tokens_dropped = jnp.sum(lost_GxS & active_GxS) / num_active
     else:
       kept_count_E = jnp.sum(kept, axis=(0, 2)).astype(jnp.float32)
       s = active_GxS.shape[1]
@@ -171,8 +175,10 @@ class MoELayer(nnx.Module):
           picked_GxS, routing.token_ExC.reshape(active_GxS.shape[0], -1),
           kept.reshape(active_GxS.shape[0], -1))
       dropped = 1.0 - jnp.sum(picked_GxS & active_GxS) / num_active
+      tokens_dropped = dropped
     return {
         'fraction_dropped': dropped,
+        'fraction_tokens_dropped': tokens_dropped,
         'expert_load': kept_count_E / jnp.maximum(jnp.sum(kept_count_E), 1.0),
         'computed_experts_per_token': jnp.sum(kept) / num_active,
     }

@@ -72,7 +72,8 @@ def test_sorted_equals_reference(case):
   y, met, g = _value_and_grads(_layer('sorted', **dict(kw)), x, mask)
   _assert_close(y, y_ref, 1e-5)
   jax.tree.map(lambda a, b: _assert_close(a, b, 1e-5), g, g_ref)
-  for name in ('fraction_dropped', 'expert_load', 'computed_experts_per_token'):
+  for name in ('fraction_dropped', 'fraction_tokens_dropped', 'expert_load',
+               'computed_experts_per_token'):
     _assert_close(met[name], met_ref[name], 1e-6)
   assert float(jnp.abs(y).sum()) > 0
   # Gradients reach the input, the router and every bank's weights.
@@ -88,6 +89,8 @@ def test_capacity_cases_do_drop_and_do_not():
   x, _ = _inputs(b, l, False)
   _, met, _ = _value_and_grads(_layer('sorted', **dict(kw)), x, None)
   assert float(met['fraction_dropped']) > 0.1
+  # k=1: a token whose only assignment is dropped is a dropped token.
+  assert float(met['fraction_tokens_dropped']) == pytest.approx(float(met['fraction_dropped']))
   kw, b, l, _ = CASES['k1_e4_nodrop']
   _, met, _ = _value_and_grads(_layer('sorted', **dict(kw)), *_inputs(b, l, False))
   assert float(met['fraction_dropped']) == 0.0
