@@ -11,7 +11,6 @@ Generated deterministically from a fixed seed per split; byte 0 is padding.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from pathways import registry
 from pathways.data import tfds_source
@@ -23,19 +22,10 @@ SIZES = {'train': 20_000, 'test': 2_000}
 SEEDS = {'train': 1, 'test': 2}
 
 
-class PathwaysParity(tfds.core.GeneratorBasedBuilder):
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'inputs': tfds.features.Tensor(shape=(PARITY_BITS,), dtype=np.uint8),
-        'label': tfds.features.Tensor(shape=(), dtype=np.int64),
-        'difficulty': tfds.features.Tensor(shape=(), dtype=np.int64),
-    }))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(s) for s in SIZES}
+class PathwaysParity(tfds_source.OfflineBuilder):
+  """Bit strings of 1..16 ASCII bits, their parity and their length."""
+  FEATURES = {'inputs': ((PARITY_BITS,), np.uint8), 'label': ((), np.int64),
+              'difficulty': ((), np.int64)}
 
   def _generate_examples(self, split):
     rng = np.random.default_rng(SEEDS[split])
@@ -58,19 +48,10 @@ def addition_example(a: int, b: int):
   return inputs, targets
 
 
-class PathwaysAddition(tfds.core.GeneratorBasedBuilder):
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'inputs': tfds.features.Tensor(shape=(ADD_LENGTH,), dtype=np.uint8),
-        'targets': tfds.features.Tensor(shape=(ADD_LENGTH,), dtype=np.int32),
-        'difficulty': tfds.features.Tensor(shape=(), dtype=np.int64),
-    }))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(s) for s in SIZES}
+class PathwaysAddition(tfds_source.OfflineBuilder):
+  """'a+b=sum' strings with per-position targets on the sum, and the operands' digits."""
+  FEATURES = {'inputs': ((ADD_LENGTH,), np.uint8), 'targets': ((ADD_LENGTH,), np.int32),
+              'difficulty': ((), np.int64)}
 
   def _generate_examples(self, split):
     rng = np.random.default_rng(SEEDS[split] + 100)
@@ -83,10 +64,12 @@ class PathwaysAddition(tfds.core.GeneratorBasedBuilder):
 
 
 registry.register_task(tfds_source.builder_task(
-    PathwaysParity, difficulty_feature='difficulty', name='parity', modality='bytes', head='classify', num_classes=2,
+    PathwaysParity, difficulty_feature='difficulty', name='parity', modality='bytes',
+    head='classify', num_classes=2,
     input_feature='inputs', target_feature='label', input_shape=(PARITY_BITS,),
     input_dtype='uint8', description='parity of 1..16 bits (difficulty: bits)'))
 registry.register_task(tfds_source.builder_task(
-    PathwaysAddition, difficulty_feature='difficulty', name='addition', modality='bytes', head='per_position', num_classes=256,
+    PathwaysAddition, difficulty_feature='difficulty', name='addition', modality='bytes',
+    head='per_position', num_classes=256,
     input_feature='inputs', target_feature='targets', input_shape=(ADD_LENGTH,),
     input_dtype='uint8', description='a+b= and the sum, 1..8 digits (difficulty: digits)'))

@@ -5,25 +5,14 @@
 from __future__ import annotations
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from pathways import registry
 from pathways.data import tfds_source
 
 
-class PathwaysDigits(tfds.core.GeneratorBasedBuilder):
+class PathwaysDigits(tfds_source.OfflineBuilder):
   """scikit-learn's digits as a TFDS dataset (prepared offline)."""
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-        'label': tfds.features.Tensor(shape=(), dtype=np.int64),
-    }))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples('train'), 'test': self._generate_examples('test')}
+  FEATURES = {'image': ((8, 8, 1), np.uint8), 'label': ((), np.int64)}
 
   def _generate_examples(self, split):
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top

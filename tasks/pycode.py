@@ -14,7 +14,6 @@ import os
 import sysconfig
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from pathways import registry
 from pathways.data import tfds_source
@@ -46,19 +45,9 @@ def _windows(path: str, width: int, limit: int):
     yield start, np.frombuffer(data[start:start + width], np.uint8)
 
 
-class PathwaysPycodeLm(tfds.core.GeneratorBasedBuilder):
+class PathwaysPycodeLm(tfds_source.OfflineBuilder):
   """Windows of 129 bytes of standard-library source: inputs [128] and next-byte targets."""
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'inputs': tfds.features.Tensor(shape=(WINDOW,), dtype=np.uint8),
-        'targets': tfds.features.Tensor(shape=(WINDOW,), dtype=np.int32),
-    }))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(s) for s in ('train', 'test')}
+  FEATURES = {'inputs': ((WINDOW,), np.uint8), 'targets': ((WINDOW,), np.int32)}
 
   def _generate_examples(self, split):
     for path in _stdlib_files():
@@ -68,19 +57,9 @@ class PathwaysPycodeLm(tfds.core.GeneratorBasedBuilder):
         yield f'{path}:{start}', {'inputs': w[:-1], 'targets': w[1:].astype(np.int32)}
 
 
-class PathwaysStdlibPackage(tfds.core.GeneratorBasedBuilder):
+class PathwaysStdlibPackage(tfds_source.OfflineBuilder):
   """128-byte snippets labelled with the standard-library package they come from."""
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'inputs': tfds.features.Tensor(shape=(WINDOW,), dtype=np.uint8),
-        'label': tfds.features.Tensor(shape=(), dtype=np.int64),
-    }))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(s) for s in ('train', 'test')}
+  FEATURES = {'inputs': ((WINDOW,), np.uint8), 'label': ((), np.int64)}
 
   def _generate_examples(self, split):
     for label, package in enumerate(PACKAGES):
@@ -94,7 +73,8 @@ class PathwaysStdlibPackage(tfds.core.GeneratorBasedBuilder):
 
 
 registry.register_task(tfds_source.builder_task(
-    PathwaysPycodeLm, name='pycode_lm', modality='bytes', head='per_position', num_classes=256,
+    PathwaysPycodeLm, name='pycode_lm', modality='bytes', head='per_position',
+    num_classes=256,
     input_feature='inputs', target_feature='targets', input_shape=(WINDOW,), input_dtype='uint8',
     metrics=('accuracy', 'loss', 'perplexity'),
     description='byte-level language modelling on the standard library (pathways_pycode_lm)'))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from pathways import task as task_lib
@@ -20,6 +21,26 @@ def data_dir(explicit: str | None = None) -> str:
   """The data directory: `explicit`, else $PATHWAYS_DATA_DIR, else ~/pathways_data/tfds."""
   return explicit or os.environ.get(DATA_DIR_ENV) or os.path.join(
       os.path.expanduser('~'), 'pathways_data', 'tfds')
+
+
+class OfflineBuilder(tfds.core.GeneratorBasedBuilder):
+  """Base of the built-in builders: array_record splits 'train' and 'test' from local data.
+
+  Subclasses set FEATURES = {name: (shape, numpy dtype)} and write `_generate_examples(split)`.
+  (Abstract, so TFDS does not register it as a dataset.)
+  """
+  VERSION = tfds.core.Version('1.0.0')
+  FEATURES: dict = {}
+  SPLITS = ('train', 'test')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        name: tfds.features.Tensor(shape=shape, dtype=np.dtype(dtype))
+        for name, (shape, dtype) in self.FEATURES.items()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self.SPLITS}
 
 
 def builder(builder_cls, data_dir_: str | None = None):

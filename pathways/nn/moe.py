@@ -74,7 +74,6 @@ class MoELayer(nnx.Module):
       eval_capacity_factor = capacity_factor
     router_cls = ROUTERS.lookup(router)
     self.dispatch_fn = dispatch_lib.DISPATCHERS.lookup(dispatcher)
-    self.dispatcher = dispatcher
     _check_capacity_factor('capacity_factor', capacity_factor)
     _check_capacity_factor('eval_capacity_factor', eval_capacity_factor)
     if dispatcher == 'ragged' and (capacity_factor is not None or eval_capacity_factor is not None):

@@ -248,8 +248,6 @@ class ExpertChoiceRouter(_RouterBase):
     return routing, metrics
 
 
-ROUTERS = ('top_k', 'expert_choice')
-
 
 def routing_signal(x_BxLxD, mask_BxL, route_on: str):
   """What the router sees: each token ('token'), or its example's masked mean ('example')."""
