@@ -104,3 +104,21 @@ def test_mismatched_data_stops_before_compilation(data_dir):
     pipeline.MultitaskPipeline([wrong], 4, data_dir=data_dir)
   with pytest.raises(ValueError, match=r"batch_size=2: must be an int >= the number of tasks"):
     _pipe(data_dir, batch_size=2)
+
+
+def test_pipeline_batch_embeds_to_one_token_array(data_dir):
+  """The batch contract feeds the stems: every row of a mixed batch becomes [L_max, D]."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pathways.nn import stems  # pylint: disable=g-import-not-at-top
+  p = _pipe(data_dir)
+  b = next(p)
+  image = stems.ImageStem(8, image_shape=p.layout.shapes['image'], patch=4, rngs=nnx.Rngs(0))
+  text = stems.BytesStem(8, max_len=p.layout.shapes['tokens'][0], rngs=nnx.Rngs(1))
+  parts = {'image': image(jnp.asarray(b['image'])),
+           'bytes': text(jnp.asarray(b['tokens']), jnp.asarray(b['tokens_mask']))}
+  x, mask = stems.assemble(parts, p.layout.rows, p.layout.batch_size)
+  assert x.shape == (p.layout.batch_size, 128, 8)
+  image_rows = p.layout.rows['image']
+  np.testing.assert_array_equal(np.asarray(mask)[image_rows].sum(-1), 4)  # 8x8 in 4x4 patches
+  np.testing.assert_array_equal(np.asarray(mask)[p.layout.rows['bytes']], b['tokens_mask'])
