@@ -1,0 +1,49 @@
+"""Multi-head self-attention over the batch contract's tokens, masked per example.
+
+Each row attends to its own real tokens (padding mask); rows of per-position (language
+modelling) tasks attend causally, the others bidirectionally, in the same call.
+Vocabulary: B batch, L length, D model, H heads, K = D / H head width.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def attention_mask(mask_BxL, causal_B):
+  """[B, L, L] bool: query i may see key j. Padding keys are hidden; causal rows see j <= i.
+
+  A padding query sees itself only, so its softmax stays finite (its output is ignored).
+  """
+  b, l = mask_BxL.shape
+  tril = jnp.tril(jnp.ones((l, l), bool))
+  allowed = mask_BxL[:, None, :] & jnp.where(causal_B[:, None, None], tril[None], True)
+  return allowed | (~mask_BxL[:, :, None] & jnp.eye(l, dtype=bool)[None])
+
+
+class SelfAttention(nnx.Module):
+  """Pre-projected multi-head attention; parameters float32, compute in `dtype`."""
+
+  def __init__(self, d_model: int, num_heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    if d_model % num_heads:
+      raise ValueError(f'num_heads={num_heads}: must divide d_model={d_model}.')
+    init = nnx.initializers.lecun_normal()
+    self.num_heads = num_heads
+    self.dtype = dtype
+    self.w_qkv_Dx3D = nnx.Param(init(rngs.params(), (d_model, 3 * d_model), jnp.float32),
+                                logical_axes=('embed', 'heads'))
+    self.w_out_DxD = nnx.Param(init(rngs.params(), (d_model, d_model), jnp.float32),
+                               logical_axes=('heads', 'embed'))
+
+  def __call__(self, x_BxLxD, mask_BxL, causal_B):
+    b, l, d = x_BxLxD.shape
+    h = self.num_heads
+    qkv = x_BxLxD.reshape(b * l, d).astype(self.dtype) @ self.w_qkv_Dx3D[...].astype(self.dtype)
+    q, k, v = jnp.split(qkv.reshape(b, l, 3, h, d // h), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, L, H, K]
+    logits_BxHxLxL = jnp.einsum('bqhk,bshk->bhqs', q, k).astype(jnp.float32) / jnp.sqrt(d // h)
+    allowed = attention_mask(mask_BxL, causal_B)[:, None]
+    probs = jax.nn.softmax(jnp.where(allowed, logits_BxHxLxL, -1e30), axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqs,bshk->bqhk', probs, v).reshape(b * l, d)
+    return (out @ self.w_out_DxD[...].astype(self.dtype)).reshape(b, l, d).astype(x_BxLxD.dtype)
