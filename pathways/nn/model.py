@@ -1,0 +1,204 @@
+"""The Figure 1 model: one stack of routed layers shared by every task and modality.
+
+stems[modality] -> + task embedding -> L x [pre-norm attention, pre-norm FFN (MoE every
+`moe_every`-th layer, dense otherwise)] -> final norm -> head[task] (pooled classification or
+per-position prediction). Per-task parameters (embedding, head, router prior per MoE layer)
+live in dicts keyed by task name, so adding, removing or reordering tasks never swaps one
+task's parameters for another's. A task's `connectivity` ({moe layer: allowed experts})
+becomes a -inf mask on its router logits; the learned prior is added inside the allowed set.
+
+Not yet here: adaptive depth (halting), compute budgets, FLOPs accounting, bucketed inference.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pathways import task as task_lib
+from pathways.data import pipeline
+from pathways.nn import attention
+from pathways.nn import moe
+from pathways.nn import stems
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: attention, then a dense or MoE feed-forward."""
+
+  def __init__(self, d_model, num_heads, ffn, *, dtype, rngs):
+    self.norm1 = nnx.LayerNorm(d_model, rngs=rngs)
+    self.attn = attention.SelfAttention(d_model, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(d_model, rngs=rngs)
+    self.ffn = ffn
+
+  def __call__(self, x, mask_BxL, causal_B, task_ids_B, logit_bias, deterministic):
+    x = x + self.attn(self.norm1(x), mask_BxL, causal_B)
+    h = self.norm2(x)
+    if isinstance(self.ffn, moe.MoELayer):
+      y, metrics = self.ffn(h, mask_BxL=mask_BxL, task_ids_B=task_ids_B,
+                            logit_bias_BxLxE=logit_bias, deterministic=deterministic)
+    else:
+      y, metrics = self.ffn(h), {}
+    return x + y, metrics
+
+
+class Figure1Model(nnx.Module):
+  """Multitask model over the batch contract of `pathways.data.pipeline`.
+
+  Args:
+    tasks: the tasks in the config's order (ids are positions).
+    layout: the pipeline's static `BatchLayout`.
+    d_model, num_layers, num_heads: the stack.
+    mlp_hidden: hidden width of dense FFN layers.
+    moe_every: every n-th layer (1-based: layers n-1, 2n-1, ...) is an MoE layer; 0: none.
+    moe_kwargs: arguments of `MoELayer` (banks, k, router, capacity_factor, ...).
+    patch: image patch size.
+    dtype: compute dtype (parameters float32, routers float32).
+  """
+
+  def __init__(self, tasks: Sequence[task_lib.Task], layout: pipeline.BatchLayout, *,
+               d_model: int, num_layers: int, num_heads: int, mlp_hidden: int,
+               moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.task_names = tuple(t.name for t in tasks)
+    self.heads_kind = tuple(t.head for t in tasks)
+    self.layout = layout
+    stem_dict = {}
+    if 'image' in layout.rows:
+      stem_dict['image'] = stems.ImageStem(d_model, image_shape=layout.shapes['image'],
+                                           patch=patch, rngs=rngs)
+    if 'bytes' in layout.rows:
+      stem_dict['bytes'] = stems.BytesStem(d_model, max_len=layout.shapes['tokens'][0],
+                                           rngs=rngs)
+    if 'vector' in layout.rows:
+      stem_dict['vector'] = stems.VectorStem(d_model, in_dim=layout.shapes['vector'][0],
+                                             rngs=rngs)
+    self.stems = nnx.Dict(stem_dict)
+    # Each image row's own size, for patch masks (static per task).
+    self.image_hw = None
+    if 'image' in layout.rows:
+      hw = {i: t.input_shape[:2] for i, t in enumerate(tasks) if t.modality == 'image'}
+      rows = layout.rows['image']
+      owner = [next(i for i in hw if r in layout.task_rows(i)) for r in rows]
+      self.image_hw = nnx.data(np.array([hw[i] for i in owner], np.int32))
+    self.causal = nnx.data(np.array([t.head == 'per_position' for t in tasks], bool))
+    self.task_embed = nnx.Dict({t.name: nnx.Param(jnp.zeros((d_model,))) for t in tasks})
+    moe_kwargs = dict(moe_kwargs or {})
+    blocks, self.moe_layers = [], []
+    for layer in range(num_layers):
+      if moe_every and (layer + 1) % moe_every == 0:
+        ffn = moe.MoELayer(d_model, causal=any(self.causal), dtype=dtype, rngs=rngs, **moe_kwargs)
+        self.moe_layers.append(layer)
+      else:
+        ffn = moe.DenseFFN(d_model, mlp_hidden, dtype=dtype, rngs=rngs)
+      blocks.append(Block(d_model, num_heads, ffn, dtype=dtype, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.final_norm = nnx.LayerNorm(d_model, rngs=rngs)
+    num_choices = None
+    if self.moe_layers:
+      first = self.blocks[self.moe_layers[0]].ffn
+      num_choices = first.num_experts + getattr(first.router, 'num_null_experts', 0)
+    self.router_prior = nnx.Dict({
+        t.name: nnx.Param(jnp.zeros((len(self.moe_layers), num_choices or 1)))
+        for t in tasks})
+    self.connectivity = nnx.data(self._connectivity_bias(tasks, num_choices))
+    init = nnx.initializers.lecun_normal()
+    self.heads = nnx.Dict({
+        t.name: nnx.Param(init(rngs.params(), (d_model, t.num_classes), jnp.float32))
+        for t in tasks})
+
+  def _connectivity_bias(self, tasks, num_choices):
+    """[num MoE layers, N, E'] with 0 where allowed and -inf where a task may not route."""
+    bias = np.zeros((len(self.moe_layers), len(tasks), num_choices or 1), np.float32)
+    for i, t in enumerate(tasks):
+      for layer, allowed in (t.connectivity or {}).items():
+        if layer not in self.moe_layers:
+          raise ValueError(f'task {t.name!r}: connectivity names layer {layer}, which is not an '
+                           f'MoE layer; MoE layers: {self.moe_layers}.')
+        bad = [e for e in allowed if not 0 <= e < num_choices]
+        if bad:
+          raise ValueError(f'task {t.name!r}: connectivity layer {layer} names experts {bad}; '
+                           f'experts are 0..{num_choices - 1}.')
+        m = self.moe_layers.index(layer)
+        bias[m, i] = -np.inf
+        bias[m, i, list(allowed)] = 0.0
+    return bias
+
+  def embed(self, batch):
+    """Stems + task embedding: tokens [B, L_max, D], mask [B, L_max], task ids [B]."""
+    parts = {}
+    if 'image' in self.stems:
+      parts['image'] = self.stems['image'](jnp.asarray(batch['image']),
+                                           jnp.asarray(self.image_hw))
+    if 'bytes' in self.stems:
+      parts['bytes'] = self.stems['bytes'](jnp.asarray(batch['tokens']),
+                                           jnp.asarray(batch['tokens_mask']))
+    if 'vector' in self.stems:
+      parts['vector'] = self.stems['vector'](jnp.asarray(batch['vector']))
+    x, mask = stems.assemble(parts, self.layout.rows, self.layout.batch_size)
+    task_ids = jnp.asarray(batch['task_id'])
+    n = len(self.task_names)
+    ids = batch['task_id']
+    if isinstance(ids, np.ndarray) and (ids.max() >= n or ids.min() < 0):
+      raise ValueError(f"task_id values {sorted(set(np.asarray(batch['task_id']).tolist()))}: "
+                       f'must be in [0, {n}) for tasks {list(self.task_names)}.')
+    emb_NxD = jnp.stack([self.task_embed[name][...] for name in self.task_names])
+    return x + emb_NxD[task_ids][:, None, :], mask, task_ids
+
+  def __call__(self, batch, *, deterministic: bool = True):
+    """Returns ({task name: logits of its rows}, {metric: value}).
+
+    Classification logits are [n_i, classes] (mean over the example's real tokens);
+    per-position logits are [n_i, L_max, vocab].
+    """
+    x, mask, task_ids = self.embed(batch)
+    causal_B = jnp.asarray(self.causal)[task_ids]
+    prior_NxMxE = jnp.stack([self.router_prior[name][...] for name in self.task_names])
+    metrics = {}
+    for layer, block in enumerate(self.blocks):
+      bias = None
+      if layer in self.moe_layers:
+        m = self.moe_layers.index(layer)
+        bias_NxE = prior_NxMxE[:, m] + jnp.asarray(self.connectivity[m])
+        bias = jnp.broadcast_to(bias_NxE[task_ids][:, None, :], x.shape[:2] + bias_NxE.shape[1:])
+      x, layer_metrics = block(x, mask, causal_B, task_ids, bias, deterministic)
+      metrics.update({f'layer{layer}/{k}': v for k, v in layer_metrics.items()})
+    x = self.final_norm(x)
+    outputs = {}
+    for i, name in enumerate(self.task_names):
+      rows = np.asarray(self.layout.task_rows(i))
+      h, w = x[rows], self.heads[name][...]
+      if self.heads_kind[i] == 'classify':
+        m = mask[rows].astype(x.dtype)[..., None]
+        pooled = jnp.sum(h * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+        outputs[name] = pooled @ w
+      else:
+        b, l, d = h.shape
+        outputs[name] = (h.reshape(b * l, d) @ w).reshape(b, l, -1)
+    return outputs, metrics
+
+
+def task_losses(model: Figure1Model, outputs, batch):
+  """Per-task mean cross-entropy and accuracy over the examples that count this step."""
+  losses, accuracy = {}, {}
+  weight = jnp.asarray(batch['weight'])
+  for i, name in enumerate(model.task_names):
+    rows = np.asarray(model.layout.task_rows(i))
+    logits = outputs[name].astype(jnp.float32)
+    if model.heads_kind[i] == 'classify':
+      labels = jnp.asarray(batch['label'])[rows]
+      w = weight[rows]
+    else:
+      local = np.searchsorted(model.layout.rows['bytes'], rows)
+      labels = jnp.asarray(batch['targets'])[local]
+      w = weight[rows][:, None] * (labels >= 0)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(labels, 0)[..., None],
+                              -1)[..., 0]
+    correct = (jnp.argmax(logits, -1) == labels)
+    denom = jnp.maximum(jnp.sum(w), 1.0)
+    losses[name] = jnp.sum(ce * w) / denom
+    accuracy[name] = jnp.sum(correct * w) / denom
+  return losses, accuracy
