@@ -47,3 +47,10 @@ class SelfAttention(nnx.Module):
     probs = jax.nn.softmax(jnp.where(allowed, logits_BxHxLxL, -1e30), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqs,bshk->bqhk', probs, v).reshape(b * l, d)
     return (out @ self.w_out_DxD[...].astype(self.dtype)).reshape(b, l, d).astype(x_BxLxD.dtype)
+
+
+def flops_per_token(d_model: int, mask_BxL, causal_B):
+  """Forward FLOPs of one attention layer per query token: the four D x D projections
+  (8 D^2) and scores plus weighted values over the keys it sees (4 D per key); 0 on padding."""
+  visible_BxL = jnp.sum(attention_mask(mask_BxL, causal_B), axis=-1)
+  return (8.0 * d_model * d_model + 4.0 * d_model * visible_BxL) * mask_BxL

@@ -152,12 +152,16 @@ class Figure1Model(nnx.Module):
     """Returns ({task name: logits of its rows}, {metric: value}).
 
     Classification logits are [n_i, classes] (mean over the example's real tokens);
-    per-position logits are [n_i, L_max, vocab].
+    per-position logits are [n_i, L_max, vocab]. metrics['flops_per_example'] [B] counts the
+    forward FLOPs each example spent in the layer stack (attention, dense FFNs, routers and
+    the experts it actually used at their real widths; stems, norms and heads excluded).
     """
     x, mask, task_ids = self.embed(batch)
     causal_B = jnp.asarray(self.causal)[task_ids]
     prior_NxMxE = jnp.stack([self.router_prior[name][...] for name in self.task_names])
     metrics = {}
+    d_model = x.shape[-1]
+    flops_BxL = jnp.zeros(mask.shape, jnp.float32)
     for layer, block in enumerate(self.blocks):
       bias = None
       if layer in self.moe_layers:
@@ -165,7 +169,13 @@ class Figure1Model(nnx.Module):
         bias_NxE = prior_NxMxE[:, m] + jnp.asarray(self.connectivity[m])
         bias = jnp.broadcast_to(bias_NxE[task_ids][:, None, :], x.shape[:2] + bias_NxE.shape[1:])
       x, layer_metrics = block(x, mask, causal_B, task_ids, bias, deterministic)
+      flops_BxL = flops_BxL + attention.flops_per_token(d_model, mask, causal_B)
+      if 'flops_BxL' in layer_metrics:
+        flops_BxL = flops_BxL + layer_metrics.pop('flops_BxL')
+      else:
+        flops_BxL = flops_BxL + block.ffn.flops_per_token() * mask
       metrics.update({f'layer{layer}/{k}': v for k, v in layer_metrics.items()})
+    metrics['flops_per_example'] = jnp.sum(flops_BxL, axis=-1)
     x = self.final_norm(x)
     outputs = {}
     for i, name in enumerate(self.task_names):

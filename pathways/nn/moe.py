@@ -126,7 +126,9 @@ class MoELayer(nnx.Module):
       'fraction_tokens_dropped': share of active tokens that lost every assignment), plus
       two (E,) vectors: 'router_load', the fraction of
       the router's choices per expert (before capacity), and 'expert_load', the fraction of
-      computed (kept) assignments per expert.
+      computed (kept) assignments per expert; 'flops_BxL', the forward FLOPs each token spent
+      in this layer (router + computed experts at their real widths); and, for token choice,
+      'record': expert_BxLxK, weight_BxLxK, kept_BxLxK (the routing record).
     """
     b, l, d = x_BxLxD.shape
     if d != self.d_model:
@@ -155,7 +157,27 @@ class MoELayer(nnx.Module):
     weights = [bank.weights() for bank in self.banks]
     y_GxSxD, kept = self.dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, c, self.dtype)
     metrics.update(self._dispatch_metrics(routing, kept, active_GxS))
+    metrics['flops_BxL'] = self._flops(routing, kept, active_GxS).reshape(b, l)
+    if routing.choice == 'token':
+      metrics['record'] = {'expert_BxLxK': routing.expert_SxK.reshape(b, l, -1),
+                           'weight_BxLxK': routing.weight_SxK.reshape(b, l, -1),
+                           'kept_BxLxK': kept.reshape(b, l, -1)}
     return y_GxSxD.reshape(b, l, d), metrics
+
+  def _flops(self, routing, kept, active_GxS):
+    """Forward FLOPs each token spent here: its router matmul and its computed experts at
+    their real widths (null experts and dropped assignments cost nothing)."""
+    num_logits = self.num_experts + getattr(self.router, 'num_null_experts', 0)
+    router = 2.0 * self.d_model * num_logits * active_GxS
+    expert_flops_E = jnp.asarray(self.flops_per_token_per_expert(), jnp.float32)
+    if routing.choice == 'token':
+      safe = jnp.minimum(routing.expert_SxK, self.num_experts - 1)
+      return router + jnp.sum(kept * expert_flops_E[safe], axis=-1)
+    g, s = active_GxS.shape
+    per_slot_GxExC = kept * expert_flops_E[None, :, None]
+    flops_GxS = jax.vmap(lambda tok, f: jnp.zeros((s,)).at[tok.reshape(-1)].add(f.reshape(-1)))(
+        routing.token_ExC, per_slot_GxExC)
+    return router + flops_GxS
 
   def _dispatch_metrics(self, routing, kept, active_GxS):
     num_active = jnp.maximum(jnp.sum(active_GxS), 1)
@@ -200,6 +222,11 @@ class DenseFFN(nnx.Module):
     self.w_out_FxD = nnx.Param(init(rngs.params(), (hidden, d_model), jnp.float32),
                                logical_axes=('mlp', 'embed'))
     self.dtype = dtype
+
+  def flops_per_token(self) -> int:
+    """Forward FLOPs per token: two matmuls of D x F."""
+    d, f = self.w_in_DxF.shape
+    return 4 * d * f
 
   def __call__(self, x_BxLxD):
     # Flattened to 2-D: XLA:CPU runs the backward of a 3-D einsum (two contracting axes for

@@ -93,3 +93,40 @@ def test_bad_task_ids_and_connectivity_refused(data_dir):
   with pytest.raises(ValueError, match=r"connectivity layer 1 names experts \[9\]; experts are "
                                        r"0..3"):
     _setup(data_dir, [], tasks=[digits])
+
+
+def test_flops_accounting_equals_an_independent_count(data_dir):
+  """Recount every example's FLOPs from the routing record and the masks with plain loops."""
+  names = ['digits', 'addition']
+  tasks = [registry.get_task(n) for n in names]
+  p = pipeline.MultitaskPipeline(tasks, 6, data_dir=data_dir, mixture='uniform')
+  m = model_lib.Figure1Model(tasks, p.layout, d_model=16, num_layers=2, num_heads=2,
+                             mlp_hidden=24, moe_kwargs=dict(banks=[(2, 8), (2, 40)], k=2,
+                                                            capacity_factor=0.5,
+                                                            num_null_experts=1),
+                             rngs=nnx.Rngs(0))
+  batch = next(p)
+  _, metrics = m(batch)
+  _, mask, task_ids = m.embed(batch)
+  mask, task_ids = np.asarray(mask), np.asarray(task_ids)
+  record = {k: np.asarray(v) for k, v in metrics['layer1/record'].items()}
+  d = 16
+  width = [8, 8, 40, 40]  # experts 0-1 narrow, 2-3 wide; 4 is the null expert
+  for b in range(mask.shape[0]):
+    n = int(mask[b].sum())
+    causal = names[task_ids[b]] == 'addition'
+    total = 0.0
+    for layer in range(2):
+      for i in range(n):
+        visible = i + 1 if causal else n
+        total += 8 * d * d + 4 * d * visible
+        if layer == 0:
+          total += 4 * d * 24  # dense FFN
+        else:
+          pos = np.nonzero(mask[b])[0][i]
+          total += 2 * d * 5  # router over 4 experts + 1 null
+          for k in range(2):
+            if record['kept_BxLxK'][b, pos, k]:
+              total += 4 * d * width[record['expert_BxLxK'][b, pos, k]]
+    np.testing.assert_allclose(float(metrics['flops_per_example'][b]), total, rtol=1e-6)
+  assert record['kept_BxLxK'].sum() < (record['expert_BxLxK'] < 4).sum()  # some were dropped

@@ -131,3 +131,19 @@ def test_inactive_tokens_get_zero_output():
   y, met, _ = _value_and_grads(_layer('sorted', **dict(kw)), x, mask)
   assert float(jnp.abs(y[~mask]).max()) == 0.0
   assert float(jnp.abs(y[mask]).min(axis=-1).max()) > 0
+
+
+@pytest.mark.parametrize('case', ['k2_e6_hetero', 'expert_choice_hetero_groups'])
+def test_flops_per_token_count_kept_experts_at_their_widths(case):
+  kw, b, l, with_mask = CASES[case]
+  x, mask = _inputs(b, l, with_mask)
+  layer = _layer('sorted', **dict(kw))
+  _, metrics = layer(x, mask_BxL=mask)
+  widths = [f for e, f in kw['banks'] for _ in range(e)]
+  active = np.ones((b, l), bool) if mask is None else np.asarray(mask)
+  router = 2 * D * len(widths) * active.sum()
+  load = np.asarray(metrics['expert_load']) * float(metrics['computed_experts_per_token']) * \
+      active.sum()  # kept assignments per expert
+  expected = router + sum(n * 4 * D * f for n, f in zip(load, widths))
+  np.testing.assert_allclose(float(metrics['flops_BxL'].sum()), expected, rtol=1e-5)
+  assert float(jnp.abs(metrics['flops_BxL'][~active]).max(initial=0.0)) == 0.0
