@@ -56,13 +56,18 @@ class Figure1Model(nnx.Module):
     moe_every: every n-th layer (1-based: layers n-1, 2n-1, ...) is an MoE layer; 0: none.
     moe_kwargs: arguments of `MoELayer` (banks, k, router, capacity_factor, ...).
     patch: image patch size.
+    halting: adaptive depth for classification tasks (PonderNet): after every layer a
+      halting unit gives lambda_l = sigmoid(w_l . pooled + b_l); the halting distribution is
+      p_l = lambda_l prod_{j<l} (1 - lambda_j), the last layer taking the rest. Training
+      weights each layer's loss by p_l; evaluation predicts at the first layer whose
+      cumulative halting probability reaches 1/2.
     dtype: compute dtype (parameters float32, routers float32).
   """
 
   def __init__(self, tasks: Sequence[task_lib.Task], layout: pipeline.BatchLayout, *,
                d_model: int, num_layers: int, num_heads: int, mlp_hidden: int,
                moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               halting: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
     self.task_names = tuple(t.name for t in tasks)
     self.heads_kind = tuple(t.head for t in tasks)
     self.layout = layout
@@ -105,6 +110,10 @@ class Figure1Model(nnx.Module):
         t.name: nnx.Param(jnp.zeros((len(self.moe_layers), num_choices or 1)))
         for t in tasks})
     self.connectivity = nnx.data(self._connectivity_bias(tasks, num_choices))
+    self.halting = halting
+    if halting:
+      self.halt_w_LxD = nnx.Param(jnp.zeros((num_layers, d_model)))
+      self.halt_b_L = nnx.Param(jnp.full((num_layers,), -2.0))  # start deep: lambda ~ 0.12
     init = nnx.initializers.lecun_normal()
     self.heads = nnx.Dict({
         t.name: nnx.Param(init(rngs.params(), (d_model, t.num_classes), jnp.float32))
@@ -161,7 +170,7 @@ class Figure1Model(nnx.Module):
     prior_NxMxE = jnp.stack([self.router_prior[name][...] for name in self.task_names])
     metrics = {}
     d_model = x.shape[-1]
-    flops_BxL = jnp.zeros(mask.shape, jnp.float32)
+    layer_flops_LxB, pooled_L = [], []
     for layer, block in enumerate(self.blocks):
       bias = None
       if layer in self.moe_layers:
@@ -169,26 +178,65 @@ class Figure1Model(nnx.Module):
         bias_NxE = prior_NxMxE[:, m] + jnp.asarray(self.connectivity[m])
         bias = jnp.broadcast_to(bias_NxE[task_ids][:, None, :], x.shape[:2] + bias_NxE.shape[1:])
       x, layer_metrics = block(x, mask, causal_B, task_ids, bias, deterministic)
-      flops_BxL = flops_BxL + attention.flops_per_token(d_model, mask, causal_B)
+      flops_BxL = attention.flops_per_token(d_model, mask, causal_B)
       if 'flops_BxL' in layer_metrics:
         flops_BxL = flops_BxL + layer_metrics.pop('flops_BxL')
       else:
         flops_BxL = flops_BxL + block.ffn.flops_per_token() * mask
+      layer_flops_LxB.append(jnp.sum(flops_BxL, axis=-1))
       metrics.update({f'layer{layer}/{k}': v for k, v in layer_metrics.items()})
-    metrics['flops_per_example'] = jnp.sum(flops_BxL, axis=-1)
+      if self.halting:
+        pooled_L.append(_masked_mean(self.final_norm(x), mask))
+    layer_flops_LxB = jnp.stack(layer_flops_LxB)
     x = self.final_norm(x)
-    outputs = {}
+    outputs, reach_LxB = {}, jnp.ones_like(layer_flops_LxB)
+    if self.halting:
+      p_LxB, halt_B = self._halting_distribution(jnp.stack(pooled_L))
+      pooled_tasks = jnp.asarray(np.array([k == 'classify' for k in self.heads_kind]))[task_ids]
+      depth = jnp.arange(1, len(self.blocks) + 1, dtype=jnp.float32)[:, None]
+      if deterministic:
+        reach = (depth - 1 <= halt_B[None, :]).astype(jnp.float32)
+      else:
+        reach = 1.0 - (jnp.cumsum(p_LxB, axis=0) - p_LxB)
+      reach_LxB = jnp.where(pooled_tasks[None, :], reach, 1.0)
+      expected_depth_B = jnp.sum(p_LxB * depth, axis=0)
+      w = pooled_tasks.astype(jnp.float32)
+      metrics['ponder_cost'] = jnp.sum(expected_depth_B * w) / jnp.maximum(jnp.sum(w), 1.0)
+      metrics['halting_layer'] = halt_B
+      outputs['_halting'] = {}
+    metrics['flops_per_example'] = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
     for i, name in enumerate(self.task_names):
       rows = np.asarray(self.layout.task_rows(i))
-      h, w = x[rows], self.heads[name][...]
+      head = self.heads[name][...]
       if self.heads_kind[i] == 'classify':
-        m = mask[rows].astype(x.dtype)[..., None]
-        pooled = jnp.sum(h * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
-        outputs[name] = pooled @ w
+        outputs[name] = _masked_mean(x[rows], mask[rows]) @ head
+        if self.halting:
+          logits_LxNxC = jnp.stack(pooled_L)[:, rows] @ head
+          outputs['_halting'][name] = (p_LxB[:, rows], logits_LxNxC)
+          if deterministic:
+            outputs[name] = jnp.take_along_axis(
+                logits_LxNxC, halt_B[rows][None, :, None], axis=0)[0]
       else:
-        b, l, d = h.shape
-        outputs[name] = (h.reshape(b * l, d) @ w).reshape(b, l, -1)
+        b, l, d = x[rows].shape
+        outputs[name] = (x[rows].reshape(b * l, d) @ head).reshape(b, l, -1)
     return outputs, metrics
+
+  def _halting_distribution(self, pooled_LxBxD):
+    """PonderNet halting distribution p [L, B] and the evaluation halting layer [B]."""
+    num_layers = pooled_LxBxD.shape[0]
+    lam_LxB = jax.nn.sigmoid(jnp.einsum('lbd,ld->lb', pooled_LxBxD, self.halt_w_LxD[...])
+                             + self.halt_b_L[...][:, None])
+    lam_LxB = lam_LxB.at[-1].set(1.0)
+    survive = jnp.cumprod(1.0 - lam_LxB, axis=0)
+    before = jnp.concatenate([jnp.ones_like(survive[:1]), survive[:-1]], axis=0)
+    p_LxB = lam_LxB * before
+    halt_B = jnp.argmax(jnp.cumsum(p_LxB, axis=0) >= 0.5, axis=0)
+    return p_LxB, jnp.minimum(halt_B, num_layers - 1)
+
+
+def _masked_mean(x_BxLxD, mask_BxL):
+  m = mask_BxL.astype(x_BxLxD.dtype)[..., None]
+  return jnp.sum(x_BxLxD * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
 
 
 def task_losses(model: Figure1Model, outputs, batch):
@@ -205,10 +253,19 @@ def task_losses(model: Figure1Model, outputs, batch):
       local = np.searchsorted(model.layout.rows['bytes'], rows)
       labels = jnp.asarray(batch['targets'])[local]
       w = weight[rows][:, None] * (labels >= 0)
-    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(labels, 0)[..., None],
-                              -1)[..., 0]
+    ce = _cross_entropy(logits, labels)
+    halting = outputs.get('_halting', {}).get(name)
+    if halting is not None:  # PonderNet: expected loss under the halting distribution
+      p_LxN, logits_LxNxC = halting
+      ce = jnp.sum(p_LxN * _cross_entropy(logits_LxNxC.astype(jnp.float32), labels[None]), 0)
     correct = (jnp.argmax(logits, -1) == labels)
     denom = jnp.maximum(jnp.sum(w), 1.0)
     losses[name] = jnp.sum(ce * w) / denom
     accuracy[name] = jnp.sum(correct * w) / denom
   return losses, accuracy
+
+
+def _cross_entropy(logits, labels):
+  """Per-example (or per-position) cross-entropy; labels < 0 give 0 (masked by the caller)."""
+  picked = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(labels, 0)[..., None], -1)
+  return -picked[..., 0]

@@ -130,3 +130,55 @@ def test_flops_accounting_equals_an_independent_count(data_dir):
               total += 4 * d * width[record['expert_BxLxK'][b, pos, k]]
     np.testing.assert_allclose(float(metrics['flops_per_example'][b]), total, rtol=1e-6)
   assert record['kept_BxLxK'].sum() < (record['expert_BxLxK'] < 4).sum()  # some were dropped
+
+
+def _halting_run(data_dir, ponder_weight, steps=60):
+  tasks = [registry.get_task('digits')]
+  p = pipeline.MultitaskPipeline(tasks, 16, data_dir=data_dir)
+  m = model_lib.Figure1Model(tasks, p.layout, d_model=32, num_layers=4, num_heads=2,
+                             mlp_hidden=64, moe_every=0, halting=True, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)
+  graphdef, state = nnx.split((m, opt))
+
+  @jax.jit
+  def step(state, batch):
+    m, opt = nnx.merge(graphdef, state)
+
+    def loss_fn(m):
+      out, metrics = m(batch, deterministic=False)
+      losses, _ = model_lib.task_losses(m, out, batch)
+      return losses['digits'] + ponder_weight * metrics['ponder_cost'], metrics
+
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
+    opt.update(m, grads)
+    return nnx.state((m, opt)), metrics, grads
+
+  eval_batch = next(p)
+  _, before = nnx.merge(graphdef, state)[0](eval_batch, deterministic=True)
+  depths = []
+  for i in range(steps):
+    state, metrics, grads = step(state, next(p))
+    depths.append(float(metrics['ponder_cost']))
+    if i == 0:
+      assert float(jnp.abs(grads['halt_w_LxD'][...]).sum()) > 0  # gradients reach halting
+  model = nnx.merge(graphdef, state)[0]
+  out, after = model(eval_batch, deterministic=True)
+  return depths, before, after, out
+
+
+def test_ponder_cost_lowers_depth_and_flops_and_zero_cost_does_not(data_dir):
+  depths0, before0, after0, _ = _halting_run(data_dir, 0.0)
+  depths1, before1, after1, out = _halting_run(data_dir, 0.5)
+  # Zero cost lets the depth drift where the task loss wants it (digits is easy, so it drifts
+  # down too: 3.3 -> ~2.1 layers here); a ponder cost drives it much further down.
+  assert depths1[-1] < 0.6 * depths1[0], depths1[::10]
+  assert depths1[-1] < 0.7 * depths0[-1], (depths0[::10], depths1[::10])
+  # Evaluation stops at the halting layer: fewer layers run, fewer FLOPs counted.
+  assert float(np.mean(after1['halting_layer'])) < float(np.mean(before1['halting_layer']))
+  assert float(np.mean(after1['flops_per_example'])) < 0.8 * float(
+      np.mean(before1['flops_per_example']))
+  # FLOPs at evaluation are whole layers: (halting layer + 1) x one layer's FLOPs.
+  per_layer = np.asarray(before1['flops_per_example']) / 4
+  np.testing.assert_allclose(np.asarray(after1['flops_per_example']),
+                             per_layer * (np.asarray(after1['halting_layer']) + 1), rtol=1e-6)
+  assert out['digits'].shape == (16, 10)
