@@ -54,7 +54,8 @@ class Figure1Model(nnx.Module):
     d_model, num_layers, num_heads: the stack.
     mlp_hidden: hidden width of dense FFN layers.
     moe_every: every n-th layer (1-based: layers n-1, 2n-1, ...) is an MoE layer; 0: none.
-    moe_kwargs: arguments of `MoELayer` (banks, k, router, capacity_factor, ...).
+    moe_kwargs: arguments of `MoELayer` (banks, k, router, capacity_factor, ...);
+      eval_capacity_factor defaults to None (dropless evaluation).
     patch: image patch size.
     halting: adaptive depth for classification tasks (PonderNet): after every layer a
       halting unit gives lambda_l = sigmoid(w_l . pooled + b_l); the halting distribution is
@@ -92,6 +93,9 @@ class Figure1Model(nnx.Module):
     self.causal = nnx.data(np.array([t.head == 'per_position' for t in tasks], bool))
     self.task_embed = nnx.Dict({t.name: nnx.Param(jnp.zeros((d_model,))) for t in tasks})
     moe_kwargs = dict(moe_kwargs or {})
+    # Evaluation is dropless by default, so an example's prediction never depends on what
+    # else is in its batch (capacity groups would make examples compete for slots).
+    moe_kwargs.setdefault('eval_capacity_factor', None)
     blocks, self.moe_layers = [], []
     for layer in range(num_layers):
       if moe_every and (layer + 1) % moe_every == 0:

@@ -182,3 +182,32 @@ def test_ponder_cost_lowers_depth_and_flops_and_zero_cost_does_not(data_dir):
   np.testing.assert_allclose(np.asarray(after1['flops_per_example']),
                              per_layer * (np.asarray(after1['halting_layer']) + 1), rtol=1e-6)
   assert out['digits'].shape == (16, 10)
+
+
+def test_evaluation_does_not_depend_on_batch_composition(data_dir, moe_kwargs=None):
+  """Dropless evaluation: an example's logits are the same whatever else is in its batch.
+
+  The other task's rows come first, so under capacity they would take slots first (GShard
+  priority) and change which of the digits tokens are dropped.
+  """
+  tasks = [registry.get_task('stdlib_package'), registry.get_task('digits')]
+  p = pipeline.MultitaskPipeline(tasks, 12, data_dir=data_dir, mixture='uniform')
+  m = model_lib.Figure1Model(tasks, p.layout, d_model=32, num_layers=2, num_heads=2,
+                             mlp_hidden=64, moe_kwargs=moe_kwargs or MOE, rngs=nnx.Rngs(0))
+  a, b = next(p), next(p)
+  mixed = {k: v.copy() for k, v in a.items()}
+  rows = np.asarray(p.layout.task_rows(0))  # stdlib_package rows from batch b, digits from a
+  mixed['tokens'], mixed['tokens_mask'] = b['tokens'].copy(), b['tokens_mask'].copy()
+  for k in ('label', 'weight', 'difficulty'):
+    mixed[k][rows] = b[k][rows]
+  out_a, _ = m(a, deterministic=True)
+  out_mixed, _ = m(mixed, deterministic=True)
+  assert not np.allclose(out_a['stdlib_package'], out_mixed['stdlib_package'])
+  np.testing.assert_allclose(out_a['digits'], out_mixed['digits'], rtol=1e-5, atol=1e-6)
+
+
+def test_composition_test_detects_capacity_dependence(data_dir):
+  """The test above fails when evaluation uses a small capacity: it can see the problem."""
+  with pytest.raises(AssertionError):
+    test_evaluation_does_not_depend_on_batch_composition(
+        data_dir, dict(MOE, eval_capacity_factor=0.25))
