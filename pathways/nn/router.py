@@ -154,7 +154,10 @@ class TopKRouter(_RouterBase):
     weight_GxSxK = top_GxSxK * keep_GxSxK
     if self.renormalize:
       weight_GxSxK = weight_GxSxK / jnp.maximum(jnp.sum(weight_GxSxK, -1, keepdims=True), 1e-9)
-    valid_GxSxK = keep_GxSxK & (expert_GxSxK < self.num_experts) & active_GxS[..., None]
+    # A choice with probability 0 (a -inf connectivity mask when k exceeds the allowed
+    # experts) is not a choice.
+    valid_GxSxK = (keep_GxSxK & (expert_GxSxK < self.num_experts) & (top_GxSxK > 0)
+                   & active_GxS[..., None])
     weight_GxSxK = weight_GxSxK * valid_GxSxK
     routing = Routing(choice='token', expert_SxK=expert_GxSxK.astype(jnp.int32),
                       weight_SxK=weight_GxSxK, valid_SxK=valid_GxSxK)

@@ -106,3 +106,14 @@ def test_expert_choice_takes_top_c_active_tokens():
   for e in range(4):
     expected = set(np.argsort(-np.asarray(probs[0, :, e]))[:2])
     assert set(np.asarray(routing.token_ExC[0, e])) == expected
+
+
+def test_masked_experts_are_never_chosen_even_when_k_exceeds_the_allowed_set():
+  r = router_lib.TopKRouter(8, 4, 3, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (1, 32, 8))
+  bias = jnp.broadcast_to(jnp.array([0.0, -jnp.inf, -jnp.inf, 0.0]), (1, 32, 4))
+  routing, metrics = r(x, logit_bias_GxSxE=bias)
+  chosen = np.asarray(routing.expert_SxK)[np.asarray(routing.valid_SxK)]
+  assert set(chosen.tolist()) <= {0, 3}
+  assert float(metrics['experts_per_token']) == 2.0
+  np.testing.assert_allclose(np.asarray(routing.weight_SxK).sum(-1), 1.0, rtol=1e-5)
