@@ -141,6 +141,9 @@ class MultitaskPipeline:
     self._datasets = {
         t.name: grain.MapDataset.source(self._sources[t.name]).seed(
             _seed_for(seed, t.name)).shuffle().repeat(None) for t in self.tasks}
+    # Batch row -> row in its modality's array (static, used every step).
+    self._local_row = {m: {int(r): j for j, r in enumerate(rows)}
+                       for m, rows in self.layout.rows.items()}
     self._process = (process_index, process_count)
     self._step = 0
     self._next = {t.name: 0 for t in self.tasks}
@@ -167,7 +170,7 @@ class MultitaskPipeline:
       batch[array] = np.zeros((len(rows),) + layout.shapes[array], dtype)
       if modality == 'bytes':
         batch['targets'] = np.full((len(rows),) + layout.shapes[array], -1, np.int32)
-    local = {m: {int(r): j for j, r in enumerate(rows)} for m, rows in layout.rows.items()}
+    local = self._local_row
     for i, t in enumerate(self.tasks):
       task_rows = layout.task_rows(i)
       batch['task_id'][list(task_rows)] = i

@@ -23,8 +23,13 @@ def _setup(data_dir, names, batch_size=12, tasks=None, seed=0):
   return p, m
 
 
-def _trainer(m, aux_weight=0.01):
-  opt = nnx.Optimizer(m, optax.adam(3e-3), wrt=nnx.Param)
+def _trainer(m, extra_loss=lambda metrics: 0.01 * metrics['layer1/load_balance_loss'],
+             lr=3e-3):
+  """A jitted train step: sum of task losses plus `extra_loss(metrics)`, Adam at `lr`.
+
+  Returns (graphdef, state, step); step(state, batch) -> (state, losses, metrics, grads).
+  """
+  opt = nnx.Optimizer(m, optax.adam(lr), wrt=nnx.Param)
   graphdef, state = nnx.split((m, opt))
 
   @jax.jit
@@ -34,14 +39,13 @@ def _trainer(m, aux_weight=0.01):
     def loss_fn(m):
       out, metrics = m(batch, deterministic=False)
       losses, _ = model_lib.task_losses(m, out, batch)
-      return sum(losses.values()) + aux_weight * metrics['layer1/load_balance_loss'], (
-          losses, metrics)
+      return sum(losses.values()) + extra_loss(metrics), (losses, metrics)
 
     (_, (losses, metrics)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
     opt.update(m, grads)
-    return nnx.state((m, opt)), losses, metrics
+    return nnx.state((m, opt)), losses, metrics, grads
 
-  return state, step
+  return graphdef, state, step
 
 
 def test_mixed_batch_of_two_modalities_in_one_call(data_dir):
@@ -56,10 +60,10 @@ def test_mixed_batch_of_two_modalities_in_one_call(data_dir):
 
 def test_three_tasks_of_two_modalities_all_learn(data_dir):
   p, m = _setup(data_dir, ['digits', 'stdlib_package', 'addition'])
-  state, step = _trainer(m)
+  _, state, step = _trainer(m)
   history = []
   for _ in range(120):
-    state, losses, _ = step(state, next(p))
+    state, losses, _, _ = step(state, next(p))
     history.append({k: float(v) for k, v in losses.items()})
   for name in history[0]:
     first = np.mean([h[name] for h in history[:5]])
@@ -70,9 +74,10 @@ def test_three_tasks_of_two_modalities_all_learn(data_dir):
 def test_task_masked_to_two_experts_never_routes_elsewhere(data_dir):
   digits = dataclasses.replace(registry.get_task('digits'), connectivity={1: (0, 1)})
   p, m = _setup(data_dir, [], tasks=[digits], batch_size=8)
-  state, step = _trainer(m, aux_weight=1.0)  # the balance loss pushes towards experts 2, 3
+  # The balance loss (weight 1.0) pushes towards experts 2, 3.
+  _, state, step = _trainer(m, lambda metrics: metrics['layer1/load_balance_loss'])
   for _ in range(20):
-    state, _, metrics = step(state, next(p))
+    state, _, metrics, _ = step(state, next(p))
     load = np.asarray(metrics['layer1/router_load'])
     assert load[2:].sum() == 0.0 and load[:2].sum() > 0.99
 
@@ -137,27 +142,13 @@ def _halting_run(data_dir, ponder_weight, steps=60):
   p = pipeline.MultitaskPipeline(tasks, 16, data_dir=data_dir)
   m = model_lib.Figure1Model(tasks, p.layout, d_model=32, num_layers=4, num_heads=2,
                              mlp_hidden=64, moe_every=0, halting=True, rngs=nnx.Rngs(0))
-  opt = nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)
-  graphdef, state = nnx.split((m, opt))
-
-  @jax.jit
-  def step(state, batch):
-    m, opt = nnx.merge(graphdef, state)
-
-    def loss_fn(m):
-      out, metrics = m(batch, deterministic=False)
-      losses, _ = model_lib.task_losses(m, out, batch)
-      return losses['digits'] + ponder_weight * metrics['ponder_cost'], metrics
-
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
-    opt.update(m, grads)
-    return nnx.state((m, opt)), metrics, grads
-
+  graphdef, state, step = _trainer(m, lambda metrics: ponder_weight * metrics['ponder_cost'],
+                                   lr=1e-2)
   eval_batch = next(p)
   _, before = nnx.merge(graphdef, state)[0](eval_batch, deterministic=True)
   depths = []
   for i in range(steps):
-    state, metrics, grads = step(state, next(p))
+    state, _, metrics, grads = step(state, next(p))
     depths.append(float(metrics['ponder_cost']))
     if i == 0:
       assert float(jnp.abs(grads['halt_w_LxD'][...]).sum()) > 0  # gradients reach halting
