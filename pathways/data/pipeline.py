@@ -24,7 +24,6 @@ small JSON, and a restored pipeline yields exactly the batches the original woul
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import zlib
 from typing import Sequence
@@ -34,43 +33,7 @@ import numpy as np
 
 from pathways import task as task_lib
 from pathways.data import mixture as mixture_lib
-
-MODALITY_ARRAY = {'image': 'image', 'bytes': 'tokens', 'vector': 'vector'}
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchLayout:
-  """Static layout: which rows belong to which task and modality, and the array shapes."""
-  task_names: tuple[str, ...]
-  slots: tuple[int, ...]
-  offsets: tuple[int, ...]
-  rows: dict  # modality -> np.ndarray of batch rows, in order
-  shapes: dict  # array name -> shape of one example (padded)
-
-  @property
-  def batch_size(self) -> int:
-    return int(sum(self.slots))
-
-  def task_rows(self, i: int) -> range:
-    return range(self.offsets[i], self.offsets[i] + self.slots[i])
-
-
-def make_layout(tasks: Sequence[task_lib.Task], slots: Sequence[int]) -> BatchLayout:
-  offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(slots)[:-1]]))
-  rows, shapes = {}, {}
-  for modality, array in MODALITY_ARRAY.items():
-    members = [i for i, t in enumerate(tasks) if t.modality == modality]
-    if not members:
-      continue
-    rows[modality] = np.concatenate([np.arange(offsets[i], offsets[i] + slots[i])
-                                     for i in members]).astype(np.int32)
-    dims = [tasks[i].input_shape for i in members]
-    if modality == 'image':
-      dims = [d if len(d) == 3 else tuple(d) + (1,) for d in dims]
-    shapes[array] = tuple(int(max(d[j] for d in dims)) for j in range(len(dims[0])))
-  return BatchLayout(tuple(t.name for t in tasks), tuple(int(s) for s in slots), offsets, rows,
-                     shapes)
-
+from pathways.data.layout import MODALITY_ARRAY, BatchLayout, make_layout  # noqa: F401  (the contract)
 
 def check_example(t: task_lib.Task, example) -> None:
   """Stops on data whose shapes or dtypes differ from what the task declares (before any

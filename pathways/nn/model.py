@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from pathways import task as task_lib
-from pathways.data import pipeline
+from pathways.data import layout as layout_lib
 from pathways.nn import attention
 from pathways.nn import moe
 from pathways.nn import stems
@@ -65,7 +65,7 @@ class Figure1Model(nnx.Module):
     dtype: compute dtype (parameters float32, routers float32).
   """
 
-  def __init__(self, tasks: Sequence[task_lib.Task], layout: pipeline.BatchLayout, *,
+  def __init__(self, tasks: Sequence[task_lib.Task], layout: layout_lib.BatchLayout, *,
                d_model: int, num_layers: int, num_heads: int, mlp_hidden: int,
                moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
                halting: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -171,16 +171,11 @@ class Figure1Model(nnx.Module):
     """
     x, mask, task_ids = self.embed(batch)
     causal_B = jnp.asarray(self.causal)[task_ids]
-    prior_NxMxE = jnp.stack([self.router_prior[name][...] for name in self.task_names])
     metrics = {}
     d_model = x.shape[-1]
     layer_flops_LxB, pooled_L = [], []
     for layer, block in enumerate(self.blocks):
-      bias = None
-      if layer in self.moe_layers:
-        m = self.moe_layers.index(layer)
-        bias_NxE = prior_NxMxE[:, m] + jnp.asarray(self.connectivity[m])
-        bias = jnp.broadcast_to(bias_NxE[task_ids][:, None, :], x.shape[:2] + bias_NxE.shape[1:])
+      bias = self.router_bias(layer, task_ids, x.shape[1])
       x, layer_metrics = block(x, mask, causal_B, task_ids, bias, deterministic)
       flops_BxL = attention.flops_per_token(d_model, mask, causal_B)
       if 'flops_BxL' in layer_metrics:
@@ -209,28 +204,53 @@ class Figure1Model(nnx.Module):
       metrics['halting_layer'] = halt_B
       outputs['_halting'] = {}
     metrics['flops_per_example'] = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
+    pooled_BxD = _masked_mean(x, mask)
+    if self.halting and deterministic:  # each example's pooled state at its halting layer
+      pooled_BxD = jnp.take_along_axis(jnp.stack(pooled_L), halt_B[None, :, None], axis=0)[0]
+    outputs.update(self.apply_heads(pooled_BxD, x))
+    if self.halting:
+      for i, name in enumerate(self.task_names):
+        if self.heads_kind[i] == 'classify':
+          rows = np.asarray(self.layout.task_rows(i))
+          logits_LxNxC = jnp.stack(pooled_L)[:, rows] @ self.heads[name][...]
+          outputs['_halting'][name] = (p_LxB[:, rows], logits_LxNxC)
+    return outputs, metrics
+
+  def router_bias(self, layer: int, task_ids_B, length: int):
+    """[B, L, E'] router-logit bias of an MoE layer (task prior + connectivity mask), or
+    None for a dense layer."""
+    if layer not in self.moe_layers:
+      return None
+    m = self.moe_layers.index(layer)
+    prior_NxE = jnp.stack([self.router_prior[name][...][m] for name in self.task_names])
+    bias_NxE = prior_NxE + jnp.asarray(self.connectivity[m])
+    return jnp.broadcast_to(bias_NxE[task_ids_B][:, None, :],
+                            (task_ids_B.shape[0], length, bias_NxE.shape[-1]))
+
+  def halting_lambda(self, layer: int, pooled_BxD):
+    """Halting probability lambda_l [B] after `layer` (1 at the last layer)."""
+    if layer == len(self.blocks) - 1:
+      return jnp.ones(pooled_BxD.shape[:1], jnp.float32)
+    return jax.nn.sigmoid(pooled_BxD @ self.halt_w_LxD[...][layer] + self.halt_b_L[...][layer])
+
+  def apply_heads(self, pooled_BxD, x_BxLxD):
+    """Task heads over final states: classification from pooled [B, D] (already normed),
+    per-position from the normed tokens [B, L, D]. Returns {task name: logits of its rows}."""
+    outputs = {}
     for i, name in enumerate(self.task_names):
       rows = np.asarray(self.layout.task_rows(i))
       head = self.heads[name][...]
       if self.heads_kind[i] == 'classify':
-        outputs[name] = _masked_mean(x[rows], mask[rows]) @ head
-        if self.halting:
-          logits_LxNxC = jnp.stack(pooled_L)[:, rows] @ head
-          outputs['_halting'][name] = (p_LxB[:, rows], logits_LxNxC)
-          if deterministic:
-            outputs[name] = jnp.take_along_axis(
-                logits_LxNxC, halt_B[rows][None, :, None], axis=0)[0]
+        outputs[name] = pooled_BxD[rows] @ head
       else:
-        b, l, d = x[rows].shape
-        outputs[name] = (x[rows].reshape(b * l, d) @ head).reshape(b, l, -1)
-    return outputs, metrics
+        b, l, d = x_BxLxD[rows].shape
+        outputs[name] = (x_BxLxD[rows].reshape(b * l, d) @ head).reshape(b, l, -1)
+    return outputs
 
   def _halting_distribution(self, pooled_LxBxD):
     """PonderNet halting distribution p [L, B] and the evaluation halting layer [B]."""
     num_layers = pooled_LxBxD.shape[0]
-    lam_LxB = jax.nn.sigmoid(jnp.einsum('lbd,ld->lb', pooled_LxBxD, self.halt_w_LxD[...])
-                             + self.halt_b_L[...][:, None])
-    lam_LxB = lam_LxB.at[-1].set(1.0)
+    lam_LxB = jnp.stack([self.halting_lambda(l, pooled_LxBxD[l]) for l in range(num_layers)])
     survive = jnp.cumprod(1.0 - lam_LxB, axis=0)
     before = jnp.concatenate([jnp.ones_like(survive[:1]), survive[:-1]], axis=0)
     p_LxB = lam_LxB * before

@@ -130,14 +130,37 @@ class MoELayer(nnx.Module):
       in this layer (router + computed experts at their real widths); and, for token choice,
       'record': expert_BxLxK, weight_BxLxK, kept_BxLxK (the routing record).
     """
-    b, l, d = x_BxLxD.shape
-    if d != self.d_model:
-      raise ValueError(f'x_BxLxD.shape={x_BxLxD.shape}: last axis must be d_model={self.d_model}.')
-    t = b * l
+    routing, metrics = self.route(x_BxLxD, mask_BxL=mask_BxL, task_ids_B=task_ids_B,
+                                  logit_bias_BxLxE=logit_bias_BxLxE, deterministic=deterministic)
+    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+    s = routing.weight_SxK.shape[1] if routing.choice == 'token' else self._group_tokens(x_BxLxD)
+    c = capacity_lib.capacity(s, self.num_experts, self.k, cf)
+    y_BxLxD, expert_metrics = self.apply_experts(x_BxLxD, routing, mask_BxL, c)
+    metrics.update(expert_metrics)
+    return y_BxLxD, metrics
+
+  def _group_tokens(self, x_BxLxD, num_groups=None):
+    t = x_BxLxD.shape[0] * x_BxLxD.shape[1]
+    if num_groups is not None:
+      if t % num_groups:
+        raise ValueError(f'num_groups={num_groups} must divide the number of tokens T = {t}.')
+      return t // num_groups
     s = self.group_size or t
     if t % s:
       raise ValueError(f'group_size={s} must divide the number of tokens T = B * L = {t}.')
-    g = t // s
+    return s
+
+  def route(self, x_BxLxD, *, mask_BxL=None, task_ids_B=None, logit_bias_BxLxE=None,
+            deterministic: bool = True, num_groups: int | None = None):
+    """The router half of the layer: (Routing with a leading G axis, router metrics).
+
+    `num_groups` overrides the layer's grouping (inference by buckets routes one group).
+    """
+    b, l, d = x_BxLxD.shape
+    if d != self.d_model:
+      raise ValueError(f'x_BxLxD.shape={x_BxLxD.shape}: last axis must be d_model={self.d_model}.')
+    s = self._group_tokens(x_BxLxD, num_groups)
+    g = b * l // s
     if mask_BxL is None:
       mask_BxL = jnp.ones((b, l), bool)
     if mask_BxL.shape != (b, l):
@@ -149,20 +172,43 @@ class MoELayer(nnx.Module):
       task_ids_GxS = jnp.broadcast_to(task_ids_B[:, None], (b, l)).reshape(g, s)
     signal_GxSxD = router_lib.routing_signal(x_BxLxD, mask_BxL, self.route_on).reshape(g, s, d)
     bias = None if logit_bias_BxLxE is None else logit_bias_BxLxE.reshape(g, s, -1)
+    return self.router(signal_GxSxD, active_GxS=mask_BxL.reshape(g, s),
+                       task_ids_GxS=task_ids_GxS, logit_bias_GxSxE=bias,
+                       deterministic=deterministic)
+
+  def apply_experts(self, x_BxLxD, routing, mask_BxL, capacity: int):
+    """The expert half: dispatch at `capacity` slots per expert per group, run, combine.
+
+    Returns y_BxLxD and the dispatch metrics, 'flops_BxL' and (token choice) 'record'.
+    """
+    b, l, d = x_BxLxD.shape
+    if mask_BxL is None:
+      mask_BxL = jnp.ones((b, l), bool)
+    if routing.choice == 'token':
+      g, s = routing.weight_SxK.shape[:2]
+    else:
+      g = routing.token_ExC.shape[0]
+      s = b * l // g
     active_GxS = mask_BxL.reshape(g, s)
-    routing, metrics = self.router(signal_GxSxD, active_GxS=active_GxS, task_ids_GxS=task_ids_GxS,
-                                   logit_bias_GxSxE=bias, deterministic=deterministic)
-    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-    c = capacity_lib.capacity(s, self.num_experts, self.k, cf)
     weights = [bank.weights() for bank in self.banks]
-    y_GxSxD, kept = self.dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, c, self.dtype)
-    metrics.update(self._dispatch_metrics(routing, kept, active_GxS))
+    y_GxSxD, kept = self.dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity,
+                                     self.dtype)
+    metrics = self._dispatch_metrics(routing, kept, active_GxS)
     metrics['flops_BxL'] = self._flops(routing, kept, active_GxS).reshape(b, l)
     if routing.choice == 'token':
       metrics['record'] = {'expert_BxLxK': routing.expert_SxK.reshape(b, l, -1),
                            'weight_BxLxK': routing.weight_SxK.reshape(b, l, -1),
                            'kept_BxLxK': kept.reshape(b, l, -1)}
     return y_GxSxD.reshape(b, l, d), metrics
+
+  def max_expert_load(self, routing):
+    """Most valid assignments any real expert receives in any group: the smallest dropless
+    capacity for this routing (token choice)."""
+    if routing.choice != 'token':
+      raise ValueError('max_expert_load: expert-choice routing has a fixed capacity.')
+    counts_GxE = jax.vmap(lambda e, v: router_lib.per_expert_sum(
+        v.reshape(-1), e.reshape(-1), self.num_experts))(routing.expert_SxK, routing.valid_SxK)
+    return jnp.max(counts_GxE)
 
   def _flops(self, routing, kept, active_GxS):
     """Forward FLOPs each token spent here: its router matmul and its computed experts at

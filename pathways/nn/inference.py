@@ -1,0 +1,178 @@
+"""Bucketed inference: adaptive computation that saves wall-clock, not only counted FLOPs.
+
+A compiled forward pass has static shapes, so an example that halted at layer 2 of 8 still
+flows through layers 3..8 (masked), and a token routed only to null experts still takes a
+row in every dropless expert buffer. `BucketedInference` runs the layers one by one from
+Python instead:
+
+  * rows: only examples still active enter a layer, compacted into the smallest
+    power-of-two bucket that holds them (padding rows are masked out). An example leaves
+    the moment its cumulative halting probability reaches 1/2 (the full path's rule);
+    per-position tasks never halt.
+  * tokens: an MoE layer first routes (one compiled step), then reads the largest number
+    of assignments any expert received and dispatches with that many slots rounded up to a
+    power of two: dropless, yet buffers shrink with the tokens that really take experts
+    (null-expert and padding tokens take none).
+
+Each (layer, row bucket) and (layer, row bucket, slot bucket) compiles once and is reused,
+so the number of programs is logarithmic in the batch size. The predictions equal the full
+path's deterministic (dropless) ones; tests hold them equal.
+
+Not for expert-choice routers: their capacity is fixed by the router.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pathways.nn import attention
+from pathways.nn import model as model_lib
+from pathways.nn import router as router_lib
+
+
+def bucket(n: int) -> int:
+  """Smallest power of two >= n (>= 1)."""
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _embed(graphdef, state, batch):
+  m = nnx.merge(graphdef, state)
+  x, mask, task_ids = m.embed(batch)
+  return x, mask, task_ids, jnp.asarray(m.causal)[task_ids]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dense_layer(graphdef, state, x, mask, causal):
+  block = nnx.merge(graphdef, state)
+  y, _ = block(x, mask, causal, None, None, True)
+  flops = attention.flops_per_token(x.shape[-1], mask, causal) + block.ffn.flops_per_token() * mask
+  return y, jnp.sum(flops, -1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _route(graphdef, state, x, mask, causal, task_ids, bias_NxE):
+  block = nnx.merge(graphdef, state)
+  x = x + block.attn(block.norm1(x), mask, causal)
+  h = block.norm2(x)
+  bias = jnp.broadcast_to(bias_NxE[task_ids][:, None, :], x.shape[:2] + bias_NxE.shape[-1:])
+  routing, _ = block.ffn.route(h, mask_BxL=mask, task_ids_B=task_ids, logit_bias_BxLxE=bias,
+                               deterministic=True, num_groups=1)
+  return x, h, routing, block.ffn.max_expert_load(routing)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _experts(graphdef, capacity, state, x, h, routing, mask, causal):
+  block = nnx.merge(graphdef, state)
+  y, metrics = block.ffn.apply_experts(h, routing, mask, capacity)
+  flops = attention.flops_per_token(x.shape[-1], mask, causal) + metrics['flops_BxL']
+  return x + y, jnp.sum(flops, -1)
+
+
+def _pool_and_halt(graphdef, layer, state, x, mask, cum_B, survive_B):
+  """Pooled final-normed state, and the running PonderNet sums after `layer`."""
+  m = nnx.merge(graphdef, state)
+  pooled = model_lib._masked_mean(m.final_norm(x), mask)  # pylint: disable=protected-access
+  if not m.halting:
+    return pooled, cum_B, survive_B
+  lam = m.halting_lambda(layer, pooled)
+  p = lam * survive_B
+  return pooled, cum_B + p, survive_B * (1.0 - lam)
+
+
+def _heads(graphdef, state, pooled_BxD, x_BxLxD):
+  m = nnx.merge(graphdef, state)
+  return m.apply_heads(pooled_BxD, m.final_norm(x_BxLxD))
+
+
+@jax.jit
+def _take(tree, idx):
+  return jax.tree.map(lambda a: a[idx], tree)
+
+
+class BucketedInference:
+  """Layer-by-layer inference of a `Figure1Model` over compacted power-of-two buckets.
+
+  Build it from a trained model (it holds that model's parameters as they are now) and
+  call it on pipeline batches: returns ({task: logits of its rows}, info) where info holds
+  'flops_per_example' [B] (counted exactly as the full path counts them), 'halting_layer'
+  [B] (-1 for rows that never halt), and 'steps': one (layer, row bucket, slot bucket or
+  None) per compiled step run, for inspection. `halting=False` runs every example through
+  every layer (the baseline that shows what halting saves).
+  """
+
+  def __init__(self, model: model_lib.Figure1Model, *, halting: bool = True):
+    for layer in model.moe_layers:
+      if isinstance(model.blocks[layer].ffn.router, router_lib.ExpertChoiceRouter):
+        raise ValueError(f'layer {layer}: BucketedInference needs token-choice routers; '
+                         f'expert choice fixes its capacity in the router.')
+    self.model = model
+    self.halting = halting and model.halting  # False: every example runs every layer
+    graphdef, self.state = nnx.split(model)
+    # The model's graph definition holds the batch layout (unhashable): closed over, not
+    # passed as a static argument.
+    self._embed = jax.jit(functools.partial(_embed, graphdef))
+    self._pool_and_halt = jax.jit(functools.partial(_pool_and_halt, graphdef),
+                                  static_argnums=0)
+    self._heads = jax.jit(functools.partial(_heads, graphdef))
+    self.blocks = [nnx.split(block) for block in model.blocks]
+    self.classify = np.array([k == 'classify' for k in model.heads_kind], bool)
+    # Router bias per MoE layer, [N, E'] (task prior + connectivity mask).
+    self.bias = {}
+    for layer in model.moe_layers:
+      ids = jnp.arange(len(model.task_names))
+      self.bias[layer] = model.router_bias(layer, ids, 1)[:, 0]
+
+  def __call__(self, batch):
+    x, mask, task_ids, causal = self._embed(self.state, batch)
+    b, l, d = x.shape
+    num_layers = len(self.blocks)
+    task_np = np.asarray(task_ids)
+    halts = self.halting & self.classify[task_np]  # rows that may stop early
+    flops = np.zeros((b,), np.float64)
+    halting_layer = np.full((b,), -1, np.int32)
+    pooled_final = np.zeros((b, d), np.float32)
+    x_final = np.zeros((b, l, d), np.float32)
+    steps = []
+    rows = np.arange(b)  # original ids of the active rows
+    pos = np.arange(b)  # where those rows sit in the arrays of `act`
+    real = b  # act holds `real` rows (then masked padding); filtering rows makes n < real
+    act = (x, mask, task_ids, causal, jnp.zeros((b,), jnp.float32), jnp.ones((b,), jnp.float32))
+    for layer in range(num_layers):
+      n = len(rows)
+      nb = bucket(n)
+      if act[0].shape[0] != nb or n != real:
+        # Compact the active rows into their bucket; padding rows repeat row 0, masked out.
+        act = _take(act, np.concatenate([pos, np.full(nb - n, pos[0])]))
+        act = (act[0], act[1] & jnp.asarray(np.arange(nb) < n)[:, None]) + act[2:]
+        pos, real = np.arange(n), n
+      xa, ma, ta, ca, cum_a, surv_a = act
+      graphdef, state = self.blocks[layer]
+      if layer in self.model.moe_layers:
+        xa, h, routing, load = _route(graphdef, state, xa, ma, ca, ta, self.bias[layer])
+        cap = bucket(int(load))
+        xa, f = _experts(graphdef, cap, state, xa, h, routing, ma, ca)
+        steps.append((layer, nb, cap))
+      else:
+        xa, f = _dense_layer(graphdef, state, xa, ma, ca)
+        steps.append((layer, nb, None))
+      flops[rows] += np.asarray(f)[:n]
+      pooled, cum_a, surv_a = self._pool_and_halt(layer, self.state, xa, ma, cum_a,
+                                             surv_a)
+      act = (xa, ma, ta, ca, cum_a, surv_a)
+      if layer == num_layers - 1:
+        stop = np.ones((n,), bool)
+        x_final[rows] = np.asarray(xa)[:n]
+      else:
+        stop = (np.asarray(cum_a)[:n] >= 0.5) & halts[rows]
+      pooled_final[rows[stop]] = np.asarray(pooled)[:n][stop]
+      halting_layer[rows[stop]] = layer
+      rows, pos = rows[~stop], pos[~stop]
+      if not len(rows):
+        break
+    outputs = self._heads(self.state, jnp.asarray(pooled_final), jnp.asarray(x_final))
+    halting_layer[~halts] = -1
+    return outputs, {'flops_per_example': flops, 'halting_layer': halting_layer, 'steps': steps}
