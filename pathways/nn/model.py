@@ -7,7 +7,9 @@ live in dicts keyed by task name, so adding, removing or reordering tasks never 
 task's parameters for another's. A task's `connectivity` ({moe layer: allowed experts})
 becomes a -inf mask on its router logits; the learned prior is added inside the allowed set.
 
-Not yet here: adaptive depth (halting), compute budgets, FLOPs accounting, bucketed inference.
+Adaptive computation: null experts / top-p in the MoE layers (per token), PonderNet halting
+(per example, classification tasks), per-task compute budgets (`pathways.nn.budget`), and
+`pathways.nn.inference.BucketedInference` to turn the counted saving into wall-clock.
 """
 from __future__ import annotations
 
@@ -21,8 +23,12 @@ from flax import nnx
 from pathways import task as task_lib
 from pathways.data import layout as layout_lib
 from pathways.nn import attention
+from pathways.nn import budget as budget_lib
 from pathways.nn import moe
 from pathways.nn import stems
+
+
+STEM_MODALITIES = ('image', 'bytes', 'vector')
 
 
 class Block(nnx.Module):
@@ -57,6 +63,8 @@ class Figure1Model(nnx.Module):
     moe_kwargs: arguments of `MoELayer` (banks, k, router, capacity_factor, ...);
       eval_capacity_factor defaults to None (dropless evaluation).
     patch: image patch size.
+    remat: rematerialize each layer in the backward pass (saves activation memory, costs
+      a second forward of the layer).
     halting: adaptive depth for classification tasks (PonderNet): after every layer a
       halting unit gives lambda_l = sigmoid(w_l . pooled + b_l); the halting distribution is
       p_l = lambda_l prod_{j<l} (1 - lambda_j), the last layer taking the rest. Training
@@ -68,7 +76,13 @@ class Figure1Model(nnx.Module):
   def __init__(self, tasks: Sequence[task_lib.Task], layout: layout_lib.BatchLayout, *,
                d_model: int, num_layers: int, num_heads: int, mlp_hidden: int,
                moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
-               halting: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               halting: bool = False, remat: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    for t in tasks:
+      if t.modality not in STEM_MODALITIES:
+        raise ValueError(f'task {t.name!r}: modality {t.modality!r} has no stem; stems exist '
+                         f'for {STEM_MODALITIES}.')
+    self.remat = remat
     self.task_names = tuple(t.name for t in tasks)
     self.heads_kind = tuple(t.head for t in tasks)
     self.layout = layout
@@ -115,6 +129,9 @@ class Figure1Model(nnx.Module):
         for t in tasks})
     self.connectivity = nnx.data(self._connectivity_bias(tasks, num_choices))
     self.halting = halting
+    self.flops_budget = tuple(None if t.flops_budget is None else float(t.flops_budget)
+                              for t in tasks)
+    self.budget_lambda = budget_lib.BudgetMultiplier(jnp.zeros((len(tasks),), jnp.float32))
     if halting:
       self.halt_w_LxD = nnx.Param(jnp.zeros((num_layers, d_model)))
       self.halt_b_L = nnx.Param(jnp.full((num_layers,), -2.0))  # start deep: lambda ~ 0.12
@@ -168,21 +185,29 @@ class Figure1Model(nnx.Module):
     per-position logits are [n_i, L_max, vocab]. metrics['flops_per_example'] [B] counts the
     forward FLOPs each example spent in the layer stack (attention, dense FFNs, routers and
     the experts it actually used at their real widths; stems, norms and heads excluded).
+    In training with halting, a layer counts with the probability the example reaches it.
+    metrics['budget_loss'] is the Lagrange term of the tasks' compute budgets (add it to the
+    loss; see `pathways.nn.budget`), with 'budget/<task>/target|actual|lambda'.
     """
     x, mask, task_ids = self.embed(batch)
     causal_B = jnp.asarray(self.causal)[task_ids]
     metrics = {}
     d_model = x.shape[-1]
-    layer_flops_LxB, pooled_L = [], []
+    layer_flops_LxB, layer_expected_LxB, pooled_L = [], [], []
     for layer, block in enumerate(self.blocks):
       bias = self.router_bias(layer, task_ids, x.shape[1])
-      x, layer_metrics = block(x, mask, causal_B, task_ids, bias, deterministic)
+      call = _remat_block if self.remat else _block
+      x, layer_metrics = call(block, x, mask, causal_B, task_ids, bias, deterministic)
       flops_BxL = attention.flops_per_token(d_model, mask, causal_B)
       if 'flops_BxL' in layer_metrics:
-        flops_BxL = flops_BxL + layer_metrics.pop('flops_BxL')
+        counted = layer_metrics.pop('flops_BxL')
+        expected = layer_metrics.pop('expected_flops_BxL', jax.lax.stop_gradient(counted))
+        expected_BxL, flops_BxL = flops_BxL + expected, flops_BxL + counted
       else:
         flops_BxL = flops_BxL + block.ffn.flops_per_token() * mask
+        expected_BxL = flops_BxL
       layer_flops_LxB.append(jnp.sum(flops_BxL, axis=-1))
+      layer_expected_LxB.append(jnp.sum(expected_BxL, axis=-1))
       metrics.update({f'layer{layer}/{k}': v for k, v in layer_metrics.items()})
       if self.halting:
         pooled_L.append(_masked_mean(self.final_norm(x), mask))
@@ -202,8 +227,16 @@ class Figure1Model(nnx.Module):
       w = pooled_tasks.astype(jnp.float32)
       metrics['ponder_cost'] = jnp.sum(expected_depth_B * w) / jnp.maximum(jnp.sum(w), 1.0)
       metrics['halting_layer'] = halt_B
+      metrics['halting_p_LxB'] = p_LxB
       outputs['_halting'] = {}
     metrics['flops_per_example'] = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
+    expected_B = jnp.sum(jnp.stack(layer_expected_LxB) * reach_LxB, axis=0)
+    budget_loss, budget_metrics = budget_lib.budget_terms(
+        self.task_names, self.flops_budget, self.budget_lambda[...], expected_B,
+        metrics['flops_per_example'], self.layout.task_rows,
+        None if 'weight' not in batch else jnp.asarray(batch['weight']))
+    metrics['budget_loss'] = budget_loss
+    metrics.update(budget_metrics)
     pooled_BxD = _masked_mean(x, mask)
     if self.halting and deterministic:  # each example's pooled state at its halting layer
       pooled_BxD = jnp.take_along_axis(jnp.stack(pooled_L), halt_B[None, :, None], axis=0)[0]
@@ -256,6 +289,29 @@ class Figure1Model(nnx.Module):
     p_LxB = lam_LxB * before
     halt_B = jnp.argmax(jnp.cumsum(p_LxB, axis=0) >= 0.5, axis=0)
     return p_LxB, jnp.minimum(halt_B, num_layers - 1)
+
+
+def _block(block, x, mask, causal, task_ids, bias, deterministic):
+  return block(x, mask, causal, task_ids, bias, deterministic)
+
+
+_remat_block = nnx.remat(_block, static_argnums=(6,))
+
+
+def routing_record(metrics, batch) -> dict:
+  """The routing record of one forward pass, as numpy: what the trainer's metrics and the
+  analysis tools read. Keys: 'task_id' [B], 'flops_per_example' [B], per MoE layer
+  'layer<l>' (its record: expert, gate and kept arrays), and with halting 'halting_p_LxB'
+  and 'halting_layer' [B]."""
+  out = {'task_id': np.asarray(batch['task_id']),
+         'flops_per_example': np.asarray(metrics['flops_per_example'])}
+  for key, value in metrics.items():
+    if key.endswith('/record'):
+      out[key[:-len('/record')]] = {k: np.asarray(v) for k, v in value.items()}
+  for key in ('halting_p_LxB', 'halting_layer'):
+    if key in metrics:
+      out[key] = np.asarray(metrics[key])
+  return out
 
 
 def _masked_mean(x_BxLxD, mask_BxL):

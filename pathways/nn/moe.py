@@ -127,8 +127,10 @@ class MoELayer(nnx.Module):
       two (E,) vectors: 'router_load', the fraction of
       the router's choices per expert (before capacity), and 'expert_load', the fraction of
       computed (kept) assignments per expert; 'flops_BxL', the forward FLOPs each token spent
-      in this layer (router + computed experts at their real widths); and, for token choice,
-      'record': expert_BxLxK, weight_BxLxK, kept_BxLxK (the routing record).
+      in this layer (router + computed experts at their real widths); 'expected_flops_BxL'
+      (token choice, differentiable; see `_expected_flops`); and 'record', the routing
+      record: token choice expert_BxLxK, weight_BxLxK, kept_BxLxK; expert choice
+      token_GxExC, weight_GxExC, kept_GxExC.
     """
     routing, metrics = self.route(x_BxLxD, mask_BxL=mask_BxL, task_ids_B=task_ids_B,
                                   logit_bias_BxLxE=logit_bias_BxLxE, deterministic=deterministic)
@@ -172,14 +174,28 @@ class MoELayer(nnx.Module):
       task_ids_GxS = jnp.broadcast_to(task_ids_B[:, None], (b, l)).reshape(g, s)
     signal_GxSxD = router_lib.routing_signal(x_BxLxD, mask_BxL, self.route_on).reshape(g, s, d)
     bias = None if logit_bias_BxLxE is None else logit_bias_BxLxE.reshape(g, s, -1)
-    return self.router(signal_GxSxD, active_GxS=mask_BxL.reshape(g, s),
-                       task_ids_GxS=task_ids_GxS, logit_bias_GxSxE=bias,
-                       deterministic=deterministic)
+    routing, metrics = self.router(signal_GxSxD, active_GxS=mask_BxL.reshape(g, s),
+                                   task_ids_GxS=task_ids_GxS, logit_bias_GxSxE=bias,
+                                   deterministic=deterministic)
+    if routing.choice == 'token':
+      metrics['expected_flops_BxL'] = self._expected_flops(routing, mask_BxL).reshape(b, l)
+    return routing, metrics
+
+  def _expected_flops(self, routing, mask_BxL):
+    """Differentiable per-token FLOPs for compute budgets: the router matmul plus
+    k * sum_e p_e * FLOPs_e over the softmax p (null experts cost 0). Its gradient moves
+    probability towards null experts and narrow banks when compute must fall."""
+    num_logits = self.num_experts + getattr(self.router, 'num_null_experts', 0)
+    f_E = jnp.asarray(self.flops_per_token_per_expert()
+                      + [0] * (num_logits - self.num_experts), jnp.float32)
+    probs = routing.probs_SxE.reshape(-1, num_logits)
+    active = mask_BxL.reshape(-1).astype(jnp.float32)
+    return (2.0 * self.d_model * num_logits + self.k * (probs @ f_E)) * active
 
   def apply_experts(self, x_BxLxD, routing, mask_BxL, capacity: int):
     """The expert half: dispatch at `capacity` slots per expert per group, run, combine.
 
-    Returns y_BxLxD and the dispatch metrics, 'flops_BxL' and (token choice) 'record'.
+    Returns y_BxLxD and the dispatch metrics, 'flops_BxL' and 'record'.
     """
     b, l, d = x_BxLxD.shape
     if mask_BxL is None:
@@ -199,6 +215,9 @@ class MoELayer(nnx.Module):
       metrics['record'] = {'expert_BxLxK': routing.expert_SxK.reshape(b, l, -1),
                            'weight_BxLxK': routing.weight_SxK.reshape(b, l, -1),
                            'kept_BxLxK': kept.reshape(b, l, -1)}
+    else:  # expert choice: per expert slot, the token (index within its group) it took
+      metrics['record'] = {'token_GxExC': routing.token_ExC, 'weight_GxExC': routing.weight_ExC,
+                           'kept_GxExC': kept}
     return y_GxSxD.reshape(b, l, d), metrics
 
   def max_expert_load(self, routing):

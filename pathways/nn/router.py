@@ -44,6 +44,7 @@ class Routing:
   token_ExC: Any = None
   weight_ExC: Any = None
   valid_ExC: Any = None
+  probs_SxE: Any = None  # token choice: the router's softmax over E' (compute budgets use it)
 
 
 def _check_positive_int(name, value, allowed):
@@ -160,7 +161,7 @@ class TopKRouter(_RouterBase):
                    & active_GxS[..., None])
     weight_GxSxK = weight_GxSxK * valid_GxSxK
     routing = Routing(choice='token', expert_SxK=expert_GxSxK.astype(jnp.int32),
-                      weight_SxK=weight_GxSxK, valid_SxK=valid_GxSxK)
+                      weight_SxK=weight_GxSxK, valid_SxK=valid_GxSxK, probs_SxE=probs_GxSxE)
     metrics = self._metrics(clean_GxSxE, logits_GxSxE, noise_std, probs_GxSxE, routing,
                             active_GxS)
     return routing, metrics

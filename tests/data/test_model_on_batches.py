@@ -10,6 +10,7 @@ from flax import nnx
 
 from pathways import registry
 from pathways.data import pipeline
+from pathways.nn import budget as budget_lib
 from pathways.nn import model as model_lib
 
 MOE = dict(banks=[(4, 32)], k=2, capacity_factor=2.0)
@@ -24,8 +25,9 @@ def _setup(data_dir, names, batch_size=12, tasks=None, seed=0):
 
 
 def _trainer(m, extra_loss=lambda metrics: 0.01 * metrics['layer1/load_balance_loss'],
-             lr=3e-3):
-  """A jitted train step: sum of task losses plus `extra_loss(metrics)`, Adam at `lr`.
+             lr=3e-3, budget_rate=0.0):
+  """A jitted train step: sum of task losses plus `extra_loss(metrics)`, Adam at `lr`, then
+  a dual-ascent step of the compute-budget multipliers at `budget_rate`.
 
   Returns (graphdef, state, step); step(state, batch) -> (state, losses, metrics, grads).
   """
@@ -43,6 +45,7 @@ def _trainer(m, extra_loss=lambda metrics: 0.01 * metrics['layer1/load_balance_l
 
     (_, (losses, metrics)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
     opt.update(m, grads)
+    budget_lib.update_multipliers(m, metrics, budget_rate)
     return nnx.state((m, opt)), losses, metrics, grads
 
   return graphdef, state, step
@@ -202,3 +205,33 @@ def test_composition_test_detects_capacity_dependence(data_dir):
   with pytest.raises(AssertionError):
     test_evaluation_does_not_depend_on_batch_composition(
         data_dir, dict(MOE, eval_capacity_factor=0.25))
+
+
+def test_compute_budget_is_met_by_halting_and_null_experts(data_dir):
+  """A task whose budget is a third of its initial cost gets there through the Lagrange
+  term; its multiplier rises from 0 while it is over budget."""
+  def run(budget):
+    digits = dataclasses.replace(registry.get_task('digits'), flops_budget=budget)
+    p = pipeline.MultitaskPipeline([digits], 16, data_dir=data_dir)
+    m = model_lib.Figure1Model([digits], p.layout, d_model=32, num_layers=4, num_heads=2,
+                               mlp_hidden=64, halting=True,
+                               moe_kwargs=dict(banks=[(4, 64)], k=2, num_null_experts=2),
+                               rngs=nnx.Rngs(0))
+    _, state, step = _trainer(m, lambda metrics: metrics['budget_loss'], lr=1e-2,
+                              budget_rate=0.05)
+    flops, lambdas = [], []
+    for _ in range(80):
+      state, _, metrics, _ = step(state, next(p))
+      flops.append(float(np.mean(metrics['flops_per_example'])))
+      lambdas.append(float(metrics.get('budget/digits/lambda', 0.0)))
+    return flops, lambdas, metrics
+
+  free, free_lambdas, free_metrics = run(None)
+  assert 'budget/digits/target' not in free_metrics and max(free_lambdas) == 0.0
+  budget = free[0] / 3
+  capped, lambdas, metrics = run(budget)
+  assert float(metrics['budget/digits/target']) == pytest.approx(budget)
+  assert max(lambdas[:10]) > 0  # over budget at first: the multiplier rises
+  late = np.mean(capped[-10:])
+  assert late < 1.15 * budget, (budget, capped[::10], lambdas[::10])
+  assert late < 0.75 * np.mean(free[-10:]), (free[::10], capped[::10])

@@ -4,39 +4,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathways import task as task_lib
 from pathways.data import layout as layout_lib
 from pathways.nn import inference
 from pathways.nn import model as model_lib
+from tests.nn import synthetic
 
 
-def _task(name, modality, head, shape, classes):
-  return task_lib.Task(name=name, modality=modality, head=head, num_classes=classes,
-                       data=lambda split, data_dir: None, splits={'train': 'a', 'eval': 'b'},
-                       input_feature='x', target_feature='y', input_shape=shape,
-                       input_dtype='uint8' if modality == 'image' else 'int32')
-
-
-def _setup(moe_kwargs, halting=True, slots=(7, 5), num_layers=4):
-  tasks = [_task('images', 'image', 'classify', (8, 8, 1), 10),
-           _task('text', 'bytes', 'per_position', (16,), 256)]
-  layout = layout_lib.make_layout(tasks, slots)
-  m = model_lib.Figure1Model(tasks, layout, d_model=32, num_layers=num_layers, num_heads=2,
-                             mlp_hidden=48, patch=2, halting=halting, moe_kwargs=moe_kwargs,
-                             rngs=nnx.Rngs(0))
+def _setup(moe_kwargs, halting=True):
+  m, batch = synthetic.image_and_text(halting=halting, moe_kwargs=moe_kwargs)
   if halting:  # spread the halting layers: some examples stop at 0, 1, 2 or run to the end
     m.halt_w_LxD[...] = 3.0 * jax.random.normal(jax.random.key(1), m.halt_w_LxD.shape)
     m.halt_b_L[...] = m.halt_b_L[...] * 0.0
-  rng = np.random.default_rng(0)
-  lengths = rng.integers(3, 17, slots[1])
-  tokens = rng.integers(1, 256, (slots[1], 16)).astype(np.int32)
-  mask = np.arange(16)[None] < lengths[:, None]
-  batch = {'task_id': np.repeat(np.arange(2), slots).astype(np.int32),
-           # Example i is bright in its first i rows: pooled states (so halting layers) differ.
-           'image': np.where(np.arange(8)[None, :, None, None] < np.arange(slots[0])[:, None,
-                                                                                   None, None],
-                             255, 0).astype(np.uint8) * np.ones((1, 8, 8, 1), np.uint8),
-           'tokens': tokens * mask, 'tokens_mask': mask}
   return m, batch
 
 
@@ -83,7 +61,7 @@ def test_bucket_sizes():
 
 
 def test_expert_choice_is_refused():
-  tasks = [_task('images', 'image', 'classify', (8, 8, 1), 10)]
+  tasks = [synthetic.task('images', 'image', 'classify', (8, 8, 1), 10)]
   m = model_lib.Figure1Model(tasks, layout_lib.make_layout(tasks, [4]), d_model=32,
                              num_layers=2, num_heads=2, mlp_hidden=48,
                              moe_kwargs=dict(banks=[(4, 16)], k=2, router='expert_choice',
