@@ -132,10 +132,10 @@ class BucketedInference:
     num_layers = len(self.blocks)
     task_np = np.asarray(task_ids)
     halts = self.halting & self.classify[task_np]  # rows that may stop early
-    flops = np.zeros((b,), np.float64)
     halting_layer = np.full((b,), -1, np.int32)
-    pooled_final = np.zeros((b, d), np.float32)
-    x_final = np.zeros((b, l, d), np.float32)
+    # Device results are read once at the end, so the host waits only where it must decide:
+    # the expert load (slot bucket) and the halting sums (which rows go on).
+    flops_parts, pooled_parts, x_part = [], [], None
     steps = []
     rows = np.arange(b)  # original ids of the active rows
     pos = np.arange(b)  # where those rows sit in the arrays of `act`
@@ -159,20 +159,31 @@ class BucketedInference:
       else:
         xa, f = _dense_layer(graphdef, state, xa, ma, ca)
         steps.append((layer, nb, None))
-      flops[rows] += np.asarray(f)[:n]
-      pooled, cum_a, surv_a = self._pool_and_halt(layer, self.state, xa, ma, cum_a,
-                                             surv_a)
+      flops_parts.append((rows, f))
+      pooled, cum_a, surv_a = self._pool_and_halt(layer, self.state, xa, ma, cum_a, surv_a)
       act = (xa, ma, ta, ca, cum_a, surv_a)
       if layer == num_layers - 1:
         stop = np.ones((n,), bool)
-        x_final[rows] = np.asarray(xa)[:n]
-      else:
+        x_part = (rows, xa)
+      elif halts[rows].any():
         stop = (np.asarray(cum_a)[:n] >= 0.5) & halts[rows]
-      pooled_final[rows[stop]] = np.asarray(pooled)[:n][stop]
+      else:
+        stop = np.zeros((n,), bool)
+      if stop.any():
+        pooled_parts.append((rows[stop], pooled, np.nonzero(stop)[0]))
       halting_layer[rows[stop]] = layer
       rows, pos = rows[~stop], pos[~stop]
       if not len(rows):
         break
+    flops = np.zeros((b,), np.float64)
+    for r, f in flops_parts:
+      flops[r] += np.asarray(f)[:len(r)]
+    pooled_final = np.zeros((b, d), np.float32)
+    for r, pooled, idx in pooled_parts:
+      pooled_final[r] = np.asarray(pooled)[idx]
+    x_final = np.zeros((b, l, d), np.float32)
+    if x_part is not None:
+      x_final[x_part[0]] = np.asarray(x_part[1])[:len(x_part[0])]
     outputs = self._heads(self.state, jnp.asarray(pooled_final), jnp.asarray(x_final))
     halting_layer[~halts] = -1
     return outputs, {'flops_per_example': flops, 'halting_layer': halting_layer, 'steps': steps}
