@@ -6,8 +6,8 @@ Forward+backward (and forward-only) time of:
   * moe: `MoELayer` with the fast 'sorted' dispatcher, one capacity group;
   * einsum@S: the same layer with the one-hot [S, E, C] reference dispatcher and capacity
     groups of S tokens (the layout of vmoe/flaxformer/praxis), at each --einsum_groups size;
-  * ragged: the dropless grouped-matmul dispatcher (skipped where XLA would lower ragged_dot
-    above --ragged_max_groups experts).
+  * ragged: the dropless grouped-matmul dispatcher (skipped above --ragged_max_groups
+    experts).
 All variants of one configuration are timed side by side, round-robin, in one process;
 reported numbers are medians over --repeats. Router logits get a fixed per-expert bias,
 calibrated so that the coefficient of variation of expert load is about --load_cv.
