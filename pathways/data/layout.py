@@ -16,7 +16,7 @@ from pathways import task as task_lib
 MODALITY_ARRAY = {'image': 'image', 'bytes': 'tokens', 'vector': 'vector'}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class BatchLayout:
   """Static layout: which rows belong to which task and modality, and the array shapes."""
   task_names: tuple[str, ...]
@@ -28,6 +28,18 @@ class BatchLayout:
   @property
   def batch_size(self) -> int:
     return int(sum(self.slots))
+
+  def _key(self):
+    rows = tuple((k, tuple(int(r) for r in v)) for k, v in sorted(self.rows.items()))
+    return (self.task_names, self.slots, self.offsets, rows, tuple(sorted(self.shapes.items())))
+
+  # Value semantics (the model's graph carries the layout as static data, so jit and
+  # eval_shape compare layouts; the numpy row arrays must not reach `==`).
+  def __eq__(self, other):
+    return isinstance(other, BatchLayout) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
 
   def task_rows(self, i: int) -> range:
     return range(self.offsets[i], self.offsets[i] + self.slots[i])

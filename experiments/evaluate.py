@@ -1,0 +1,33 @@
+"""Evaluate a workdir's latest checkpoint on every task's evaluation split.
+
+  python -m experiments.evaluate --workdir=/tmp/multitask [--eval_batches=20]
+
+Prints the metrics as JSON and writes them to workdir/eval.json.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+
+from pathways import registry
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A training workdir (holds config.json and checkpoints).')
+flags.DEFINE_integer('eval_batches', None, 'Batches per evaluation (default: the config\'s).')
+flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  del argv
+  registry.discover(task_modules=FLAGS.task_module)
+  from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
+  result = evaluate_workdir.evaluate_workdir(FLAGS.workdir, eval_batches=FLAGS.eval_batches)
+  print(json.dumps(result, indent=1))
+  with open(os.path.join(FLAGS.workdir, 'eval.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

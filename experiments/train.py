@@ -1,0 +1,31 @@
+"""Train (and periodically evaluate) an experiment.
+
+  python -m experiments.train --config=experiments/configs/multitask.py:runlocal \
+      --workdir=/tmp/multitask [--config.optim.learning_rate=1e-3] [--task_module=my.tasks]
+
+Re-running with the same workdir resumes from its last checkpoint.
+"""
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from pathways import registry
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:args]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Folder for config.json, checkpoints and metrics.')
+flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  registry.discover(task_modules=FLAGS.task_module)
+  from pathways.train import loop  # pylint: disable=g-import-not-at-top
+  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,153 @@
+"""Checkpoints (orbax): train state, data iterator, task map; latest N plus the best.
+
+One step directory holds three items: `state` (model and optimizer state as a pure dict;
+random keys stored as their raw uint32 data), `data` (the pipeline's JSON state) and
+`meta` (step, the task name-to-id map, the model signature). Saves are asynchronous;
+orbax commits a step by renaming its temporary directory, so a kill during a save leaves
+the previous step intact. Restoring tries the newest step first and falls back to older
+ones when a step is corrupted or truncated, saying so; it never silently starts over.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+
+def _is_key(x):
+  return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_saveable(tree):
+  """Random keys -> their uint32 data (orbax stores plain arrays)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def from_saveable(tree, like):
+  """Inverse of `to_saveable`, keyed by the structure `like` (which holds the key arrays)."""
+  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+                      if _is_key(ref) else x, tree, like)
+
+
+def flat_paths(tree) -> dict:
+  """{'a/b/0/c': leaf} of a nested dict/list tree (orbax may turn int keys into strings)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    out['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)] = leaf
+  return out
+
+
+class Checkpointer:
+  """Latest `keep` steps under workdir/checkpoints, the best one under workdir/best."""
+
+  def __init__(self, workdir: str, keep: int = 3, best_metric: str | None = None):
+    self.workdir = workdir
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
+    self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                                        options=options)
+    self.best_metric = best_metric
+    self.best = None
+    if best_metric:
+      self.best = ocp.CheckpointManager(
+          os.path.join(os.path.abspath(workdir), 'best'),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode='max',
+              enable_async_checkpointing=True, cleanup_tmp_directories=True,
+              keep_checkpoints_without_metrics=False))
+
+  @staticmethod
+  def _args(state, data_state: bytes, meta: dict):
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(to_saveable(nnx.to_pure_dict(state))),
+        data=ocp.args.JsonSave(json.loads(data_state)),
+        meta=ocp.args.JsonSave(meta))
+
+  def save(self, step: int, state, data_state: bytes, meta: dict, *, force=False) -> None:
+    self.latest.save(step, args=self._args(state, data_state, meta), force=force)
+
+  def save_best(self, step: int, state, data_state: bytes, meta: dict, metrics: dict) -> None:
+    if self.best is not None and self.best_metric in metrics:
+      self.best.save(step, args=self._args(state, data_state, meta),
+                     metrics={k: float(v) for k, v in metrics.items()})
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    if self.best is not None:
+      self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    if self.best is not None:
+      self.best.close()
+
+  def steps(self) -> list[int]:
+    return sorted(self.latest.all_steps())
+
+  def restore_latest(self, abstract_state):
+    """(step, state, data_state bytes, meta) from the newest restorable step, or None when
+    there is no checkpoint. Raises if steps exist but none can be restored."""
+    steps = self.steps()
+    target = to_saveable(nnx.to_pure_dict(abstract_state))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=getattr(x, 'sharding', None)),
+                          target)
+    errors = []
+    for step in reversed(steps):
+      try:
+        r = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        msg = f'checkpoint step {step} in {self.latest.directory} cannot be restored ' \
+              f'(corrupted or truncated): {type(e).__name__}: {str(e)[:300]}'
+        log.warning(msg + '; trying an older step.')
+        print('WARNING: ' + msg + '; trying an older step.', flush=True)
+        errors.append(msg)
+        continue
+      pure = from_saveable(r.state, nnx.to_pure_dict(abstract_state))
+      state = abstract_state
+      nnx.replace_by_pure_dict(state, pure)
+      return step, state, json.dumps(r.data).encode(), r.meta
+    if steps:
+      raise RuntimeError('no checkpoint in ' + str(self.latest.directory) +
+                         ' can be restored:\n' + '\n'.join(errors))
+    return None
+
+
+def restore_params(workdir: str, model_state):
+  """Parameters of another workdir's latest checkpoint, put into `model_state` wherever a
+  path and shape match (new tasks' parameters keep their initialization).
+
+  Returns (state, restored paths, kept paths)."""
+  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'config.init_from={workdir!r}: no checkpoint under '
+                            f'{os.path.join(workdir, "checkpoints")}.')
+  saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mngr.close()
+  tree = saved.state  # the pure dict of (model, optimizer): keys 0 and 1 (maybe as strings)
+  saved_flat = flat_paths(tree[0] if 0 in tree else tree['0'])
+  pure = nnx.to_pure_dict(model_state)
+  restored, kept = [], []
+
+  def pick(path, leaf):
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    old = saved_flat.get(name)
+    if old is not None and not _is_key(leaf) and np.shape(old) == np.shape(leaf):
+      restored.append(name)
+      return jax.numpy.asarray(old, leaf.dtype)
+    kept.append(name)
+    return leaf
+
+  pure = jax.tree_util.tree_map_with_path(pick, pure)
+  nnx.replace_by_pure_dict(model_state, pure)
+  return model_state, restored, kept

@@ -1,0 +1,88 @@
+"""From an experiment config to tasks, a pipeline and a model (the only code that reads the
+config; layers take explicit arguments). Bad values are refused here, before compilation,
+with the key, the value and what is allowed."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from pathways import registry
+from pathways.data import pipeline as pipeline_lib
+from pathways.nn import model as model_lib
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def _bad(key, value, allowed):
+  raise ValueError(f'config.{key}={value!r}: {allowed}.')
+
+
+def validate(config) -> None:
+  """Checks the values the config's types cannot (unknown keys are refused by the flags)."""
+  if not config.tasks:
+    _bad('tasks', list(config.tasks), 'must name at least one task')
+  if len(set(config.tasks)) != len(config.tasks):
+    _bad('tasks', list(config.tasks), 'must not repeat a task')
+  for name in config.tasks:
+    registry.get_task(name)  # unknown names: the registry lists the known ones
+  for section in ('task_loss_weights', 'task_flops_budgets'):
+    for name, value in config[section].items():
+      if name not in config.tasks:
+        _bad(f'{section}.{name}', value, f'names a task not in config.tasks {list(config.tasks)}')
+      if not value > 0:
+        _bad(f'{section}.{name}', value, 'must be > 0')
+  if config.data.batch_size < len(config.tasks):
+    _bad('data.batch_size', config.data.batch_size,
+         f'must be >= the number of tasks ({len(config.tasks)}): each task gets a slot')
+  if config.model.dtype not in DTYPES:
+    _bad('model.dtype', config.model.dtype, f'must be one of {sorted(DTYPES)}')
+  for key in ('learning_rate', 'clip_norm'):
+    if not config.optim[key] > 0:
+      _bad(f'optim.{key}', config.optim[key], 'must be > 0')
+  for key in ('num_steps', 'log_every', 'eval_every', 'eval_batches'):
+    if not config.train[key] >= 1:
+      _bad(f'train.{key}', config.train[key], 'must be an int >= 1')
+  for key in ('every', 'keep'):
+    if not config.ckpt[key] >= 1:
+      _bad(f'ckpt.{key}', config.ckpt[key], 'must be an int >= 1')
+  for key, value in config.aux.items():
+    if value < 0:
+      _bad(f'aux.{key}', value, 'must be >= 0')
+
+
+def tasks_from_config(config):
+  tasks = []
+  for name in config.tasks:
+    t = registry.get_task(name)
+    budget = config.task_flops_budgets.get(name)
+    if budget is not None:
+      t = dataclasses.replace(t, flops_budget=float(budget))
+    tasks.append(t)
+  return tasks
+
+
+def pipeline_from_config(config, tasks, split='train', seed_offset=0, **kwargs):
+  d = config.data
+  return pipeline_lib.MultitaskPipeline(
+      tasks, d.batch_size, split=split, seed=config.seed + seed_offset, mixture=d.mixture,
+      temperature=d.temperature, data_dir=d.data_dir or None, **kwargs)
+
+
+def model_from_config(config, tasks, layout, rngs: nnx.Rngs) -> model_lib.Figure1Model:
+  m = config.model
+  moe_kwargs = dict(m.moe)
+  moe_kwargs['banks'] = [tuple(b) for b in moe_kwargs['banks']]
+  if 'num_tasks' not in moe_kwargs:
+    moe_kwargs['num_tasks'] = len(tasks)
+  return model_lib.Figure1Model(
+      tasks, layout, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
+      mlp_hidden=m.mlp_hidden, moe_every=m.moe_every, moe_kwargs=moe_kwargs, patch=m.patch,
+      halting=m.halting, remat=m.remat, dtype=DTYPES[m.dtype], rngs=rngs)
+
+
+def model_signature(config) -> dict:
+  """What a checkpoint's shapes depend on: a workdir refuses a config that changes it."""
+  return {'tasks': list(config.tasks), 'model': config.model.to_dict(),
+          'batch_size': config.data.batch_size}

@@ -1,0 +1,281 @@
+"""The train loop: `train_and_evaluate(config, workdir)`.
+
+Order of things: validate the config -> derive shardings from an abstract state
+(`nnx.eval_shape`, logical-axis rules) -> initialize already sharded -> resume (workdir
+checkpoint > config.init_from > scratch) -> steps: `train_step(state, batch) -> (state,
+scalars)` jitted with explicit shardings and donated state; the next step is dispatched
+before the last one's scalars are read; non-finite scalars stop the run naming the metric
+and step (the last checkpoint stays the last good one) -> metrics every `log_every`
+steps, evaluation every `eval_every`, checkpoints every `ckpt.every` (async) -> SIGTERM or
+Ctrl-C: save, wait, exit cleanly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from pathways.nn import budget as budget_lib
+from pathways.nn import model as model_lib
+from pathways.parallel import sharding as sharding_lib
+from pathways.train import checkpoint as checkpoint_lib
+from pathways.train import evaluation
+from pathways.train import experiment
+from pathways.train import metric_writer
+from pathways.train import optimizer as optimizer_lib
+
+MOE_SCALARS = ('load_balance_loss', 'router_z_loss', 'fraction_dropped',
+               'computed_experts_per_token', 'router_entropy')
+
+
+def check_workdir_config(config, workdir) -> None:
+  """Writes workdir/config.json, or refuses a config whose model shape differs from the one
+  already there (its checkpoints would not fit)."""
+  path = os.path.join(workdir, 'config.json')
+  signature = experiment.model_signature(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = ml_collections.ConfigDict(json.load(f))
+    old = experiment.model_signature(saved)
+    if old != signature:
+      diff = {k: (old[k], signature[k]) for k in signature if old.get(k) != signature[k]}
+      raise ValueError(f'workdir {workdir!r} holds a run of a different model: {diff} '
+                       f'(saved, requested). Use a new workdir, or config.init_from to start '
+                       f'from this one.')
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json(indent=1))
+  os.replace(path + '.tmp', path)
+
+
+def _loss_weights(config):
+  return {name: float(config.task_loss_weights.get(name, 1.0)) for name in config.tasks}
+
+
+def make_train_step(graphdef, config):
+  """train_step(state, batch) -> (state, scalars); state is nnx.state((model, optimizer))."""
+  weights = _loss_weights(config)
+  aux = config.aux
+
+  def train_step(state, batch):
+    model, opt = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+      out, metrics = model(batch, deterministic=False)
+      losses, accuracy = model_lib.task_losses(model, out, batch)
+      total = sum(weights[n] * losses[n] for n in losses)
+      for key in ('load_balance_loss', 'router_z_loss'):
+        values = [v for k, v in metrics.items() if k.endswith('/' + key)]
+        if values:
+          total = total + aux[key] * jnp.mean(jnp.stack(values))
+      if 'ponder_cost' in metrics:
+        total = total + aux.ponder_cost * metrics['ponder_cost']
+      total = total + metrics['budget_loss']
+      return total, (losses, accuracy, metrics)
+
+    (loss, (losses, accuracy, metrics)), grads = nnx.value_and_grad(
+        loss_fn, has_aux=True)(model)
+    opt.update(model, grads)
+    budget_lib.update_multipliers(model, metrics, aux.budget_rate)
+    scalars = {'loss': loss, 'grad_norm': _global_norm(grads),
+               'flops_per_example': jnp.mean(metrics['flops_per_example'])}
+    for name in losses:
+      scalars[f'train/{name}/loss'] = losses[name]
+      scalars[f'train/{name}/accuracy'] = accuracy[name]
+    for key in MOE_SCALARS:
+      values = [v for k, v in metrics.items() if k.endswith('/' + key)]
+      if values:
+        scalars[key] = jnp.mean(jnp.stack(values))
+    if 'ponder_cost' in metrics:
+      scalars['mean_depth'] = metrics['ponder_cost']
+    scalars.update({k: v for k, v in metrics.items() if k.startswith('budget/')})
+    return nnx.state((model, opt)), scalars
+
+  return train_step
+
+
+def _global_norm(grads):
+  leaves = [jnp.sum(jnp.square(x)) for x in jax.tree.leaves(grads)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.sqrt(sum(leaves))
+
+
+class _Stop:
+  """SIGTERM / Ctrl-C: finish the step in flight, save, exit."""
+
+  def __init__(self):
+    self.requested = None
+    self._old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class _Progress:
+  """A progress bar on a terminal; plain log lines every `every` steps otherwise."""
+
+  def __init__(self, start, total, every):
+    self.every, self.total, self.start_time, self.start = every, total, time.time(), start
+    self.bar = None
+    if sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+
+  def update(self, step, loss):
+    if self.bar is not None:
+      self.bar.update(1)
+      self.bar.set_postfix(loss=f'{loss:.4f}')
+    elif step % self.every == 0 or step == self.total:
+      now = time.time()  # rate over the last interval (the first one includes compilation)
+      rate = (step - self.start) / max(now - self.start_time, 1e-9)
+      self.start, self.start_time = step, now
+      eta = (self.total - step) / max(rate, 1e-9)
+      print(f'step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  '
+            f'ETA {eta / 60:.1f} min', flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def build(config, mesh=None):
+  """Tasks, train pipeline, graphdef, sharded initial state and shardings of a config."""
+  experiment.validate(config)
+  tasks = experiment.tasks_from_config(config)
+  pipe = experiment.pipeline_from_config(config, tasks)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+  tx = optimizer_lib.make_optimizer(
+      learning_rate=config.optim.learning_rate, warmup_steps=config.optim.warmup_steps,
+      num_steps=config.train.num_steps, weight_decay=config.optim.weight_decay,
+      clip_norm=config.optim.clip_norm, b1=config.optim.b1, b2=config.optim.b2,
+      freeze=list(config.freeze))
+
+  def make():
+    model = experiment.model_from_config(
+        config, tasks, pipe.layout, nnx.Rngs(params=config.seed, router=config.seed + 1))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  abstract = nnx.eval_shape(make)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = sharding_lib.state_shardings(abstract_state, mesh)
+  state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+  return tasks, pipe, graphdef, state, shardings, mesh
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming when workdir holds a checkpoint) and evaluates; returns the last
+  evaluation's metrics (plus 'stopped_by' when a signal ended the run early)."""
+  experiment.validate(config)
+  check_workdir_config(config, workdir)
+  tasks, pipe, graphdef, state, shardings, mesh = build(config)
+  task_ids = {t.name: i for i, t in enumerate(tasks)}
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt.keep,
+                                     best_metric=config.ckpt.best_metric or None)
+  start = 0
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    start, state, data_state, meta = restored
+    if meta.get('task_ids') != task_ids:
+      raise ValueError(f'checkpoint task map {meta.get("task_ids")} differs from the config\'s '
+                       f'{task_ids}.')
+    pipe.set_state(data_state)
+    print(f'resumed from {workdir} step {start}', flush=True)
+  elif config.init_from:
+    model, opt = nnx.merge(graphdef, state)
+    model_state, got, kept = checkpoint_lib.restore_params(config.init_from, nnx.state(model))
+    nnx.update(model, model_state)
+    state = jax.device_put(nnx.state((model, opt)), shardings)
+    print(f'initialized from {config.init_from}: {len(got)} arrays restored, {len(kept)} '
+          f'new (e.g. {kept[:3]})', flush=True)
+  state = jax.device_put(state, shardings)
+  meta = {'task_ids': task_ids, 'signature': experiment.model_signature(config)}
+
+  batch_sharding = sharding_lib.replicated(mesh)
+  train_step = jax.jit(make_train_step(graphdef, config), in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = evaluation.make_eval_step(graphdef)
+
+  def run_eval(state):
+    eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
+    return evaluation.evaluate(eval_step, state,
+                               (next(eval_pipe) for _ in range(config.train.eval_batches)))
+
+  writer = metric_writer.MetricWriter(workdir, resume_step=start)
+  stop = _Stop()
+  progress = _Progress(start, config.train.num_steps, config.train.log_every)
+  total = config.train.num_steps
+  last_eval, pending = {}, None
+
+  def finish(step, scalars, state):
+    """Reads a step's scalars (the host waits here), checks them, logs them."""
+    nonlocal last_eval
+    scalars = jax.device_get(scalars)
+    for key in sorted(scalars, key=lambda k: k != 'loss'):  # the loss first, then the rest
+      value = scalars[key]
+      if not np.all(np.isfinite(value)):
+        ckpt.wait()
+        last = max(ckpt.steps(), default=None)
+        raise FloatingPointError(
+            f'{key} = {value} at step {step}: not finite; stopping. ' +
+            (f'The last good checkpoint is step {last} in {workdir}.' if last else
+             'No checkpoint was saved yet.'))
+    progress.update(step, float(scalars['loss']))
+    row = dict(scalars) if step % config.train.log_every == 0 or step == total else {}
+    if state is not None and (step % config.train.eval_every == 0 or step == total):
+      last_eval = run_eval(state)
+      row.update(dict(scalars), **last_eval)
+      print(f'step {step} ' + ' '.join(f'{k}={v:.4g}' for k, v in last_eval.items()
+                                       if k.endswith('accuracy')), flush=True)
+    if row:
+      writer.write(step, row)
+
+  try:
+    step = start
+    for step in range(start + 1, total + 1):
+      batch = next(pipe)
+      boundary = (step % config.ckpt.every == 0 or step % config.train.eval_every == 0
+                  or step == total)
+      state, scalars = train_step(state, batch)
+      if pending is not None:
+        finish(*pending, None)
+        pending = None
+      if boundary or stop.requested:
+        finish(step, scalars, state)  # checked before it is saved
+        if step % config.ckpt.every == 0 or step == total or stop.requested:
+          ckpt.save(step, state, pipe.get_state(), dict(meta, step=step), force=True)
+          if last_eval and step % config.train.eval_every == 0:
+            ckpt.save_best(step, state, pipe.get_state(), dict(meta, step=step), last_eval)
+      else:
+        pending = (step, scalars)
+      if stop.requested:
+        print(f'{stop.requested}: saved step {step}; exiting.', flush=True)
+        last_eval = dict(last_eval, stopped_by=stop.requested)
+        break
+    if pending is not None:
+      finish(*pending, None)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    progress.close()
+    stop.restore()
+  return last_eval

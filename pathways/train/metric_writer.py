@@ -1,0 +1,55 @@
+"""Metric writers: JSON lines in the workdir and TensorBoard event files (no TensorFlow).
+
+`metrics.jsonl` holds each step once: a writer opened to resume at step S drops the lines
+of steps after S (a crashed run may have logged steps it never checkpointed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(self.path):
+      keep = []
+      with open(self.path) as f:
+        for line in f:
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError:  # a line cut by a kill
+            continue
+          if row.get('step', 0) <= resume_step:
+            keep.append(line if line.endswith('\n') else line + '\n')
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(keep)
+      os.replace(self.path + '.tmp', self.path)
+    self._file = open(self.path, 'a')
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1)
+
+  def write(self, step: int, metrics: dict) -> None:
+    row = {'step': int(step)}
+    for key, value in metrics.items():
+      value = np.asarray(value)
+      if value.size == 1:
+        row[key] = float(value)
+        if math.isfinite(row[key]):
+          self._tb.add_scalar(key, row[key], step)
+    self._file.write(json.dumps(row) + '\n')
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+    self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]

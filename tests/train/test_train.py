@@ -1,0 +1,223 @@
+"""The launcher end to end: train, evaluate, checkpoints, exact resume after SIGKILL,
+SIGTERM, adding tasks, freezing, and the refusals."""
+import glob
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pathways import registry
+from pathways.train import checkpoint as checkpoint_lib
+from pathways.train import evaluate_workdir
+from pathways.train import experiment
+from pathways.train import loop
+from pathways.train import metric_writer
+from tests.train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, 'tests', 'train', 'tiny_config.py')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  registry.import_task_modules(['tasks'])
+  d = str(tmp_path_factory.mktemp('tfds'))
+  for name in ('digits', 'parity'):  # prepare once, so subprocesses only read
+    registry.get_task(name).data('train', d)
+  return d
+
+
+def _config(data_dir, **train):
+  c = tiny_config.get_config(data_dir)
+  c.train.update(train)
+  return c
+
+
+def _cli(workdir, data_dir, *extra):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  return [sys.executable, '-m', 'experiments.train', f'--config={CONFIG}:{data_dir}',
+          f'--workdir={workdir}', *extra], env
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in metric_writer.read_metrics(workdir) if 'loss' in r}
+
+
+@pytest.fixture(scope='module')
+def reference_run(data_dir, tmp_path_factory):
+  """One uninterrupted 12-step run through the launcher: the resume tests compare to it."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  cmd, env = _cli(workdir, data_dir)
+  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+
+def test_end_to_end_train_writes_metrics_checkpoints_and_evaluates(reference_run):
+  rows = metric_writer.read_metrics(reference_run)
+  steps = [r['step'] for r in rows]
+  assert steps == list(range(1, 13))  # each step once
+  last = rows[-1]
+  for key in ('loss', 'train/digits/accuracy', 'load_balance_loss', 'fraction_dropped',
+              'computed_experts_per_token', 'mean_depth', 'flops_per_example',
+              'eval/digits/accuracy', 'eval/parity/accuracy', 'eval/mean_accuracy'):
+    assert key in last, key
+  assert sorted(int(os.path.basename(p)) for p in
+                glob.glob(os.path.join(reference_run, 'checkpoints', '[0-9]*'))) == [6, 9, 12]
+  assert glob.glob(os.path.join(reference_run, 'tensorboard', 'events.out.tfevents.*'))
+  assert glob.glob(os.path.join(reference_run, 'best', '[0-9]*'))
+  result = evaluate_workdir.evaluate_workdir(reference_run)
+  assert result['step'] == 12
+  assert result['eval/digits/accuracy'] == pytest.approx(last['eval/digits/accuracy'])
+
+
+def test_sigkill_then_resume_reproduces_every_loss_bitwise(reference_run, data_dir, tmp_path):
+  workdir = str(tmp_path / 'killed')
+  cmd, env = _cli(workdir, data_dir)
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(workdir, 'checkpoints', '6')):
+    assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)  # somewhere after step 6 committed: maybe mid-save of 9
+  proc.wait()
+  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'resumed from' in out.stdout
+  reference, resumed = _losses(reference_run), _losses(workdir)
+  assert sorted(resumed) == list(range(1, 13))  # each step once in metrics.jsonl
+  for step in range(1, 13):
+    assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+  workdir = str(tmp_path / 'terminated')
+  cmd, env = _cli(workdir, data_dir, '--config.train.num_steps=1000', '--config.ckpt.every=500')
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or os.path.getsize(
+      os.path.join(workdir, 'metrics.jsonl')) == 0:
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output[-3000:]
+  assert 'SIGTERM: saved step' in output
+  saved = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints',
+                                                                    '[0-9]*'))]
+  assert len(saved) == 1 and 0 < saved[0] < 500, saved
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(reference_run, tmp_path,
+                                                                capsys):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'corrupt')
+  shutil.copytree(reference_run, workdir)
+  for path in glob.glob(os.path.join(workdir, 'checkpoints', '12', 'state', '**', '*'),
+                        recursive=True):
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  config = experiment_config(reference_run)
+  _, _, _, state, _, _ = loop.build(config)
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  step, *_ = ckpt.restore_latest(state)
+  ckpt.close()
+  assert step == 9
+  assert 'checkpoint step 12' in capsys.readouterr().out
+
+
+def experiment_config(workdir):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def test_more_tasks_start_from_fewer_and_frozen_parameters_stay(reference_run, data_dir,
+                                                                tmp_path):
+  c = _config(data_dir, num_steps=3, eval_every=3)
+  c.tasks = ['digits', 'parity', 'addition']
+  registry.get_task('addition').data('train', data_dir)
+  c.init_from = reference_run
+  c.freeze = ['blocks/1/ffn/banks']
+  workdir = str(tmp_path / 'more')
+  loop.train_and_evaluate(c, workdir)
+  _, _, graphdef, state, _, _ = loop.build(c)
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  _, state, _, _ = ckpt.restore_latest(state)
+  ckpt.close()
+  model = nnx.merge(graphdef, state)[0]
+  ref_config = experiment_config(reference_run)
+  _, _, ref_graphdef, ref_state, _, _ = loop.build(ref_config)
+  ckpt = checkpoint_lib.Checkpointer(reference_run)
+  _, ref_state, _, _ = ckpt.restore_latest(ref_state)
+  ckpt.close()
+  ref = nnx.merge(ref_graphdef, ref_state)[0]
+  frozen = model.blocks[1].ffn.banks[0].w_in_ExDxF[...]
+  np.testing.assert_array_equal(frozen, ref.blocks[1].ffn.banks[0].w_in_ExDxF[...])
+  assert not np.array_equal(model.blocks[0].attn.w_qkv_Dx3D[...],
+                            ref.blocks[0].attn.w_qkv_Dx3D[...])  # not frozen: trained on
+  assert 'addition' in model.heads and 'addition' not in ref.heads
+
+
+def test_every_config_file_loads_with_runlocal():
+  files = sorted(glob.glob(os.path.join(ROOT, 'experiments', 'configs', '*.py')))
+  files = [f for f in files if not f.endswith('__init__.py')]
+  assert len(files) >= 2
+  registry.import_task_modules(['tasks'])
+  for path in files:
+    name = 'experiments.configs.' + os.path.basename(path)[:-3]
+    config = importlib.import_module(name).get_config('runlocal')
+    experiment.validate(config)
+    assert config.train.num_steps <= 1000, path
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('data.batch_size', 1, 'config.data.batch_size=1: must be >='),
+    ('model.dtype', 'float16', "config.model.dtype='float16': must be one of"),
+    ('optim.learning_rate', 0.0, 'config.optim.learning_rate=0.0: must be > 0'),
+    ('tasks', ['digits', 'nope'], "unknown task 'nope'"),
+])
+def test_bad_config_values_are_refused_by_name(data_dir, key, value, message):
+  c = _config(data_dir)
+  section, _, field = key.rpartition('.')
+  (c[section] if section else c)[field] = value
+  with pytest.raises((ValueError, KeyError), match=message):
+    experiment.validate(c)
+
+
+def test_unknown_config_key_is_refused_by_the_launcher(data_dir, tmp_path):
+  cmd, env = _cli(str(tmp_path / 'x'), data_dir, '--config.optim.learnin_rate=0.1')
+  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and 'learnin_rate' in out.stderr
+
+
+def test_workdir_of_another_model_shape_is_refused(reference_run, data_dir):
+  c = _config(data_dir)
+  c.model.d_model = 32
+  with pytest.raises(ValueError, match='holds a run of a different model'):
+    loop.check_workdir_config(c, reference_run)
+
+
+def test_non_finite_loss_stops_naming_metric_and_step(data_dir, tmp_path):
+  c = _config(data_dir, num_steps=4)
+  c.task_loss_weights = {'digits': float('inf')}
+  with pytest.raises(FloatingPointError, match=r'loss = .* at step 1'):
+    loop.train_and_evaluate(c, str(tmp_path / 'nan'))
+
+
+def test_freeze_pattern_that_matches_nothing_is_refused(data_dir):
+  c = _config(data_dir)
+  c.freeze = ['blocks/9/nothing']
+  with pytest.raises(ValueError, match=r"\['blocks/9/nothing'\] match no parameter"):
+    loop.build(c)

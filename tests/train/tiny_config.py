@@ -1,0 +1,25 @@
+"""A tiny two-task experiment for the launcher tests (a few seconds per step on CPU)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
+from experiments.configs import multitask  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def get_config(arg=None):
+  c = multitask.get_config('runlocal')
+  c.tasks = ['digits', 'parity']
+  c.data.batch_size = 8
+  c.data.data_dir = arg or ''
+  c.model.d_model = 16
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.mlp_hidden = 32
+  c.model.moe.banks = [[2, 16], [2, 32]]
+  c.optim.warmup_steps = 2
+  c.train.num_steps = 12
+  c.train.log_every = 1
+  c.train.eval_every = 6
+  c.train.eval_batches = 1
+  c.ckpt.every = 3
+  return c
