@@ -18,9 +18,19 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-# The main job: the MoE layer benchmark against the dense FFN and the one-hot reference.
+# The main job: the default experiment end to end on embedded data (train with periodic
+# evaluation and checkpoints, then evaluate the last checkpoint). The runlocal variant
+# fits 2 CPU cores (~5 min); `make run CONFIG=experiments/configs/multitask.py` is the full one.
+CONFIG ?= experiments/configs/multitask.py:runlocal
+WORKDIR ?= workdirs/multitask
 run: $(VENV)/.installed
+	$(BIN)/python -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(BIN)/python -m experiments.evaluate --workdir=$(WORKDIR)
+
+# The benchmarks: MoE layer against dense and the one-hot reference; inference by buckets.
+bench: $(VENV)/.installed
 	$(BIN)/python -m tools.benchmark_moe --output=results/benchmark_moe.json
+	$(BIN)/python -m tools.benchmark_inference --output=results/benchmark_inference.json
 
 # The whole test suite, on CPU, two worker processes.
 test: $(VENV)/.installed-test

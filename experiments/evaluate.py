@@ -9,6 +9,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from pathways import registry
 
@@ -20,6 +21,8 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
+  if not FLAGS['verbosity'].present:  # orbax and TFDS log every step at INFO
+    logging.set_verbosity(logging.WARNING)
   del argv
   registry.discover(task_modules=FLAGS.task_module)
   from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,7 @@ Re-running with the same workdir resumes from its last checkpoint.
 """
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from pathways import registry
@@ -20,6 +21,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
+  if not FLAGS['verbosity'].present:  # orbax and TFDS log every step at INFO
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   registry.discover(task_modules=FLAGS.task_module)

@@ -139,8 +139,9 @@ def bench_config(t, e, log):
                                        eval_capacity_factor=None, dispatcher='ragged',
                                        rngs=rngs()), True)
   else:
-    ragged_note = (f'not run: on {jax.default_backend()} XLA lowers ragged_dot to one dense matmul '
-                   f'per expert ({e} here); it is the GPU/TPU dropless path')
+    ragged_note = (f'not run: E={e} > --ragged_max_groups={FLAGS.ragged_max_groups} (XLA does '
+                   f'per-expert dense work for ragged_dot on CPU, and ran out of memory '
+                   f'compiling it at E=512 on a GPU)')
   compiled = {name: _make_fns(m, bias, is_moe) for name, (m, is_moe) in variants.items()}
   # Realized load statistics of the fast path (before capacity: router choices).
   _, metrics = compiled['moe'][1](compiled['moe'][0], x)[0]

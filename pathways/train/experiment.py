@@ -27,6 +27,10 @@ def validate(config) -> None:
     _bad('tasks', list(config.tasks), 'must not repeat a task')
   for name in config.tasks:
     registry.get_task(name)  # unknown names: the registry lists the known ones
+  for name, value in config.get('task_connectivity', {}).items():
+    if name not in config.tasks:
+      _bad(f'task_connectivity.{name}', value, f'names a task not in config.tasks '
+           f'{list(config.tasks)}')
   for section in ('task_loss_weights', 'task_flops_budgets'):
     for name, value in config[section].items():
       if name not in config.tasks:
@@ -59,6 +63,10 @@ def tasks_from_config(config):
     budget = config.task_flops_budgets.get(name)
     if budget is not None:
       t = dataclasses.replace(t, flops_budget=float(budget))
+    allowed = config.get('task_connectivity', {}).get(name)
+    if allowed is not None:  # {'1': [0, 1]}: config keys are strings, layers are ints
+      t = dataclasses.replace(t, connectivity={int(layer): tuple(int(e) for e in experts)
+                                               for layer, experts in allowed.items()})
     tasks.append(t)
   return tasks
 

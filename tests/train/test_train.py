@@ -221,3 +221,13 @@ def test_freeze_pattern_that_matches_nothing_is_refused(data_dir):
   c.freeze = ['blocks/9/nothing']
   with pytest.raises(ValueError, match=r"\['blocks/9/nothing'\] match no parameter"):
     loop.build(c)
+
+
+def test_connectivity_from_the_config_reaches_the_task(data_dir):
+  c = _config(data_dir)
+  c.task_connectivity = {'parity': {'1': [0, 1]}}
+  tasks = experiment.tasks_from_config(c)
+  assert tasks[1].connectivity == {1: (0, 1)} and tasks[0].connectivity is None
+  c.task_connectivity = {'nope': {'1': [0]}}
+  with pytest.raises(ValueError, match='task_connectivity.nope'):
+    experiment.validate(c)
