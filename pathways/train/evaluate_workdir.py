@@ -12,19 +12,29 @@ from pathways.train import experiment
 from pathways.train import loop
 
 
-def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
+def load_workdir(workdir: str):
+  """(config, tasks, graphdef, restored state, step) of a workdir's latest checkpoint.
+  The state is that of (model, optimizer); `nnx.merge(graphdef, state)[0]` is the model."""
   path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'--workdir={workdir!r}: no such folder.')
   if not os.path.exists(path):
     raise FileNotFoundError(f'--workdir={workdir!r}: no config.json (not a training workdir).')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   tasks, _, graphdef, state, _, _ = loop.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt.keep)
-  restored = ckpt.restore_latest(state)
-  ckpt.close()
+  try:
+    restored = ckpt.restore_latest(state)
+  finally:
+    ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f'--workdir={workdir!r}: no checkpoint to evaluate.')
-  step, state = restored[0], restored[1]
+    raise FileNotFoundError(f'--workdir={workdir!r}: no checkpoint to load.')
+  return config, tasks, graphdef, restored[1], restored[0]
+
+
+def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
+  config, tasks, graphdef, state, step = load_workdir(workdir)
   eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
   n = eval_batches or config.train.eval_batches
   result = evaluation.evaluate(evaluation.make_eval_step(graphdef), state,

@@ -6,10 +6,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,18 +19,8 @@ from pathways.train import experiment
 from pathways.train import loop
 from pathways.train import metric_writer
 from tests.train import tiny_config
+from tests.train.conftest import ROOT, cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, 'tests', 'train', 'tiny_config.py')
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  registry.import_task_modules(['tasks'])
-  d = str(tmp_path_factory.mktemp('tfds'))
-  for name in ('digits', 'parity'):  # prepare once, so subprocesses only read
-    registry.get_task(name).data('train', d)
-  return d
 
 
 def _config(data_dir, **train):
@@ -41,24 +29,8 @@ def _config(data_dir, **train):
   return c
 
 
-def _cli(workdir, data_dir, *extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  return [sys.executable, '-m', 'experiments.train', f'--config={CONFIG}:{data_dir}',
-          f'--workdir={workdir}', *extra], env
-
-
 def _losses(workdir):
   return {r['step']: r['loss'] for r in metric_writer.read_metrics(workdir) if 'loss' in r}
-
-
-@pytest.fixture(scope='module')
-def reference_run(data_dir, tmp_path_factory):
-  """One uninterrupted 12-step run through the launcher: the resume tests compare to it."""
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  cmd, env = _cli(workdir, data_dir)
-  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return workdir
 
 
 def test_end_to_end_train_writes_metrics_checkpoints_and_evaluates(reference_run):
@@ -81,7 +53,7 @@ def test_end_to_end_train_writes_metrics_checkpoints_and_evaluates(reference_run
 
 def test_sigkill_then_resume_reproduces_every_loss_bitwise(reference_run, data_dir, tmp_path):
   workdir = str(tmp_path / 'killed')
-  cmd, env = _cli(workdir, data_dir)
+  cmd, env = cli(workdir, data_dir)
   proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 300
@@ -101,7 +73,7 @@ def test_sigkill_then_resume_reproduces_every_loss_bitwise(reference_run, data_d
 
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
   workdir = str(tmp_path / 'terminated')
-  cmd, env = _cli(workdir, data_dir, '--config.train.num_steps=1000', '--config.ckpt.every=500')
+  cmd, env = cli(workdir, data_dir, '--config.train.num_steps=1000', '--config.ckpt.every=500')
   proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 300
@@ -197,7 +169,7 @@ def test_bad_config_values_are_refused_by_name(data_dir, key, value, message):
 
 
 def test_unknown_config_key_is_refused_by_the_launcher(data_dir, tmp_path):
-  cmd, env = _cli(str(tmp_path / 'x'), data_dir, '--config.optim.learnin_rate=0.1')
+  cmd, env = cli(str(tmp_path / 'x'), data_dir, '--config.optim.learnin_rate=0.1')
   out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and 'learnin_rate' in out.stderr
 

@@ -1,0 +1,69 @@
+"""Runs a model over evaluation batches and gathers one routing record for analysis."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pathways.nn import model as model_lib
+
+LAYER_SCALARS = ('router_entropy', 'experts_per_token', 'computed_experts_per_token',
+                 'fraction_dropped', 'load_balance_loss')
+
+
+def collect(graphdef, state, batches) -> dict:
+  """Concatenated routing record over `batches` (only rows with weight > 0), plus
+  'difficulty' [B], per-layer means of the layer scalars ('scalars': {'layer<l>/<name>'}),
+  and 'num_experts' per MoE layer."""
+
+  @jax.jit
+  def forward(state, batch):
+    model = nnx.merge(graphdef, state)
+    if isinstance(model, tuple):
+      model = model[0]
+    _, metrics = model(batch, deterministic=True)
+    return metrics
+
+  parts, scalars = [], {}
+  model = nnx.merge(graphdef, state)
+  model = model[0] if isinstance(model, tuple) else model
+  for batch in batches:
+    metrics = jax.device_get(forward(state, batch))
+    record = model_lib.routing_record(metrics, batch)
+    keep = np.asarray(batch['weight']) > 0
+    record = _select(record, keep)
+    record['difficulty'] = np.asarray(batch['difficulty'])[keep]
+    parts.append(record)
+    for key, value in metrics.items():
+      if key.split('/')[-1] in LAYER_SCALARS and np.ndim(value) == 0:
+        scalars.setdefault(key, []).append(float(value))
+  out = {k: v for k, v in _concat(parts).items()}
+  out['scalars'] = {k: float(np.mean(v)) for k, v in scalars.items()}
+  out['num_experts'] = {f'layer{l}': model.blocks[l].ffn.num_experts for l in model.moe_layers}
+  out['task_names'] = list(model.task_names)
+  out['num_layers'] = len(model.blocks)
+  return out
+
+
+def _select(record, keep):
+  out = {}
+  for key, value in record.items():
+    if isinstance(value, dict):
+      out[key] = {k: v[keep] if v.shape[:1] == keep.shape else v for k, v in value.items()}
+    elif key == 'halting_p_LxB':
+      out[key] = value[:, keep]
+    else:
+      out[key] = value[keep]
+  return out
+
+
+def _concat(parts):
+  out = {}
+  for key, value in parts[0].items():
+    if isinstance(value, dict):
+      out[key] = {k: np.concatenate([p[key][k] for p in parts]) for k in value}
+    elif key == 'halting_p_LxB':
+      out[key] = np.concatenate([p[key] for p in parts], axis=1)
+    else:
+      out[key] = np.concatenate([p[key] for p in parts])
+  return out

@@ -1,0 +1,57 @@
+"""From a collected routing record to the statistics of the routing report (pure)."""
+from __future__ import annotations
+
+import numpy as np
+
+from pathways.analysis import routing_stats as rs
+
+
+def summarize(record: dict, *, shuffle_repeats: int = 10) -> dict:
+  """JSON-ready statistics: per MoE layer (load, CV, drops, entropy, experts per token,
+  task x expert counts, NMI and its shuffled-task baseline) and per task (examples, FLOPs,
+  depth, FLOPs-difficulty rank correlation)."""
+  names = record['task_names']
+  n = len(names)
+  task_B = record['task_id']
+  layers = {}
+  for layer, num_experts in record['num_experts'].items():
+    rec = record[layer]
+    if 'expert_BxLxK' not in rec:  # expert choice: no token-major record
+      continue
+    b, l, k = rec['expert_BxLxK'].shape
+    expert, kept = rec['expert_BxLxK'].reshape(-1, k), rec['kept_BxLxK'].reshape(-1, k)
+    counts = rs.expert_counts(expert, kept, num_experts)
+    joint = rs.task_expert_counts(np.repeat(task_B, l), expert, kept, n, num_experts)
+    base_mean, base_std = rs.shuffled_nmi(task_B, rec['expert_BxLxK'], rec['kept_BxLxK'], n,
+                                          num_experts, repeats=shuffle_repeats)
+    scalars = {key.split('/')[-1]: v for key, v in record['scalars'].items()
+               if key.startswith(layer + '/')}
+    layers[layer] = dict(scalars, expert_load=rs.load_fractions(counts).tolist(),
+                         load_cv=rs.coefficient_of_variation(counts),
+                         task_expert_counts=joint.tolist(),
+                         nmi=rs.normalized_mutual_information(joint),
+                         nmi_shuffled_mean=base_mean, nmi_shuffled_std=base_std)
+  tasks = {}
+  flops = rs.per_task_mean(record['flops_per_example'], task_B, n)
+  depth = None
+  if 'halting_layer' in record:
+    depth = rs.per_task_mean(record['halting_layer'] + 1.0, task_B, n)
+  for i, name in enumerate(names):
+    sel = task_B == i
+    entry = {'examples': int(sel.sum()), 'flops_per_example': _num(flops[i])}
+    if depth is not None:
+      entry['depth'] = _num(depth[i])
+    difficulty = record['difficulty'][sel]
+    if sel.any() and np.isfinite(difficulty).all():
+      entry['flops_difficulty_spearman'] = _num(
+          rs.spearman(difficulty, record['flops_per_example'][sel]))
+    tasks[name] = entry
+  traffic = rs.pathway_traffic([np.asarray(v['task_expert_counts']) for v in layers.values()]
+                               ) if layers else np.zeros((0, n, 0))
+  return {'layers': layers, 'tasks': tasks, 'task_names': names,
+          'num_layers': record['num_layers'], 'pathway_traffic': traffic.tolist()}
+
+
+def _num(x):
+  x = float(x)
+  return None if not np.isfinite(x) else x

@@ -1,0 +1,38 @@
+"""Shared fixtures of the launcher tests: prepared data and one reference training run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pathways import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, 'tests', 'train', 'tiny_config.py')
+
+
+def cli(workdir, data_dir, *extra):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  return [sys.executable, '-m', 'experiments.train', f'--config={CONFIG}:{data_dir}',
+          f'--workdir={workdir}', *extra], env
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  registry.import_task_modules(['tasks'])
+  d = str(tmp_path_factory.mktemp('tfds'))
+  for name in ('digits', 'parity'):  # prepare once, so subprocesses only read
+    registry.get_task(name).data('train', d)
+  return d
+
+
+@pytest.fixture(scope='session')
+def reference_run(data_dir, tmp_path_factory):
+  """One uninterrupted 12-step run through the launcher: the resume tests compare to it."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  cmd, env = cli(workdir, data_dir)
+  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+

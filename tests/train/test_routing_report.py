@@ -1,0 +1,40 @@
+"""The routing report over a trained workdir, and its refusals."""
+import json
+import os
+
+import pytest
+
+from tools import routing_report
+
+
+def test_report_writes_stats_figures_and_a_self_contained_page(reference_run, tmp_path):
+  out = str(tmp_path / 'report')
+  stats = routing_report.write_report(reference_run, out, eval_batches=2)
+  assert stats['step'] == 12
+  files = set(os.listdir(out))
+  assert {'routing_stats.json', 'index.html', 'pathways.png', 'compute_per_task.png',
+          'heatmap_layer1.png'} <= files
+  with open(os.path.join(out, 'routing_stats.json')) as f:
+    saved = json.load(f)
+  layer = saved['layers']['layer1']
+  assert 0.0 <= layer['nmi'] <= 1.0 and len(layer['expert_load']) == 4
+  assert abs(sum(layer['expert_load']) - 1.0) < 1e-6
+  assert len(layer['task_expert_counts']) == 2  # digits, parity
+  assert set(saved['tasks']) == {'digits', 'parity'}
+  assert saved['tasks']['parity']['flops_difficulty_spearman'] is not None  # parity: bits
+  page = open(os.path.join(out, 'index.html')).read()
+  assert 'data:image/png;base64,' in page and 'src="http' not in page
+
+
+def test_task_names_are_escaped_in_the_page():
+  stats = {'task_names': ['<b>&x'], 'num_layers': 1, 'layers': {},
+           'tasks': {'<b>&x': {'examples': 1, 'flops_per_example': 1.0}}}
+  page = routing_report._html(stats, {}, 'w', 3)  # pylint: disable=protected-access
+  assert '&lt;b&gt;&amp;x' in page and '<b>&x' not in page
+
+
+def test_missing_or_empty_workdir_is_refused(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no such folder'):
+    routing_report.write_report(str(tmp_path / 'nothing'))
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    routing_report.write_report(str(tmp_path))

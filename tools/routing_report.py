@@ -1,0 +1,173 @@
+"""Routing report of a workdir: which experts each task uses, and what each example costs.
+
+  python -m tools.routing_report --workdir=workdirs/multitask [--eval_batches=16]
+
+Runs the latest checkpoint over each task's evaluation data and writes, under --output
+(default WORKDIR/report): routing_stats.json, PNG figures and index.html (self-contained:
+figures are embedded, it opens from disk).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+import numpy as np
+
+from pathways import registry
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A training workdir.')
+flags.DEFINE_string('output', None, 'Report folder (default: WORKDIR/report).')
+flags.DEFINE_integer('eval_batches', None, 'Evaluation batches (default: the config\'s).')
+flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+
+
+def _figures(stats):
+  """{name: PNG bytes} of the report's figures."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  def png(fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=90, bbox_inches='tight')
+    plt.close(fig)
+    return buf.getvalue()
+
+  names = stats['task_names']
+  out = {}
+  for layer, s in stats['layers'].items():
+    counts = np.asarray(s['task_expert_counts'], float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * share.shape[1], 0.9 + 0.4 * len(names)))
+    im = ax.imshow(share, aspect='auto', cmap='viridis', vmin=0, vmax=max(share.max(), 1e-9))
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel('expert')
+    ax.set_title(f"{layer}: share of each task's assignments\n"
+                 f"NMI {s['nmi']:.3f} (shuffled tasks {s['nmi_shuffled_mean']:.3f})")
+    fig.colorbar(im, ax=ax)
+    out[f'heatmap_{layer}.png'] = png(fig)
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+  flops = [stats['tasks'][n]['flops_per_example'] or 0 for n in names]
+  axes[0].barh(names, flops)
+  axes[0].set_xlabel('FLOPs per example')
+  depth = [stats['tasks'][n].get('depth') or 0 for n in names]
+  axes[1].barh(names, depth)
+  axes[1].set_xlabel(f"layers run (of {stats['num_layers']})")
+  out['compute_per_task.png'] = png(fig)
+  out['pathways.png'] = _pathway_figure(stats, plt, png)
+  return out
+
+
+def _pathway_figure(stats, plt, png):
+  """Figure 1 from the trained model: experts as boxes per MoE layer; each task's line
+  widths are its share of assignments (between layers: product of the two shares)."""
+  traffic = np.asarray(stats['pathway_traffic'])  # [M, N, E]
+  names = stats['task_names']
+  fig, ax = plt.subplots(figsize=(2.5 + 2.0 * max(len(traffic), 1), 4))
+  colors = plt.get_cmap('tab10')
+  if traffic.size:
+    m, n, e = traffic.shape
+    ys = np.linspace(0, 1, e)
+    for layer in range(m):
+      for j in range(e):
+        ax.add_patch(plt.Rectangle((layer + 1 - 0.08, ys[j] - 0.03), 0.16, 0.06, fill=False))
+    task_y = np.linspace(0, 1, n)
+    for i in range(n):
+      ax.text(-0.05, task_y[i], names[i], ha='right', va='center', color=colors(i % 10))
+      for j in range(e):
+        ax.plot([0, 1 - 0.08], [task_y[i], ys[j]], color=colors(i % 10),
+                lw=6 * traffic[0, i, j], alpha=0.7)
+      for layer in range(1, m):
+        w = np.outer(traffic[layer - 1, i], traffic[layer, i])
+        for a in range(e):
+          for b in range(e):
+            if w[a, b] > 0.01:
+              ax.plot([layer + 0.08, layer + 1 - 0.08], [ys[a], ys[b]], color=colors(i % 10),
+                      lw=6 * w[a, b], alpha=0.6)
+    ax.set_xticks(range(1, m + 1), list(stats['layers']))
+  ax.set_xlim(-0.6, max(len(traffic), 1) + 0.4)
+  ax.set_yticks([])
+  ax.set_title('pathways: each task\'s traffic through the experts')
+  return png(fig)
+
+
+def _html(stats, figures, workdir, step):
+  esc = html.escape
+  rows = ''.join(
+      f"<tr><td>{esc(name)}</td><td>{t['examples']}</td>"
+      f"<td>{_fmt(t['flops_per_example'])}</td><td>{_fmt(t.get('depth'))}</td>"
+      f"<td>{_fmt(t.get('flops_difficulty_spearman'))}</td></tr>"
+      for name, t in stats['tasks'].items())
+  layer_rows = ''.join(
+      f"<tr><td>{esc(layer)}</td><td>{_fmt(s['load_cv'])}</td>"
+      f"<td>{_fmt(s.get('fraction_dropped'))}</td><td>{_fmt(s.get('router_entropy'))}</td>"
+      f"<td>{_fmt(s.get('computed_experts_per_token'))}</td><td>{_fmt(s['nmi'])}</td>"
+      f"<td>{_fmt(s['nmi_shuffled_mean'])} &plusmn; {_fmt(s['nmi_shuffled_std'])}</td></tr>"
+      for layer, s in stats['layers'].items())
+  images = ''.join(
+      f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
+      f'{base64.b64encode(data).decode()}"><figcaption>{esc(name)}</figcaption></figure>'
+      for name, data in figures.items())
+  return f"""<!doctype html><html><head><meta charset="utf-8"><title>Routing report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block}}
+</style></head><body><h1>Routing report</h1><p>{esc(workdir)}, checkpoint step {step}</p>
+<h2>Per task</h2><table><tr><th>task</th><th>examples</th><th>FLOPs/example</th>
+<th>layers run</th><th>FLOPs vs difficulty (Spearman)</th></tr>{rows}</table>
+<h2>Per MoE layer</h2><table><tr><th>layer</th><th>load CV</th><th>fraction dropped</th>
+<th>router entropy</th><th>experts/token</th><th>NMI(task, expert)</th>
+<th>NMI, shuffled tasks</th></tr>{layer_rows}</table>
+<h2>Figures</h2>{images}</body></html>"""
+
+
+def _fmt(x):
+  return '-' if x is None else f'{x:.4g}'
+
+
+def write_report(workdir: str, output: str | None = None, eval_batches: int | None = None):
+  """Writes routing_stats.json, the PNGs and index.html; returns the statistics."""
+  from pathways.analysis import collect, summary  # pylint: disable=g-import-not-at-top
+  from pathways.train import evaluate_workdir, experiment  # pylint: disable=g-import-not-at-top
+  config, tasks, graphdef, state, step = evaluate_workdir.load_workdir(workdir)
+  pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
+  n = eval_batches or config.train.eval_batches
+  record = collect.collect(graphdef, state, (next(pipe) for _ in range(n)))
+  stats = summary.summarize(record)
+  stats['step'] = step
+  output = output or os.path.join(workdir, 'report')
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, 'routing_stats.json'), 'w') as f:
+    json.dump(stats, f, indent=1)
+  figures = _figures(stats)
+  for name, data in figures.items():
+    with open(os.path.join(output, name), 'wb') as f:
+      f.write(data)
+  with open(os.path.join(output, 'index.html'), 'w') as f:
+    f.write(_html(stats, figures, workdir, step))
+  return stats
+
+
+def main(argv):
+  del argv
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required.')
+  registry.discover(task_modules=FLAGS.task_module)
+  stats = write_report(FLAGS.workdir, FLAGS.output, FLAGS.eval_batches)
+  out = FLAGS.output or os.path.join(FLAGS.workdir, 'report')
+  print(f"wrote {out}/index.html (step {stats['step']}); NMI per layer: " + ', '.join(
+      f"{k} {v['nmi']:.3f} (shuffled {v['nmi_shuffled_mean']:.3f})"
+      for k, v in stats['layers'].items()))
+
+
+if __name__ == '__main__':
+  app.run(main)
