@@ -1,6 +1,10 @@
 """Routing report of a workdir: which experts each task uses, and what each example costs.
 
-  python -m tools.routing_report --workdir=workdirs/multitask [--eval_batches=16]
+  python -m tools.routing_report --workdir=workdirs/multitask [--eval_batches=16] \
+      [--over_time] [--baseline=OTHER_WORKDIR]
+
+--over_time adds the training curves of the routing scalars from metrics.jsonl;
+--baseline puts another workdir's numbers beside these.
 
 Runs the latest checkpoint over each task's evaluation data and writes, under --output
 (default WORKDIR/report): routing_stats.json, PNG figures and index.html (self-contained:
@@ -27,6 +31,11 @@ flags.DEFINE_string('workdir', None, 'A training workdir.')
 flags.DEFINE_string('output', None, 'Report folder (default: WORKDIR/report).')
 flags.DEFINE_integer('eval_batches', None, 'Evaluation batches (default: the config\'s).')
 flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+flags.DEFINE_bool('over_time', False, 'Also plot the routing scalars across training.')
+flags.DEFINE_string('baseline', None, 'Another workdir to compare with, side by side.')
+
+OVER_TIME = ('loss', 'load_balance_loss', 'fraction_dropped', 'computed_experts_per_token',
+             'mean_depth', 'flops_per_example')
 
 
 def _figures(stats):
@@ -99,6 +108,46 @@ def _pathway_figure(stats, plt, png):
   return png(fig)
 
 
+def _over_time_figure(rows):
+  """Routing scalars and evaluation accuracies against training step (metrics.jsonl)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = [k for k in OVER_TIME if any(k in r for r in rows)]
+  acc = sorted({k for r in rows for k in r if k.startswith('eval/') and k.endswith('accuracy')})
+  panels = keys + (['eval accuracy'] if acc else [])
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+  for ax, key in zip(axes[0], panels):
+    for k in (acc if key == 'eval accuracy' else [key]):
+      pts = [(r['step'], r[k]) for r in rows if k in r]
+      ax.plot(*zip(*pts), label=k.split('/')[1] if key == 'eval accuracy' else None)
+    ax.set_title(key)
+    ax.set_xlabel('step')
+    if key == 'eval accuracy':
+      ax.legend(fontsize=7)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=90, bbox_inches='tight')
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _comparison(stats, base, esc):
+  """Side-by-side table of this run and the baseline."""
+  rows = []
+  for name in sorted(set(stats['tasks']) | set(base['tasks'])):
+    a, b = stats['tasks'].get(name, {}), base['tasks'].get(name, {})
+    rows.append(f"<tr><td>task {esc(name)}</td><td>{_fmt(a.get('flops_per_example'))}</td>"
+                f"<td>{_fmt(b.get('flops_per_example'))}</td><td>{_fmt(a.get('depth'))}</td>"
+                f"<td>{_fmt(b.get('depth'))}</td><td></td><td></td></tr>")
+  for layer in sorted(set(stats['layers']) | set(base['layers'])):
+    a, b = stats['layers'].get(layer, {}), base['layers'].get(layer, {})
+    rows.append(f"<tr><td>{esc(layer)}</td><td></td><td></td><td></td><td></td>"
+                f"<td>{_fmt(a.get('nmi'))}</td><td>{_fmt(b.get('nmi'))}</td></tr>")
+  return ('<h2>Against the baseline</h2><table><tr><th></th><th>FLOPs/example</th>'
+          '<th>baseline</th><th>layers run</th><th>baseline</th><th>NMI</th><th>baseline</th>'
+          '</tr>' + ''.join(rows) + '</table>')
+
+
 def _html(stats, figures, workdir, step):
   esc = html.escape
   rows = ''.join(
@@ -125,6 +174,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:i
 <h2>Per MoE layer</h2><table><tr><th>layer</th><th>load CV</th><th>fraction dropped</th>
 <th>router entropy</th><th>experts/token</th><th>NMI(task, expert)</th>
 <th>NMI, shuffled tasks</th></tr>{layer_rows}</table>
+{_comparison(stats, stats['baseline'], esc) if stats.get('baseline') else ''}
 <h2>Figures</h2>{images}</body></html>"""
 
 
@@ -132,26 +182,36 @@ def _fmt(x):
   return '-' if x is None else f'{x:.4g}'
 
 
-def write_report(workdir: str, output: str | None = None, eval_batches: int | None = None):
-  """Writes routing_stats.json, the PNGs and index.html; returns the statistics."""
+def workdir_stats(workdir: str, eval_batches: int | None = None) -> dict:
+  """The report's statistics of a workdir's latest checkpoint on its evaluation data."""
   from pathways.analysis import collect, summary  # pylint: disable=g-import-not-at-top
   from pathways.train import evaluate_workdir, experiment  # pylint: disable=g-import-not-at-top
   config, tasks, graphdef, state, step = evaluate_workdir.load_workdir(workdir)
   pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
   n = eval_batches or config.train.eval_batches
   record = collect.collect(graphdef, state, (next(pipe) for _ in range(n)))
-  stats = summary.summarize(record)
-  stats['step'] = step
+  return dict(summary.summarize(record), step=step)
+
+
+def write_report(workdir: str, output: str | None = None, eval_batches: int | None = None,
+                 over_time: bool = False, baseline: str | None = None):
+  """Writes routing_stats.json, the PNGs and index.html; returns the statistics."""
+  stats = workdir_stats(workdir, eval_batches)
+  if baseline:
+    stats['baseline'] = dict(workdir_stats(baseline, eval_batches), workdir=baseline)
   output = output or os.path.join(workdir, 'report')
   os.makedirs(output, exist_ok=True)
   with open(os.path.join(output, 'routing_stats.json'), 'w') as f:
     json.dump(stats, f, indent=1)
   figures = _figures(stats)
+  if over_time:
+    from pathways.train import metric_writer  # pylint: disable=g-import-not-at-top
+    figures['over_time.png'] = _over_time_figure(metric_writer.read_metrics(workdir))
   for name, data in figures.items():
     with open(os.path.join(output, name), 'wb') as f:
       f.write(data)
   with open(os.path.join(output, 'index.html'), 'w') as f:
-    f.write(_html(stats, figures, workdir, step))
+    f.write(_html(stats, figures, workdir, stats['step']))
   return stats
 
 
@@ -162,7 +222,8 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required.')
   registry.discover(task_modules=FLAGS.task_module)
-  stats = write_report(FLAGS.workdir, FLAGS.output, FLAGS.eval_batches)
+  stats = write_report(FLAGS.workdir, FLAGS.output, FLAGS.eval_batches, FLAGS.over_time,
+                       FLAGS.baseline)
   out = FLAGS.output or os.path.join(FLAGS.workdir, 'report')
   print(f"wrote {out}/index.html (step {stats['step']}); NMI per layer: " + ', '.join(
       f"{k} {v['nmi']:.3f} (shuffled {v['nmi_shuffled_mean']:.3f})"

@@ -38,3 +38,15 @@ def test_missing_or_empty_workdir_is_refused(tmp_path):
     routing_report.write_report(str(tmp_path / 'nothing'))
   with pytest.raises(FileNotFoundError, match='no config.json'):
     routing_report.write_report(str(tmp_path))
+
+
+def test_over_time_and_baseline(reference_run, tmp_path):
+  out = str(tmp_path / 'report')
+  stats = routing_report.write_report(reference_run, out, eval_batches=1, over_time=True,
+                                      baseline=reference_run)
+  assert os.path.getsize(os.path.join(out, 'over_time.png')) > 1000
+  assert stats['baseline']['step'] == 12
+  # Same checkpoint, same data: the baseline column equals this run's.
+  assert stats['baseline']['layers']['layer1']['nmi'] == stats['layers']['layer1']['nmi']
+  page = open(os.path.join(out, 'index.html')).read()
+  assert 'Against the baseline' in page
