@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  weight_decay=1e-4, clip_norm=1.0, b1=0.9, b2=0.98)
   steps = int(args.get('steps', 600 if runlocal else 20000))
   c.train = dict(num_steps=steps, log_every=25 if runlocal else 100,
-                 eval_every=200 if runlocal else 2000, eval_batches=16 if runlocal else 50)
+                 eval_every=200 if runlocal else 2000, eval_batches=16 if runlocal else 50,
+                 routing_batches=2)  # routing NMI, load CV, task x expert images at eval
   c.ckpt = dict(every=100 if runlocal else 1000, keep=3, best_metric='eval/mean_accuracy')
   c.mesh = dict(shape=[1, 1], axes=['data', 'expert'])
   c.init_from = ''  # another workdir: start from its latest checkpoint's parameters

@@ -11,10 +11,8 @@ LAYER_SCALARS = ('router_entropy', 'experts_per_token', 'computed_experts_per_to
                  'fraction_dropped', 'load_balance_loss')
 
 
-def collect(graphdef, state, batches) -> dict:
-  """Concatenated routing record over `batches` (only rows with weight > 0), plus
-  'difficulty' [B], per-layer means of the layer scalars ('scalars': {'layer<l>/<name>'}),
-  and 'num_experts' per MoE layer."""
+def make_forward(graphdef):
+  """forward(state, batch) -> metrics, jitted once (reuse it across evaluations)."""
 
   @jax.jit
   def forward(state, batch):
@@ -24,6 +22,14 @@ def collect(graphdef, state, batches) -> dict:
     _, metrics = model(batch, deterministic=True)
     return metrics
 
+  return forward
+
+
+def collect(graphdef, state, batches, forward=None) -> dict:
+  """Concatenated routing record over `batches` (only rows with weight > 0), plus
+  'difficulty' [B], per-layer means of the layer scalars ('scalars': {'layer<l>/<name>'}),
+  and 'num_experts' per MoE layer."""
+  forward = forward or make_forward(graphdef)
   parts, scalars = [], {}
   model = nnx.merge(graphdef, state)
   model = model[0] if isinstance(model, tuple) else model

@@ -24,6 +24,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from pathways.analysis import collect as collect_lib
+from pathways.analysis import summary as summary_lib
 from pathways.nn import budget as budget_lib
 from pathways.nn import model as model_lib
 from pathways.parallel import sharding as sharding_lib
@@ -214,10 +216,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
                        out_shardings=(shardings, None), donate_argnums=0)
   eval_step = evaluation.make_eval_step(graphdef)
 
-  def run_eval(state):
+  routing_forward = collect_lib.make_forward(graphdef)
+
+  def run_eval(state, step):
     eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
-    return evaluation.evaluate(eval_step, state,
-                               (next(eval_pipe) for _ in range(config.train.eval_batches)))
+    result = evaluation.evaluate(eval_step, state,
+                                 (next(eval_pipe) for _ in range(config.train.eval_batches)))
+    if config.train.get('routing_batches', 0):  # the routing report's scalars and heatmaps
+      eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
+      record = collect_lib.collect(
+          graphdef, state, (next(eval_pipe) for _ in range(config.train.routing_batches)),
+          forward=routing_forward)
+      stats = summary_lib.summarize(record, shuffle_repeats=3)
+      for layer, s in stats['layers'].items():
+        result[f'routing/{layer}/nmi'] = s['nmi']
+        result[f'routing/{layer}/nmi_shuffled'] = s['nmi_shuffled_mean']
+        result[f'routing/{layer}/load_cv'] = s['load_cv']
+        counts = np.asarray(s['task_expert_counts'], float)
+        writer.image(step, f'routing/{layer}/task_x_expert',
+                     counts / np.maximum(counts.sum(1, keepdims=True), 1.0))
+    return result
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start)
   stop = _Stop()
@@ -241,7 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress.update(step, float(scalars['loss']))
     row = dict(scalars) if step % config.train.log_every == 0 or step == total else {}
     if state is not None and (step % config.train.eval_every == 0 or step == total):
-      last_eval = run_eval(state)
+      last_eval = run_eval(state, step)
       row.update(dict(scalars), **last_eval)
       print(f'step {step} ' + ' '.join(f'{k}={v:.4g}' for k, v in last_eval.items()
                                        if k.endswith('accuracy')), flush=True)

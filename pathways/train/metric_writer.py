@@ -45,6 +45,12 @@ class MetricWriter:
     self._file.write(json.dumps(row) + '\n')
     self._file.flush()
 
+  def image(self, step: int, name: str, values_HxW) -> None:
+    """A [0, 1] matrix as a grey-scale TensorBoard image (each cell 8x8 pixels)."""
+    values = np.clip(np.asarray(values_HxW, np.float32), 0.0, 1.0)
+    pixels = np.kron(values, np.ones((8, 8), np.float32))
+    self._tb.add_image(name, (255 * pixels).astype(np.uint8), step, dataformats='HW')
+
   def close(self) -> None:
     self._file.close()
     self._tb.close()

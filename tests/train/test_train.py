@@ -40,7 +40,8 @@ def test_end_to_end_train_writes_metrics_checkpoints_and_evaluates(reference_run
   last = rows[-1]
   for key in ('loss', 'train/digits/accuracy', 'load_balance_loss', 'fraction_dropped',
               'computed_experts_per_token', 'mean_depth', 'flops_per_example',
-              'eval/digits/accuracy', 'eval/parity/accuracy', 'eval/mean_accuracy'):
+              'eval/digits/accuracy', 'eval/parity/accuracy', 'eval/mean_accuracy',
+              'routing/layer1/nmi', 'routing/layer1/nmi_shuffled', 'routing/layer1/load_cv'):
     assert key in last, key
   assert sorted(int(os.path.basename(p)) for p in
                 glob.glob(os.path.join(reference_run, 'checkpoints', '[0-9]*'))) == [6, 9, 12]
