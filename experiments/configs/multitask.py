@@ -10,7 +10,7 @@ for the classification tasks; evaluation is dropless.
 
 Variants through the argument, comma-separated: `runlocal` (tiny, 2 CPU cores),
 `experts=N` (experts per bank), `steps=N`.
-runlocal result (`make run`, 2 CPU cores, 600 steps, 4 min 51 s with compilation and four
+runlocal result (`make run`, 2 CPU cores, 600 steps, 4.5-5 min with compilation and four
 evaluations; results/multitask_runlocal/): evaluation accuracy at step 600 (chance):
 digits 0.88 (0.10), parity 0.64 (0.50), stdlib_package 0.30 (0.125), addition per-position
 0.22 (~0.10 at step 0); learned mean depth 3.4 / 1.4 / 1.1 of 4 for digits / parity /

@@ -84,3 +84,26 @@ def test_modality_without_a_stem_is_refused_naming_the_task():
   with pytest.raises(ValueError, match="task 'sounds': modality 'audio' has no stem"):
     model_lib.Figure1Model([t], layout_lib.make_layout([t], [2]), d_model=8, num_layers=1,
                            num_heads=1, mlp_hidden=8, rngs=nnx.Rngs(0))
+
+
+def test_forward_shapes_for_every_modality_and_head_in_one_call():
+  tasks = [synthetic.task('img', 'image', 'classify', (8, 8, 1), 10),
+           synthetic.task('lm', 'bytes', 'per_position', (12,), 256),
+           synthetic.task('cls', 'bytes', 'classify', (6,), 4),
+           synthetic.task('vec', 'vector', 'classify', (5,), 3)]
+  layout = layout_lib.make_layout(tasks, [2, 3, 2, 4])
+  m = model_lib.Figure1Model(tasks, layout, d_model=16, num_layers=2, num_heads=2,
+                             mlp_hidden=32, patch=4, halting=True, moe_kwargs=MOE,
+                             rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 256, (5, 12)).astype(np.int32)
+  tokens[3:, 6:] = 0  # the classification rows are 6 long
+  batch = {'task_id': np.repeat(np.arange(4), [2, 3, 2, 4]).astype(np.int32),
+           'image': rng.integers(0, 256, (2, 8, 8, 1), dtype=np.uint8),
+           'tokens': tokens, 'tokens_mask': tokens != 0,
+           'vector': rng.standard_normal((4, 5)).astype(np.float32)}
+  out, metrics = m(batch)
+  assert out['img'].shape == (2, 10) and out['lm'].shape == (3, 12, 256)
+  assert out['cls'].shape == (2, 4) and out['vec'].shape == (4, 3)
+  assert metrics['flops_per_example'].shape == (11,)
+  assert all(np.isfinite(np.asarray(v)).all() for v in out.values() if not isinstance(v, dict))
