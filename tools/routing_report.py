@@ -3,7 +3,8 @@
   python -m tools.routing_report --workdir=workdirs/multitask [--eval_batches=16] \
       [--over_time] [--baseline=OTHER_WORKDIR]
 
---over_time adds the training curves of the routing scalars from metrics.jsonl;
+--over_time adds the training curves of the routing scalars from metrics.jsonl (with the
+task-expert NMI the trainer logs at each evaluation: specialization over training);
 --baseline puts another workdir's numbers beside these.
 
 Runs the latest checkpoint over each task's evaluation data and writes, under --output
@@ -71,6 +72,17 @@ def _figures(stats):
   axes[1].barh(names, depth)
   axes[1].set_xlabel(f"layers run (of {stats['num_layers']})")
   out['compute_per_task.png'] = png(fig)
+  with_difficulty = [n for n in names if stats['tasks'][n].get('flops_by_difficulty')]
+  if with_difficulty:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for n in with_difficulty:
+      pts = sorted((float(d), f) for d, f in stats['tasks'][n]['flops_by_difficulty'].items())
+      ax.plot(*zip(*pts), marker='o', label=n)
+    ax.set_xlabel('difficulty (task-defined)')
+    ax.set_ylabel('FLOPs per example')
+    ax.legend(fontsize=8)
+    ax.set_title('compute against difficulty')
+    out['flops_vs_difficulty.png'] = png(fig)
   out['pathways.png'] = _pathway_figure(stats, plt, png)
   return out
 
@@ -113,7 +125,8 @@ def _over_time_figure(rows):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  keys = [k for k in OVER_TIME if any(k in r for r in rows)]
+  nmi = sorted({k for r in rows for k in r if k.startswith('routing/') and k.endswith('/nmi')})
+  keys = [k for k in OVER_TIME if any(k in r for r in rows)] + nmi
   acc = sorted({k for r in rows for k in r if k.startswith('eval/') and k.endswith('accuracy')})
   panels = keys + (['eval accuracy'] if acc else [])
   fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)

@@ -43,8 +43,10 @@ def summarize(record: dict, *, shuffle_repeats: int = 10) -> dict:
       entry['depth'] = _num(depth[i])
     difficulty = record['difficulty'][sel]
     if sel.any() and np.isfinite(difficulty).all():
-      entry['flops_difficulty_spearman'] = _num(
-          rs.spearman(difficulty, record['flops_per_example'][sel]))
+      flops_sel = record['flops_per_example'][sel]
+      entry['flops_difficulty_spearman'] = _num(rs.spearman(difficulty, flops_sel))
+      entry['flops_by_difficulty'] = {
+          str(float(d)): float(flops_sel[difficulty == d].mean()) for d in np.unique(difficulty)}
     tasks[name] = entry
   traffic = rs.pathway_traffic([np.asarray(v['task_expert_counts']) for v in layers.values()]
                                ) if layers else np.zeros((0, n, 0))

@@ -22,6 +22,8 @@ def test_report_writes_stats_figures_and_a_self_contained_page(reference_run, tm
   assert len(layer['task_expert_counts']) == 2  # digits, parity
   assert set(saved['tasks']) == {'digits', 'parity'}
   assert saved['tasks']['parity']['flops_difficulty_spearman'] is not None  # parity: bits
+  assert saved['tasks']['parity']['flops_by_difficulty']  # mean FLOPs per number of bits
+  assert 'flops_vs_difficulty.png' in files
   page = open(os.path.join(out, 'index.html')).read()
   assert 'data:image/png;base64,' in page and 'src="http' not in page
 
