@@ -5,7 +5,8 @@ random keys stored as their raw uint32 data), `data` (the pipeline's JSON state)
 `meta` (step, the task name-to-id map, the model signature). Saves are asynchronous;
 orbax commits a step by renaming its temporary directory, so a kill during a save leaves
 the previous step intact. Restoring tries the newest step first and falls back to older
-ones when a step is corrupted or truncated, saying so; it never silently starts over.
+ones when a step is corrupted, truncated or of another model shape, saying so; it never
+silently starts over.
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
         msg = f'checkpoint step {step} in {self.latest.directory} cannot be restored ' \
-              f'(corrupted or truncated): {type(e).__name__}: {str(e)[:300]}'
+              f'(corrupted, truncated, or saved by a model of another shape): ' \
+              f'{type(e).__name__}: {str(e)[:300]}'
         log.warning(msg + '; trying an older step.')
         print('WARNING: ' + msg + '; trying an older step.', flush=True)
         errors.append(msg)

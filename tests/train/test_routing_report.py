@@ -52,3 +52,15 @@ def test_over_time_and_baseline(reference_run, tmp_path):
   assert stats['baseline']['layers']['layer1']['nmi'] == stats['layers']['layer1']['nmi']
   page = open(os.path.join(out, 'index.html')).read()
   assert 'Against the baseline' in page
+
+
+def test_checkpoint_of_another_model_shape_is_refused(reference_run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'reshaped')
+  shutil.copytree(reference_run, workdir)
+  path = os.path.join(workdir, 'config.json')
+  config = json.load(open(path))
+  config['model']['d_model'] = 24  # the checkpoint holds d_model=16 arrays
+  json.dump(config, open(path, 'w'))
+  with pytest.raises(RuntimeError, match='saved by a model of another shape'):
+    routing_report.write_report(workdir, str(tmp_path / 'out'), eval_batches=1)
