@@ -31,14 +31,6 @@ from flax import nnx
 from pathways import registry
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A training workdir.')
-flags.DEFINE_string('task', None, 'The task to export.')
-flags.DEFINE_string('output', None, 'The new workdir.')
-flags.DEFINE_float('threshold', 0.01, 'Least share of the task\'s assignments an expert keeps.')
-flags.DEFINE_integer('eval_batches', None, 'Evaluation batches (default: the config\'s).')
-flags.DEFINE_float('max_accuracy_drop', 0.5, 'Accuracy points the export may lose; lower '
-                   'thresholds are tried until it holds.')
-flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
 
 
 def _param_count(model) -> int:
@@ -254,6 +246,19 @@ def export_task(workdir, task, output, threshold=0.01, eval_batches=None,
   return result
 
 
+def define_flags():
+  """The command-line flags (defined only when run as a program: tools import each other's
+  functions in one process, and absl refuses a flag defined twice)."""
+  flags.DEFINE_string('workdir', None, 'A training workdir.')
+  flags.DEFINE_string('task', None, 'The task to export.')
+  flags.DEFINE_string('output', None, 'The new workdir.')
+  flags.DEFINE_float('threshold', 0.01, 'Least share of the task\'s assignments an expert keeps.')
+  flags.DEFINE_integer('eval_batches', None, 'Evaluation batches (default: the config\'s).')
+  flags.DEFINE_float('max_accuracy_drop', 0.5, 'Accuracy points the export may lose; lower '
+                     'thresholds are tried until it holds.')
+  flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+
+
 def main(argv):
   del argv
   if not FLAGS['verbosity'].present:
@@ -268,4 +273,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

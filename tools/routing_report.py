@@ -28,12 +28,6 @@ import numpy as np
 from pathways import registry
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A training workdir.')
-flags.DEFINE_string('output', None, 'Report folder (default: WORKDIR/report).')
-flags.DEFINE_integer('eval_batches', None, 'Evaluation batches (default: the config\'s).')
-flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
-flags.DEFINE_bool('over_time', False, 'Also plot the routing scalars across training.')
-flags.DEFINE_string('baseline', None, 'Another workdir to compare with, side by side.')
 
 OVER_TIME = ('loss', 'load_balance_loss', 'fraction_dropped', 'computed_experts_per_token',
              'mean_depth', 'flops_per_example')
@@ -228,6 +222,17 @@ def write_report(workdir: str, output: str | None = None, eval_batches: int | No
   return stats
 
 
+def define_flags():
+  """The command-line flags (defined only when run as a program: tools import each other's
+  functions in one process, and absl refuses a flag defined twice)."""
+  flags.DEFINE_string('workdir', None, 'A training workdir.')
+  flags.DEFINE_string('output', None, 'Report folder (default: WORKDIR/report).')
+  flags.DEFINE_integer('eval_batches', None, 'Evaluation batches (default: the config\'s).')
+  flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+  flags.DEFINE_bool('over_time', False, 'Also plot the routing scalars across training.')
+  flags.DEFINE_string('baseline', None, 'Another workdir to compare with, side by side.')
+
+
 def main(argv):
   del argv
   if not FLAGS['verbosity'].present:
@@ -244,4 +249,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
