@@ -71,7 +71,7 @@ def _transplant(old, new, task, kept, per_bank, banks):
   old_flat = checkpoint_lib.flat_paths(nnx.to_pure_dict(nnx.state(old)))
 
   def pick(path, leaf):
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    name = checkpoint_lib.path_name(path)
     src = old_flat.get(name)
     if src is None or src.dtype != leaf.dtype:
       return leaf
@@ -103,7 +103,7 @@ def _transplant(old, new, task, kept, per_bank, banks):
     new.router_prior[task][...] = prior.at[m].set(old.router_prior[task][...][m][cols])
 
 
-def _into_layout(small, layout_big, layout_small, task_big):
+def _into_layout(small, layout_big, task_big):
   """A full-layout batch whose rows of `task_big` hold the single-task batch `small` (other
   rows empty, weight 0: evaluation is dropless, so they change nothing)."""
   b = layout_big.batch_size
@@ -127,7 +127,6 @@ def _into_layout(small, layout_big, layout_small, task_big):
         src = small[name]
         arr[(local,) + tuple(slice(0, d) for d in src.shape[1:])] = src
       out[name] = arr
-  del layout_small
   return out
 
 
@@ -203,7 +202,7 @@ def export_task(workdir, task, output, threshold=0.01, eval_batches=None,
     new_state_eval = nnx.state((new_model, new_opt))
     for _ in range(n_batches):
       small = next(small_pipe)
-      big = _into_layout(small, old.layout, new_model.layout, i)
+      big = _into_layout(small, old.layout, i)
       acc_o, acc_n, count, f_o, f_n = jax.device_get(both(state, new_state_eval, big, small))
       totals += [acc_o * count, acc_n * count, count, f_o, f_n]
     count = max(totals[2], 1.0)

@@ -43,7 +43,7 @@ def collect(graphdef, state, batches, forward=None) -> dict:
     for key, value in metrics.items():
       if key.split('/')[-1] in LAYER_SCALARS and np.ndim(value) == 0:
         scalars.setdefault(key, []).append(float(value))
-  out = {k: v for k, v in _concat(parts).items()}
+  out = _concat(parts)
   out['scalars'] = {k: float(np.mean(v)) for k, v in scalars.items()}
   out['num_experts'] = {f'layer{l}': model.blocks[l].ffn.num_experts for l in model.moe_layers}
   out['task_names'] = list(model.task_names)

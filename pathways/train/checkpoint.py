@@ -37,12 +37,14 @@ def from_saveable(tree, like):
                       if _is_key(ref) else x, tree, like)
 
 
+def path_name(path) -> str:
+  """'a/b/0/c' for a key path (orbax may turn int keys into strings: both print alike)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
 def flat_paths(tree) -> dict:
-  """{'a/b/0/c': leaf} of a nested dict/list tree (orbax may turn int keys into strings)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    out['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)] = leaf
-  return out
+  """{'a/b/0/c': leaf} of a nested dict/list tree."""
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class Checkpointer:
@@ -142,7 +144,7 @@ def restore_params(workdir: str, model_state):
   restored, kept = [], []
 
   def pick(path, leaf):
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    name = path_name(path)
     old = saved_flat.get(name)
     if old is not None and not _is_key(leaf) and np.shape(old) == np.shape(leaf):
       restored.append(name)

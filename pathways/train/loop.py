@@ -205,7 +205,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model, opt = nnx.merge(graphdef, state)
     model_state, got, kept = checkpoint_lib.restore_params(config.init_from, nnx.state(model))
     nnx.update(model, model_state)
-    state = jax.device_put(nnx.state((model, opt)), shardings)
+    state = nnx.state((model, opt))
     print(f'initialized from {config.init_from}: {len(got)} arrays restored, {len(kept)} '
           f'new (e.g. {kept[:3]})', flush=True)
   state = jax.device_put(state, shardings)
