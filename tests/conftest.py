@@ -1,7 +1,12 @@
-"""Test-wide settings: CPU only, persistent compilation cache, float32 matmuls at full precision."""
+"""Test-wide settings: CPU only (8 simulated devices), persistent compilation cache,
+float32 matmuls at full precision."""
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Eight simulated CPU devices for the mesh tests (other tests use the first device).
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8').strip()
 
 import jax  # noqa: E402
 

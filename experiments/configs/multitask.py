@@ -44,8 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task_flops_budgets = ml_collections.ConfigDict({})  # name -> FLOPs per example
   # name -> {MoE layer (as a string): allowed experts}, e.g. {'parity': {'1': [0, 1]}}
   c.task_connectivity = ml_collections.ConfigDict({})
+  # shards: blocks of the global batch, one per data-parallel replica (0: the mesh's data
+  # axis size); each process loads only its blocks.
   c.data = dict(batch_size=32 if runlocal else 128, mixture='uniform', temperature=2.0,
-                data_dir='')
+                data_dir='', shards=0)
   d = 64 if runlocal else 256
   c.model = dict(d_model=d, num_layers=4 if runlocal else 8, num_heads=4, mlp_hidden=2 * d,
                  moe_every=2, patch=2, halting=True, remat=False, dtype='float32',
@@ -61,7 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  eval_every=200 if runlocal else 2000, eval_batches=16 if runlocal else 50,
                  routing_batches=2)  # routing NMI, load CV, task x expert images at eval
   c.ckpt = dict(every=100 if runlocal else 1000, keep=3, best_metric='eval/mean_accuracy')
-  c.mesh = dict(shape=[1, 1], axes=['data', 'expert'])
+  # Mesh axes in order, sizes; -1 takes the devices the others leave. Experts shard over
+  # 'expert' (MoE layers then run expert parallel), batches over 'data'.
+  c.mesh = dict(data=-1, expert=1)
+  # Logical parameter axis -> mesh axis (unlisted: replicated). Add ['embed', 'data'] to
+  # also split the large weights over the data axis (FSDP-style, gathered per layer).
+  c.sharding_rules = [['expert', 'expert'], ['batch', 'data']]
   c.init_from = ''  # another workdir: start from its latest checkpoint's parameters
   c.freeze = []  # regexes over parameter paths (e.g. 'blocks/1/ffn/banks') not updated
   return c

@@ -18,20 +18,31 @@ MODALITY_ARRAY = {'image': 'image', 'bytes': 'tokens', 'vector': 'vector'}
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BatchLayout:
-  """Static layout: which rows belong to which task and modality, and the array shapes."""
+  """Static layout: which rows belong to which task and modality, and the array shapes.
+
+  A batch is `shards` equal blocks (one per data-parallel shard, see the pipeline); within
+  each block task i owns rows [offsets[i], offsets[i] + slots[i]). With one shard (the
+  default) a task's rows are one contiguous range.
+  """
   task_names: tuple[str, ...]
-  slots: tuple[int, ...]
-  offsets: tuple[int, ...]
+  slots: tuple[int, ...]  # per shard
+  offsets: tuple[int, ...]  # within a shard
   rows: dict  # modality -> np.ndarray of batch rows, in order
   shapes: dict  # array name -> shape of one example (padded)
+  shards: int = 1
+
+  @property
+  def shard_size(self) -> int:
+    return int(sum(self.slots))
 
   @property
   def batch_size(self) -> int:
-    return int(sum(self.slots))
+    return self.shards * self.shard_size
 
   def _key(self):
     rows = tuple((k, tuple(int(r) for r in v)) for k, v in sorted(self.rows.items()))
-    return (self.task_names, self.slots, self.offsets, rows, tuple(sorted(self.shapes.items())))
+    return (self.task_names, self.slots, self.offsets, rows, tuple(sorted(self.shapes.items())),
+            self.shards)
 
   # Value semantics (the model's graph carries the layout as static data, so jit and
   # eval_shape compare layouts; the numpy row arrays must not reach `==`).
@@ -41,22 +52,31 @@ class BatchLayout:
   def __hash__(self):
     return hash(self._key())
 
-  def task_rows(self, i: int) -> range:
-    return range(self.offsets[i], self.offsets[i] + self.slots[i])
+  def task_rows(self, i: int) -> np.ndarray:
+    """Task i's batch rows, in order (int32)."""
+    return _tiled(self.offsets[i], self.slots[i], self.shards, self.shard_size)
 
 
-def make_layout(tasks: Sequence[task_lib.Task], slots: Sequence[int]) -> BatchLayout:
+def _tiled(offset, count, shards, shard_size):
+  return (np.arange(shards)[:, None] * shard_size + offset + np.arange(count)[None]).reshape(
+      -1).astype(np.int32)
+
+
+def make_layout(tasks: Sequence[task_lib.Task], slots: Sequence[int],
+                shards: int = 1) -> BatchLayout:
+  """The layout of `shards` blocks, each with `slots[i]` rows of task i."""
   offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(slots)[:-1]]))
+  size = int(sum(slots))
   rows, shapes = {}, {}
   for modality, array in MODALITY_ARRAY.items():
     members = [i for i, t in enumerate(tasks) if t.modality == modality]
     if not members:
       continue
-    rows[modality] = np.concatenate([np.arange(offsets[i], offsets[i] + slots[i])
-                                     for i in members]).astype(np.int32)
+    rows[modality] = np.sort(np.concatenate([_tiled(offsets[i], slots[i], shards, size)
+                                             for i in members])).astype(np.int32)
     dims = [tasks[i].input_shape for i in members]
     if modality == 'image':
       dims = [d if len(d) == 3 else tuple(d) + (1,) for d in dims]
     shapes[array] = tuple(int(max(d[j] for d in dims)) for j in range(len(dims[0])))
   return BatchLayout(tuple(t.name for t in tasks), tuple(int(s) for s in slots), offsets, rows,
-                     shapes)
+                     shapes, int(shards))

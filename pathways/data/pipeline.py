@@ -18,9 +18,15 @@ fixed block of rows (see `mixture.slots`). A batch is a dict of numpy arrays:
 and the model puts them back in row order, so the whole batch runs in one call.
 
 Data: each task's split is a `grain.MapDataset` over its random-access source, seeded,
-shuffled and repeated; this process reads every `process_count`-th index from
-`process_index`. The pipeline's state is the next index of each task and the step: it is
-small JSON, and a restored pipeline yields exactly the batches the original would have.
+shuffled and repeated. The pipeline's state is the next index of each task and the step: it
+is small JSON, and a restored pipeline yields exactly the batches the original would have.
+
+Data parallelism: a global batch is `num_shards` equal blocks (the mesh's data axis size by
+default), each a complete little batch of B / num_shards rows in the same per-shard layout;
+block j reads every `num_shards`-th index of each task from j. A process builds only the
+blocks its devices hold (`process_index` of `process_count`, consecutive blocks), so no
+host loads another's examples, and one process building all blocks yields exactly the
+global batch that many processes build together.
 """
 from __future__ import annotations
 
@@ -72,42 +78,56 @@ class MultitaskPipeline:
     seed: shuffling and schedule seed.
     mixture: 'proportional', 'uniform' or 'temperature'; temperature for the last.
     data_dir: TFDS data directory.
-    process_index, process_count: this host's shard of every task's data.
+    num_shards: blocks of the global batch (data-parallel shards); None: process_count.
+    process_index, process_count: this process builds blocks [i * n, (i + 1) * n),
+      n = num_shards / process_count.
     sources: optional name -> random-access source, instead of calling each task's `data`.
   """
 
   def __init__(self, tasks: Sequence[task_lib.Task], batch_size: int, *, split: str = 'train',
                seed: int = 0, mixture: str = 'proportional', temperature: float = 2.0,
-               data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
-               sources: dict | None = None):
+               data_dir: str | None = None, num_shards: int | None = None,
+               process_index: int = 0, process_count: int = 1, sources: dict | None = None):
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
       raise ValueError(f'tasks={names}: a task is listed twice.')
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index}: must be in [0, process_count='
                        f'{process_count}).')
+    num_shards = process_count if num_shards is None else num_shards
+    if num_shards < 1 or num_shards % process_count:
+      raise ValueError(f'num_shards={num_shards}: must be a multiple of process_count='
+                       f'{process_count} (the data axis of the mesh must span the processes).')
+    if batch_size % num_shards:
+      raise ValueError(f'batch_size={batch_size}: must split into num_shards={num_shards} equal '
+                       f'blocks (the data axis of the mesh).')
     self.tasks = list(tasks)
     self.seed = seed
     self.batch_size = batch_size
     self._sources = {}
     for t in self.tasks:
       src = (sources or {}).get(t.name) or t.data(t.splits[split], data_dir)
-      if len(src) < process_count:
+      if len(src) < num_shards:
         raise ValueError(f'task {t.name!r}: split {t.splits[split]!r} has {len(src)} examples, '
-                         f'fewer than process_count={process_count}.')
+                         f'fewer than num_shards={num_shards}.')
       check_example(t, src[0])
       self._sources[t.name] = src
     sizes = [len(self._sources[t.name]) for t in self.tasks]
     self.weights = mixture_lib.mixture_weights(sizes, [t.sampling_weight for t in self.tasks],
                                                mixture, temperature)
-    self.layout = make_layout(self.tasks, mixture_lib.slots(self.weights, batch_size))
+    self.shard_batch_size = batch_size // num_shards
+    slots = mixture_lib.slots(self.weights, self.shard_batch_size)
+    per_process = num_shards // process_count
+    self.layout = make_layout(self.tasks, slots, num_shards)  # the global batch
+    self.local_layout = make_layout(self.tasks, slots, per_process)  # this process's blocks
+    self._shards = range(process_index * per_process, (process_index + 1) * per_process)
+    self.num_shards = num_shards
     self._datasets = {
         t.name: grain.MapDataset.source(self._sources[t.name]).seed(
             _seed_for(seed, t.name)).shuffle().repeat(None) for t in self.tasks}
-    # Batch row -> row in its modality's array (static, used every step).
+    # Local batch row -> row in its modality's array (static, used every step).
     self._local_row = {m: {int(r): j for j, r in enumerate(rows)}
-                       for m, rows in self.layout.rows.items()}
-    self._process = (process_index, process_count)
+                       for m, rows in self.local_layout.rows.items()}
     self._step = 0
     self._next = {t.name: 0 for t in self.tasks}
 
@@ -115,16 +135,17 @@ class MultitaskPipeline:
     """Name -> id: positions in the config's task list (saved with every checkpoint)."""
     return {t.name: i for i, t in enumerate(self.tasks)}
 
-  def _example(self, name: str, position: int):
-    index, count = self._process
-    return self._datasets[name][position * count + index]
+  def _example(self, name: str, position: int, shard: int):
+    return self._datasets[name][position * self.num_shards + shard]
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    layout, b = self.layout, self.layout.batch_size
-    counts = mixture_lib.active_counts(self.weights, self.batch_size, self._step, self.seed)
+    """This process's blocks of the next global batch (the whole batch on one process)."""
+    layout, b = self.local_layout, self.local_layout.batch_size
+    counts = mixture_lib.active_counts(self.weights, self.shard_batch_size, self._step,
+                                       self.seed)
     batch = {'task_id': np.zeros(b, np.int32), 'weight': np.zeros(b, np.float32),
              'label': np.full(b, -1, np.int32), 'difficulty': np.full(b, np.nan, np.float32)}
     for modality, rows in layout.rows.items():
@@ -133,31 +154,34 @@ class MultitaskPipeline:
       batch[array] = np.zeros((len(rows),) + layout.shapes[array], dtype)
       if modality == 'bytes':
         batch['targets'] = np.full((len(rows),) + layout.shapes[array], -1, np.int32)
-    local = self._local_row
     for i, t in enumerate(self.tasks):
-      task_rows = layout.task_rows(i)
-      batch['task_id'][list(task_rows)] = i
-      for row in list(task_rows)[:int(counts[i])]:
-        ex = self._example(t.name, self._next[t.name])
-        self._next[t.name] += 1
-        batch['weight'][row] = 1.0
-        if t.difficulty_feature:
-          batch['difficulty'][row] = float(ex[t.difficulty_feature])
-        x = np.asarray(ex[t.input_feature])
-        j = local[t.modality][row]
-        array = MODALITY_ARRAY[t.modality]
-        if t.modality == 'image' and x.ndim == 2:
-          x = x[..., None]
-        batch[array][(j,) + tuple(slice(0, n) for n in x.shape)] = x
-        if t.head == 'classify':
-          batch['label'][row] = int(ex[t.target_feature])
-        else:
-          y = np.asarray(ex[t.target_feature])
-          batch['targets'][j, :y.shape[0]] = y
+      batch['task_id'][layout.task_rows(i)] = i
+      for block, shard in enumerate(self._shards):
+        first = block * layout.shard_size + layout.offsets[i]
+        for j in range(int(counts[i])):
+          self._fill(batch, t, first + j, self._example(t.name, self._next[t.name] + j, shard))
+      self._next[t.name] += int(counts[i])
     if 'tokens' in batch:
       batch['tokens_mask'] = batch['tokens'] != 0
     self._step += 1
     return batch
+
+  def _fill(self, batch, t, row, ex):
+    """Writes one example into local batch row `row`."""
+    batch['weight'][row] = 1.0
+    if t.difficulty_feature:
+      batch['difficulty'][row] = float(ex[t.difficulty_feature])
+    x = np.asarray(ex[t.input_feature])
+    j = self._local_row[t.modality][row]
+    array = MODALITY_ARRAY[t.modality]
+    if t.modality == 'image' and x.ndim == 2:
+      x = x[..., None]
+    batch[array][(j,) + tuple(slice(0, n) for n in x.shape)] = x
+    if t.head == 'classify':
+      batch['label'][row] = int(ex[t.target_feature])
+    else:
+      y = np.asarray(ex[t.target_feature])
+      batch['targets'][j, :y.shape[0]] = y
 
   def get_state(self) -> bytes:
     return json.dumps({'step': self._step, 'next': self._next, 'seed': self.seed,

@@ -130,14 +130,22 @@ def _choice_major(a_SxK):
 
 
 @DISPATCHERS.register('sorted')
-def dispatch_sorted(x_GxSxD, routing, weights, capacity, dtype=jnp.float32):
-  """Fast path: sort-ranked slots, gathers into [E, G*C, D] buffers, batched expert matmuls."""
+def dispatch_sorted(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
+                    run_experts=None, num_experts=None):
+  """Fast path: sort-ranked slots, gathers into [E, G*C, D] buffers, batched expert matmuls.
+
+  `run_experts(buf_ExMxD) -> y_ExMxD` replaces the local expert matmuls (the expert-parallel
+  layer sends the buffers to the devices that hold the experts); `num_experts` is then the
+  global E when `weights` hold one device's shard.
+  """
   g, s, d = x_GxSxD.shape
-  e = _num_experts(weights)
+  e = num_experts or _num_experts(weights)
   t = g * s
   x_TxD = x_GxSxD.reshape(t, d).astype(dtype)
+  if run_experts is None:
+    run_experts = lambda buf: experts_lib.apply_banks(buf, weights, dtype)  # noqa: E731
   if routing.choice == 'expert':
-    y_TxD = _expert_choice_gather(x_TxD, g, s, routing, weights, dtype)
+    y_TxD = _expert_choice_gather(x_TxD, g, s, routing, e, run_experts)
     return y_TxD.reshape(g, s, d).astype(x_GxSxD.dtype), routing.valid_ExC
   k = routing.expert_SxK.shape[-1]
   slot_GxSxK, kept_GxSxK, source_GxExC = jax.vmap(
@@ -157,22 +165,20 @@ def dispatch_sorted(x_GxSxD, routing, weights, capacity, dtype=jnp.float32):
       w_GxA[group_G[None, :, None], jnp.where(has_ExGxC, source_ExGxC, s * k)].reshape(-1))
   flat_TxK = flat_GxSxK.reshape(t, k)
   buf_NxD = gather_dispatch(x_TxD, token_N, flat_TxK)
-  y_NxD = experts_lib.apply_banks(buf_NxD.reshape(e, g * capacity, d), weights,
-                                  dtype).reshape(n, d)
+  y_NxD = run_experts(buf_NxD.reshape(e, g * capacity, d)).reshape(n, d)
   out_TxD = gather_combine(y_NxD, w_GxSxK.reshape(t, k), flat_TxK, token_N, w_N)
   return out_TxD.reshape(g, s, d).astype(x_GxSxD.dtype), kept_GxSxK
 
 
-def _expert_choice_gather(x_TxD, g, s, routing, weights, dtype):
+def _expert_choice_gather(x_TxD, g, s, routing, e, run_experts):
   """Expert choice: gather each expert's chosen tokens; combine with a segment sum."""
   t, d = x_TxD.shape
-  e = _num_experts(weights)
   token_GxExC = jnp.where(routing.valid_ExC,
                           routing.token_ExC + jnp.arange(g)[:, None, None] * s, t)
   token_ExGxC = jnp.transpose(token_GxExC, (1, 0, 2))
   weight_ExGxC = jnp.transpose(routing.weight_ExC * routing.valid_ExC, (1, 0, 2))
   buf = _pad_row(x_TxD)[token_ExGxC.reshape(e, -1)]
-  y = experts_lib.apply_banks(buf, weights, dtype) * weight_ExGxC.reshape(e, -1, 1).astype(dtype)
+  y = run_experts(buf) * weight_ExGxC.reshape(e, -1, 1).astype(buf.dtype)
   out = jax.ops.segment_sum(y.reshape(-1, d), token_ExGxC.reshape(-1), num_segments=t + 1)
   return out[:t]
 

@@ -10,12 +10,16 @@ Dimension vocabulary (tensor names carry their shape, e.g. `x_BxLxD`, `buf_ExCxD
   N  tasks
 
 One call: router(x) -> Routing; per group, capacity and dispatcher move tokens into
-[E, C, D] buffers, experts run, outputs are combined with the gate weights. Tokens whose
+[E, C, D] buffers, experts run, outputs are combined with the gate weights. Traced under a
+mesh of several devices (`jax.set_mesh`), the 'sorted' and 'ragged' dispatchers run expert
+parallel (`pathways.parallel.expert_parallel`): groups over the devices, experts over the
+'expert' axis, tokens exchanged by all-to-all. Tokens whose
 assignments were all dropped, or that took only null experts, or that are inactive
 (padding, halted examples), get zero from this layer: the residual stream carries them.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -27,6 +31,7 @@ from pathways.nn import capacity as capacity_lib
 from pathways.nn import dispatch as dispatch_lib
 from pathways.nn import experts as experts_lib
 from pathways.nn import router as router_lib
+from pathways.parallel import expert_parallel
 
 ROUTERS = registry.Registry('router')
 ROUTERS.add('top_k', router_lib.TopKRouter)
@@ -207,8 +212,14 @@ class MoELayer(nnx.Module):
       s = b * l // g
     active_GxS = mask_BxL.reshape(g, s)
     weights = [bank.weights() for bank in self.banks]
-    y_GxSxD, kept = self.dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity,
-                                     self.dtype)
+    dispatch_fn = self.dispatch_fn
+    mesh = expert_parallel.context_mesh()
+    if mesh is not None and dispatch_fn in expert_parallel.PARALLEL:
+      if expert_parallel.fits(mesh, g, [w.shape[0] for w, _ in weights]):
+        dispatch_fn = functools.partial(expert_parallel.PARALLEL[dispatch_fn], mesh=mesh)
+      else:
+        expert_parallel.warn_unfit(mesh, g, [w.shape[0] for w, _ in weights])
+    y_GxSxD, kept = dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity, self.dtype)
     metrics = self._dispatch_metrics(routing, kept, active_GxS)
     metrics['flops_BxL'] = self._flops(routing, kept, active_GxS).reshape(b, l)
     if routing.choice == 'token':

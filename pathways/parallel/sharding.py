@@ -20,16 +20,52 @@ DEFAULT_RULES = (('expert', 'expert'), ('batch', 'data'), ('embed', None), ('mlp
                  ('heads', None), ('vocab', None))
 
 
-def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> jax.sharding.Mesh:
-  """A mesh of `shape` over `axes` (e.g. (1, 1), ('data', 'expert')) from the first devices."""
-  shape, axes = tuple(int(s) for s in shape), tuple(axes)
-  if len(shape) != len(axes):
-    raise ValueError(f'mesh.shape={shape} and mesh.axes={axes}: must have the same length.')
-  need = int(np.prod(shape))
+def mesh_shape(spec: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Axis sizes from a config mapping like {'data': -1, 'expert': 4}: at most one -1, which
+  takes the devices the other axes leave."""
+  spec = {str(k): v for k, v in dict(spec).items()}
+  if not spec:
+    raise ValueError('config.mesh={}: name at least one axis, e.g. {"data": -1}.')
+  for name, size in spec.items():
+    if isinstance(size, bool) or not isinstance(size, int) or not (size >= 1 or size == -1):
+      raise ValueError(f'config.mesh.{name}={size!r}: must be an int >= 1, or -1 for the '
+                       f'devices the other axes leave.')
+  fill = [k for k, v in spec.items() if v == -1]
+  if len(fill) > 1:
+    raise ValueError(f'config.mesh={spec}: at most one axis may be -1 (got {fill}).')
+  fixed = int(np.prod([v for v in spec.values() if v != -1]))
+  if fill:
+    if num_devices % fixed:
+      raise ValueError(f'config.mesh={spec}: the fixed axes ({fixed} devices) do not divide the '
+                       f'{num_devices} devices available.')
+    spec[fill[0]] = num_devices // fixed
+  elif fixed > num_devices:
+    raise ValueError(f'config.mesh={spec} needs {fixed} devices; {num_devices} are available.')
+  return spec
+
+
+def make_mesh(spec: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
+  """A mesh from {'axis': size} (one size may be -1) over the first devices, in the axes'
+  order: put 'data' first so that data-parallel replicas span hosts and experts stay within
+  one. Axis types are Auto (the compiler propagates shardings from the jit boundaries)."""
   devices = list(jax.devices() if devices is None else devices)
-  if need > len(devices) or need < 1:
-    raise ValueError(f'mesh.shape={shape} needs {need} devices; {len(devices)} are available.')
-  return jax.sharding.Mesh(np.array(devices[:need]).reshape(shape), axes)
+  shape = mesh_shape(spec, len(devices))
+  need = int(np.prod(list(shape.values())))
+  auto = (jax.sharding.AxisType.Auto,) * len(shape)
+  return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=auto,
+                       devices=devices[:need])
+
+
+def rules_from_config(rules) -> tuple[tuple[str, str | None], ...]:
+  """config.sharding_rules ([['expert', 'expert'], ['embed', None], ...]) as pairs."""
+  out = []
+  for i, rule in enumerate(rules):
+    if len(rule) != 2 or not isinstance(rule[0], str) or not (rule[1] is None or
+                                                               isinstance(rule[1], str)):
+      raise ValueError(f'config.sharding_rules[{i}]={rule!r}: must be a pair (logical axis, '
+                       f'mesh axis or None).')
+    out.append((rule[0], rule[1]))
+  return tuple(out)
 
 
 def spec_for(logical_axes, rules: Mapping[str, str | None], mesh) -> P:
@@ -58,3 +94,26 @@ def state_shardings(abstract_state, mesh, rules=DEFAULT_RULES):
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES):
+  """Every batch array is split on its leading (example) axis over the 'batch' rule's axis."""
+  return NamedSharding(mesh, spec_for(('batch',), dict(rules), mesh))
+
+
+def data_shards(mesh, rules=DEFAULT_RULES) -> int:
+  """How many equal blocks a batch's leading axis is split into."""
+  axis = dict(rules).get('batch')
+  return int(mesh.shape[axis]) if axis in mesh.shape else 1
+
+
+def put_batch(batch: dict, sharding):
+  """This process's rows of a batch -> global arrays (one process: a plain device_put).
+
+  Each process passes the consecutive block of rows its devices hold (`pipeline` shards
+  the data that way), so no host ever loads another host's examples.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

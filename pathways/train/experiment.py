@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from pathways import registry
 from pathways.data import pipeline as pipeline_lib
 from pathways.nn import model as model_lib
+from pathways.parallel import sharding as sharding_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -54,6 +56,15 @@ def validate(config) -> None:
   for key, value in config.aux.items():
     if value < 0:
       _bad(f'aux.{key}', value, 'must be >= 0')
+  sharding_lib.mesh_shape(config.mesh, jax.device_count())
+  for logical, axis in sharding_lib.rules_from_config(config.sharding_rules):
+    if axis is not None and axis not in config.mesh and axis not in ('data', 'expert'):
+      _bad('sharding_rules', [logical, axis], f'maps to a mesh axis not in config.mesh '
+           f'{dict(config.mesh)} (absent standard axes data/expert replicate)')
+  shards = config.data.shards
+  if not (isinstance(shards, int) and shards >= 0) or (shards and shards % jax.process_count()):
+    _bad('data.shards', shards, f'must be 0 (the mesh\'s data axis size) or a multiple of the '
+         f'{jax.process_count()} processes')
 
 
 def tasks_from_config(config):

@@ -159,12 +159,20 @@ class _Progress:
       self.bar.close()
 
 
+def data_kwargs(config, mesh) -> dict:
+  """How this process's pipelines split the global batch (see `pipeline`)."""
+  rules = sharding_lib.rules_from_config(config.sharding_rules)
+  shards = config.data.shards or sharding_lib.data_shards(mesh, rules)
+  return dict(num_shards=shards, process_index=jax.process_index(),
+              process_count=jax.process_count())
+
+
 def build(config, mesh=None):
   """Tasks, train pipeline, graphdef, sharded initial state and shardings of a config."""
   experiment.validate(config)
   tasks = experiment.tasks_from_config(config)
-  pipe = experiment.pipeline_from_config(config, tasks)
-  mesh = mesh or sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  pipe = experiment.pipeline_from_config(config, tasks, **data_kwargs(config, mesh))
   tx = optimizer_lib.make_optimizer(
       learning_rate=config.optim.learning_rate, warmup_steps=config.optim.warmup_steps,
       num_steps=config.train.num_steps, weight_decay=config.optim.weight_decay,
@@ -178,7 +186,8 @@ def build(config, mesh=None):
 
   abstract = nnx.eval_shape(make)
   graphdef, abstract_state = nnx.split(abstract)
-  shardings = sharding_lib.state_shardings(abstract_state, mesh)
+  shardings = sharding_lib.state_shardings(
+      abstract_state, mesh, sharding_lib.rules_from_config(config.sharding_rules))
   state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
   return tasks, pipe, graphdef, state, shardings, mesh
 
@@ -211,19 +220,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = jax.device_put(state, shardings)
   meta = {'task_ids': task_ids, 'signature': experiment.model_signature(config)}
 
-  batch_sharding = sharding_lib.replicated(mesh)
+  batch_sharding = sharding_lib.batch_sharding(
+      mesh, sharding_lib.rules_from_config(config.sharding_rules))
+  put = lambda batch: sharding_lib.put_batch(batch, batch_sharding)  # noqa: E731
   train_step = jax.jit(make_train_step(graphdef, config), in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, None), donate_argnums=0)
+                       out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                       donate_argnums=0)
   eval_step = evaluation.make_eval_step(graphdef)
+  shard_kwargs = data_kwargs(config, mesh)
 
   routing_forward = collect_lib.make_forward(graphdef)
 
   def run_eval(state, step):
-    eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
-    result = evaluation.evaluate(eval_step, state,
-                                 (next(eval_pipe) for _ in range(config.train.eval_batches)))
-    if config.train.get('routing_batches', 0):  # the routing report's scalars and heatmaps
-      eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
+    eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1,
+                                                **shard_kwargs)
+    result = evaluation.evaluate(eval_step, state, (
+        put(next(eval_pipe)) for _ in range(config.train.eval_batches)))
+    # The routing report's scalars and heatmaps (one process: the records are per example).
+    if config.train.get('routing_batches', 0) and jax.process_count() == 1:
+      eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1,
+                                                  **shard_kwargs)
       record = collect_lib.collect(
           graphdef, state, (next(eval_pipe) for _ in range(config.train.routing_batches)),
           forward=routing_forward)
@@ -237,7 +253,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      counts / np.maximum(counts.sum(1, keepdims=True), 1.0))
     return result
 
-  writer = metric_writer.MetricWriter(workdir, resume_step=start)
+  writer = metric_writer.MetricWriter(workdir, resume_step=start,
+                                      enabled=jax.process_index() == 0)
   stop = _Stop()
   progress = _Progress(start, config.train.num_steps, config.train.log_every)
   total = config.train.num_steps
@@ -266,10 +283,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if row:
       writer.write(step, row)
 
+  mesh_context = jax.set_mesh(mesh)  # MoE layers trace expert parallel under it
+  mesh_context.__enter__()
   try:
     step = start
     for step in range(start + 1, total + 1):
-      batch = next(pipe)
+      batch = put(next(pipe))
       boundary = (step % config.ckpt.every == 0 or step % config.train.eval_every == 0
                   or step == total)
       state, scalars = train_step(state, batch)
@@ -291,6 +310,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if pending is not None:
       finish(*pending, None)
   finally:
+    mesh_context.__exit__(None, None, None)
     ckpt.wait()
     ckpt.close()
     writer.close()

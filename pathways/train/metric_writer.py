@@ -1,7 +1,8 @@
 """Metric writers: JSON lines in the workdir and TensorBoard event files (no TensorFlow).
 
 `metrics.jsonl` holds each step once: a writer opened to resume at step S drops the lines
-of steps after S (a crashed run may have logged steps it never checkpointed).
+of steps after S (a crashed run may have logged steps it never checkpointed). In a
+multi-process run only process 0 writes (`enabled=False` elsewhere): metrics are global.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import numpy as np
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(self.path):
@@ -35,6 +39,8 @@ class MetricWriter:
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
     row = {'step': int(step)}
     for key, value in metrics.items():
       value = np.asarray(value)
@@ -47,11 +53,15 @@ class MetricWriter:
 
   def image(self, step: int, name: str, values_HxW) -> None:
     """A [0, 1] matrix as a grey-scale TensorBoard image (each cell 8x8 pixels)."""
+    if not self.enabled:
+      return
     values = np.clip(np.asarray(values_HxW, np.float32), 0.0, 1.0)
     pixels = np.kron(values, np.ones((8, 8), np.float32))
     self._tb.add_image(name, (255 * pixels).astype(np.uint8), step, dataformats='HW')
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self._file.close()
     self._tb.close()
 

@@ -10,6 +10,7 @@ def get_config(arg=None):
   c = multitask.get_config('runlocal')
   c.tasks = ['digits', 'parity']
   c.data.batch_size = 8
+  c.mesh.data = 1  # the tests see 8 simulated devices; this run uses one
   c.data.data_dir = arg or ''
   c.model.d_model = 16
   c.model.num_layers = 2

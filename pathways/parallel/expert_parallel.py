@@ -1,0 +1,158 @@
+"""Expert parallelism: tokens travel to the devices that hold their experts.
+
+Inside `jax.shard_map` over the whole mesh, each device owns G / N capacity groups (N = all
+devices) and, along the 'expert' mesh axis, 1 / X of every expert bank. Per device:
+
+  1. the local dispatcher (sort-ranked slots, `dispatch.dispatch_sorted`) fills [E, g*C, D]
+     buffers for its own groups;
+  2. one `all_to_all` over 'expert' sends expert e's rows to the device that holds e and
+     receives, from each of the X devices, the rows for its own E / X experts;
+  3. the local experts run; a second `all_to_all` sends the results back; the dispatcher
+     combines them with the gate weights.
+
+Groups are independent, so the result equals the single-device layer with the same groups
+(tests: meshes 8x1, 4x2, 2x4, 1x8 on 8 simulated devices, forwards and gradients). On the
+'data' axis the experts are replicated; shard_map's autodiff sums their gradients over it.
+
+The dropless path (`dispatcher='ragged'`) sends each device's tokens sorted by expert, with
+`ragged_all_to_all` on GPU/TPU (sizes exchanged first, `ragged_dot` on the received rows).
+XLA:CPU has no ragged all-to-all: there the same layout travels through a dense
+`all_to_all` padded to the worst case (every local assignment to one device), which is what
+runs in the CPU tests; the ragged program is only lowered there.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from absl import logging
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from pathways.nn import dispatch as dispatch_lib
+from pathways.nn import experts as experts_lib
+
+EXPERT_AXIS = 'expert'
+
+
+def context_mesh():
+  """The mesh set by `jax.set_mesh` (abstract inside jit), or None when there is none or it
+  has a single device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
+    return None
+  return mesh
+
+
+def _device_major(bank_sizes, x):
+  """Permutation of global expert ids (bank-major) into device-major order: device j's
+  experts (its slice of every bank) become rows [j * E / X, (j + 1) * E / X)."""
+  order, start = [[] for _ in range(x)], 0
+  for e_b in bank_sizes:
+    per = e_b // x
+    for j in range(x):
+      order[j] += list(range(start + j * per, start + (j + 1) * per))
+    start += e_b
+  perm = np.array(sum(order, []), np.int32)
+  return perm, np.argsort(perm).astype(np.int32)
+
+
+def check_layout(mesh, num_groups, bank_sizes, expert_axis=EXPERT_AXIS):
+  """Raises naming the sizes when groups or banks do not divide over the mesh."""
+  n = math.prod(mesh.axis_sizes)
+  x = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(expert_axis, 1)
+  if num_groups % n:
+    raise ValueError(f'expert parallelism: G = {num_groups} capacity groups do not divide over '
+                     f'the mesh of {n} devices {dict(zip(mesh.axis_names, mesh.axis_sizes))}; '
+                     f'choose model.moe.group_size so that B * L / group_size is a multiple of '
+                     f'{n}.')
+  for e_b in bank_sizes:
+    if e_b % x:
+      raise ValueError(f'expert parallelism: a bank of {e_b} experts does not divide over the '
+                       f"'{expert_axis}' mesh axis of size {x}; every bank's expert count must "
+                       f'be a multiple of it.')
+
+
+def fits(mesh, num_groups, bank_sizes, expert_axis=EXPERT_AXIS) -> bool:
+  try:
+    check_layout(mesh, num_groups, bank_sizes, expert_axis)
+  except ValueError:
+    return False
+  return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message):
+  logging.warning(message)
+
+
+def warn_unfit(mesh, num_groups, bank_sizes, expert_axis=EXPERT_AXIS):
+  """The layer falls back to the compiler's partitioning of the single-device dispatcher
+  (correct, but without the all-to-all layout); says why, once per cause."""
+  try:
+    check_layout(mesh, num_groups, bank_sizes, expert_axis)
+  except ValueError as e:
+    _warn_once(f'{e} Falling back to the single-device dispatcher, partitioned by the compiler.')
+
+
+def _exchange(buf_ExMxD, x, expert_axis):
+  """[E, M, D] in device-major expert order -> [E / X, X * M, D]: this device's experts,
+  rows from every device of the expert axis (source-major)."""
+  e, m, d = buf_ExMxD.shape
+  buf = jax.lax.all_to_all(buf_ExMxD.reshape(x, e // x, m, d), expert_axis, 0, 0)
+  return jnp.transpose(buf, (1, 0, 2, 3)).reshape(e // x, x * m, d)
+
+
+def _exchange_back(y_ExXMxD, x, expert_axis):
+  e_loc, xm, d = y_ExXMxD.shape
+  y = jnp.transpose(y_ExXMxD.reshape(e_loc, x, xm // x, d), (1, 0, 2, 3))
+  y = jax.lax.all_to_all(y, expert_axis, 0, 0)
+  return y.reshape(x * e_loc, xm // x, d)
+
+
+def dispatch(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
+             dispatch_fn=dispatch_lib.dispatch_sorted, expert_axis=EXPERT_AXIS):
+  """Expert-parallel capacity dispatch; same signature and result as `dispatch_fn`.
+
+  Args:
+    x_GxSxD, routing, weights, capacity, dtype: as the dispatchers (global shapes).
+    mesh: the mesh (concrete or abstract); groups go over all its axes, experts over
+      `expert_axis` (absent or size 1: data parallel only, no exchange).
+    dispatch_fn: the local dispatcher ('sorted').
+  """
+  bank_sizes = [w_in.shape[0] for w_in, _ in weights]
+  e = sum(bank_sizes)
+  check_layout(mesh, x_GxSxD.shape[0], bank_sizes, expert_axis)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  x = sizes.get(expert_axis, 1)
+  groups = P(tuple(mesh.axis_names))
+  experts = P(expert_axis) if x > 1 else P()
+  perm, inverse = _device_major(bank_sizes, x)
+
+  replicated_over = tuple(a for a in mesh.axis_names if a != expert_axis or x == 1)
+
+  def local(x_GxSxD, routing, weights):
+    # Each device's weight gradient is its groups' part; marking the weights as varying
+    # over the other axes makes autodiff sum those parts (custom VJPs need the match).
+    weights = jax.tree.map(lambda w: jax.lax.pcast(w, replicated_over, to='varying'), weights)
+
+    def run_experts(buf_ExMxD):
+      if x == 1:
+        return experts_lib.apply_banks(buf_ExMxD, weights, dtype)
+      mine = _exchange(buf_ExMxD[perm], x, expert_axis)
+      y = _exchange_back(experts_lib.apply_banks(mine, weights, dtype), x, expert_axis)
+      return y[inverse]
+
+    return dispatch_fn(x_GxSxD, routing, weights, capacity, dtype, run_experts=run_experts,
+                       num_experts=e)
+
+  routing_specs = jax.tree.map(lambda _: groups, routing)
+  kept_spec = groups
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(groups, routing_specs, experts),
+                     out_specs=(groups, kept_spec))
+  return fn(x_GxSxD, routing, weights)
+
+
+PARALLEL = {dispatch_lib.dispatch_sorted: dispatch}
