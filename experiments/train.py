@@ -4,7 +4,12 @@
       --workdir=/tmp/multitask [--config.optim.learning_rate=1e-3] [--task_module=my.tasks]
 
 Re-running with the same workdir resumes from its last checkpoint.
+
+Many hosts (the same command on every host; see the README's launch section):
+  --distributed=auto                          Cloud TPU pods, SLURM (srun)
+  --distributed=explicit --coordinator_address=host0:1234 --num_processes=N --process_id=i
 """
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -17,6 +22,11 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:a
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for config.json, checkpoints and metrics.')
 flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+flags.DEFINE_enum('distributed', 'off', ['off', 'auto', 'explicit'],
+                  'jax.distributed: off (one process), auto (TPU pods, SLURM), explicit.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (explicit mode).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (explicit mode).')
+flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes) (explicit mode).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -25,9 +35,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from pathways.parallel import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
   registry.discover(task_modules=FLAGS.task_module)
   from pathways.train import loop  # pylint: disable=g-import-not-at-top
-  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  finally:
+    if FLAGS.distributed != 'off':
+      jax.distributed.shutdown()
 
 
 if __name__ == '__main__':

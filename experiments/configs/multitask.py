@@ -19,6 +19,7 @@ stdlib_package.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def _args(arg):
@@ -53,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  moe_every=2, patch=2, halting=True, remat=False, dtype='float32',
                  moe=dict(banks=[[experts, d], [experts, 4 * d]], k=2, router='top_k',
                           capacity_factor=1.25, num_null_experts=1, noisy=True,
-                          dispatcher='sorted'))
+                          dispatcher='sorted',  # group_size None: one group per call
+                          group_size=config_dict.placeholder(int)))
   c.aux = dict(load_balance_loss=0.01, router_z_loss=0.001, ponder_cost=0.003,
                budget_rate=0.01)
   c.optim = dict(learning_rate=3e-3 if runlocal else 1e-3, warmup_steps=50 if runlocal else 500,

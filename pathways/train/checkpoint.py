@@ -64,7 +64,11 @@ class Checkpointer:
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode='max',
               enable_async_checkpointing=True, cleanup_tmp_directories=True,
-              keep_checkpoints_without_metrics=False))
+              keep_checkpoints_without_metrics=False,
+              # Both managers save the same steps: their multi-host barriers need their own
+              # names (else: "Barrier _async_write_complete.<step> is already ongoing").
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  barrier_sync_key_prefix='best')))
 
   @staticmethod
   def _args(state, data_state: bytes, meta: dict):

@@ -54,9 +54,10 @@ def check_workdir_config(config, workdir) -> None:
                        f'(saved, requested). Use a new workdir, or config.init_from to start '
                        f'from this one.')
   os.makedirs(workdir, exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json(indent=1))
-  os.replace(path + '.tmp', path)
+  if jax.process_index() == 0:
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json(indent=1))
+    os.replace(path + '.tmp', path)
 
 
 def _loss_weights(config):

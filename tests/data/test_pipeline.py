@@ -122,3 +122,27 @@ def test_pipeline_batch_embeds_to_one_token_array(data_dir):
   image_rows = p.layout.rows['image']
   np.testing.assert_array_equal(np.asarray(mask)[image_rows].sum(-1), 4)  # 8x8 in 4x4 patches
   np.testing.assert_array_equal(np.asarray(mask)[p.layout.rows['bytes']], b['tokens_mask'])
+
+
+def test_processes_build_their_blocks_of_the_global_batch(data_dir):
+  """Two processes' local batches, stacked block by block, are the batch one process builds
+  with the same number of shards: multi-host data loading changes nothing."""
+  whole = _pipe(data_dir, num_shards=2)
+  parts = [_pipe(data_dir, num_shards=2, process_index=i, process_count=2) for i in range(2)]
+  assert whole.layout == parts[0].layout and whole.layout.shards == 2
+  assert parts[0].local_layout.batch_size == whole.layout.batch_size // 2
+  for _ in range(3):
+    want, got = next(whole), [next(p) for p in parts]
+    for key in want:
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+  # The two blocks hold different examples, and each block has every task.
+  b = next(whole)
+  half = len(b['tokens']) // 2
+  rows = lambda a: {bytes(r) for r in a if r.any()}  # noqa: E731  (idle slots are all zero)
+  assert not rows(b['tokens'][:half]) & rows(b['tokens'][half:])
+  ids = b['task_id'].reshape(2, -1)
+  np.testing.assert_array_equal(ids[0], ids[1])
+  with pytest.raises(ValueError, match=r'batch_size=20: must split into num_shards=3 equal'):
+    _pipe(data_dir, num_shards=3)
+  with pytest.raises(ValueError, match=r'num_shards=3: must be a multiple of process_count=2'):
+    _pipe(data_dir, num_shards=3, process_count=2)

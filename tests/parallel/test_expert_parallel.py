@@ -1,0 +1,86 @@
+"""Expert parallelism on 8 simulated devices equals the single-device layer (forwards and
+gradients) for every split of the devices between the data and expert axes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pathways.nn import moe
+from pathways.parallel import expert_parallel
+from pathways.parallel import sharding
+
+MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+
+
+def _mesh(shape):
+  return sharding.make_mesh({'data': shape[0], 'expert': shape[1]})
+
+
+def _layer(**kwargs):
+  kwargs = dict(dict(banks=((8, 16), (8, 32)), k=2, capacity_factor=1.0, group_size=8), **kwargs)
+  return moe.MoELayer(16, rngs=nnx.Rngs(0), **kwargs)
+
+
+def _loss_and_grads(layer, x, mesh=None):
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x):
+    y, metrics = nnx.merge(graphdef, params)(x, deterministic=True)
+    return jnp.sum(jnp.sin(y)), (y, metrics['fraction_dropped'])
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  if mesh is None:
+    return fn(params, x), fn
+  with jax.set_mesh(mesh):
+    return fn(params, x), fn
+
+
+def _x(shape=(8, 16, 16)):
+  return jax.random.normal(jax.random.key(1), shape)
+
+
+@pytest.mark.parametrize('shape', MESHES)
+@pytest.mark.parametrize('router', ['top_k', 'expert_choice'])
+def test_expert_parallel_equals_single_device(shape, router):
+  layer = _layer(router=router)
+  x = _x()
+  ((_, (y0, drop0)), g0), _ = _loss_and_grads(layer, x)
+  ((_, (y1, drop1)), g1), _ = _loss_and_grads(layer, x, _mesh(shape))
+  assert float(drop0) > 0  # capacity binds: the slots must match, not just the math
+  np.testing.assert_allclose(y1, y0, atol=1e-5)
+  np.testing.assert_allclose(drop1, drop0)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_expert_axis_compiles_to_all_to_all():
+  layer = _layer()
+  mesh = _mesh((2, 4))
+  graphdef, params = nnx.split(layer)
+  fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+  with jax.set_mesh(mesh):
+    hlo = fn.lower(params, _x()).compile().as_text()
+  assert hlo.count('all-to-all') >= 2  # there and back
+  with jax.set_mesh(_mesh((8, 1))):  # data parallel only: nothing to exchange
+    hlo = fn.lower(params, _x()).compile().as_text()
+  assert 'all-to-all' not in hlo
+
+
+def test_groups_that_do_not_divide_fall_back_with_a_warning(caplog):
+  layer = _layer(group_size=None)  # one group: cannot split over 8 devices
+  x = _x()
+  ((_, (y0, _)), _), _ = _loss_and_grads(layer, x)
+  with caplog.at_level('WARNING'):
+    ((_, (y1, _)), _), _ = _loss_and_grads(layer, x, _mesh((2, 4)))
+  np.testing.assert_allclose(y1, y0, atol=1e-5)
+  assert 'G = 1 capacity groups do not divide over the mesh of 8 devices' in caplog.text
+
+
+def test_check_layout_names_the_sizes():
+  mesh = _mesh((2, 4))
+  with pytest.raises(ValueError, match=r'G = 6 capacity groups .* multiple of 8'):
+    expert_parallel.check_layout(mesh, 6, [8])
+  with pytest.raises(ValueError, match=r"a bank of 6 experts does not divide over the 'expert' "
+                                       r'mesh axis of size 4'):
+    expert_parallel.check_layout(mesh, 8, [8, 6])
