@@ -1,6 +1,6 @@
 """Evaluate a workdir's latest checkpoint on every task's evaluation split.
 
-  python -m experiments.evaluate --workdir=/tmp/multitask [--eval_batches=20]
+  python -m experiments.evaluate --workdir=/tmp/multitask [--eval_batches=20] [--mesh=data=1,expert=2]
 
 Prints the metrics as JSON and writes them to workdir/eval.json.
 """
@@ -16,6 +16,8 @@ from pathways import registry
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training workdir (holds config.json and checkpoints).')
 flags.DEFINE_integer('eval_batches', None, 'Batches per evaluation (default: the config\'s).')
+flags.DEFINE_string('mesh', None, "Another mesh than the training config's, e.g. "
+                    "'data=-1,expert=2' (the checkpoint is resharded onto it).")
 flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -26,7 +28,10 @@ def main(argv):
   del argv
   registry.discover(task_modules=FLAGS.task_module)
   from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
-  result = evaluate_workdir.evaluate_workdir(FLAGS.workdir, eval_batches=FLAGS.eval_batches)
+  from pathways.parallel import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.parse_mesh_flag(FLAGS.mesh) if FLAGS.mesh else None
+  result = evaluate_workdir.evaluate_workdir(FLAGS.workdir, eval_batches=FLAGS.eval_batches,
+                                             mesh=mesh)
   print(json.dumps(result, indent=1))
   with open(os.path.join(FLAGS.workdir, 'eval.json'), 'w') as f:
     json.dump(result, f, indent=1)

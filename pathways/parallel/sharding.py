@@ -44,6 +44,20 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int) -> dict[str, int]:
   return spec
 
 
+def parse_mesh_flag(text: str) -> dict[str, int]:
+  """'data=-1,expert=2' -> {'data': -1, 'expert': 2} (order kept)."""
+  out = {}
+  for part in filter(None, text.split(',')):
+    name, eq, size = part.partition('=')
+    try:
+      out[name.strip()] = int(size)
+    except ValueError:
+      eq = ''
+    if not eq or not name.strip():
+      raise ValueError(f'--mesh={text!r}: must look like data=-1,expert=2.')
+  return out
+
+
 def make_mesh(spec: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   """A mesh from {'axis': size} (one size may be -1) over the first devices, in the axes'
   order: put 'data' first so that data-parallel replicas span hosts and experts stay within

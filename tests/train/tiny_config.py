@@ -7,16 +7,22 @@ from experiments.configs import multitask  # noqa: E402  pylint: disable=g-impor
 
 
 def get_config(arg=None):
+  """arg: 'DATA_DIR[,experts=N]' (N experts in each of the two banks; default 2)."""
+  data_dir, *options = (arg or '').split(',')
+  options = dict(o.split('=') for o in options)
+  experts = int(options.pop('experts', 2))
+  if options:
+    raise ValueError(f'tiny_config: unknown options {options}.')
   c = multitask.get_config('runlocal')
   c.tasks = ['digits', 'parity']
   c.data.batch_size = 8
   c.mesh.data = 1  # the tests see 8 simulated devices; this run uses one
-  c.data.data_dir = arg or ''
+  c.data.data_dir = data_dir
   c.model.d_model = 16
   c.model.num_layers = 2
   c.model.num_heads = 2
   c.model.mlp_hidden = 32
-  c.model.moe.banks = [[2, 16], [2, 32]]
+  c.model.moe.banks = [[experts, 16], [experts, 32]]
   c.optim.warmup_steps = 2
   c.train.num_steps = 12
   c.train.log_every = 1
