@@ -9,7 +9,10 @@ for the classification tasks; evaluation is dropless.
   python -m experiments.train --config=experiments/configs/multitask.py:runlocal --workdir=/tmp/mt
 
 Variants through the argument, comma-separated: `runlocal` (tiny, 2 CPU cores),
-`experts=N` (experts per bank), `steps=N`.
+`experts=N` (experts per bank), `steps=N`, `large` (5.6B parameters: D=1024, 16 layers,
+256 experts per MoE layer in banks of 192 x F=1024 and 64 x F=2048, bfloat16, remat, batch
+256, groups of 512 tokens, mesh data=8 x expert=8: the pod-scale shape that
+`tools/scale_report.py` compiles ahead of time on simulated devices).
 runlocal result (`make run`, 2 CPU cores, 600 steps, 4.5-5 min with compilation and four
 evaluations; results/multitask_runlocal/): evaluation accuracy at step 600 (chance):
 digits 0.88 (0.10), parity 0.64 (0.50), stdlib_package 0.30 (0.125), addition per-position
@@ -32,10 +35,10 @@ def _args(arg):
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = _args(arg)
-  unknown = set(args) - {'runlocal', 'experts', 'steps'}
+  unknown = set(args) - {'runlocal', 'experts', 'steps', 'large'}
   if unknown:
     raise ValueError(f'config argument {sorted(unknown)}: allowed are runlocal, experts=N, '
-                     f'steps=N.')
+                     f'steps=N, large.')
   runlocal = bool(args.get('runlocal'))
   experts = int(args.get('experts', 4 if runlocal else 8))
   c = ml_collections.ConfigDict()
@@ -45,8 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task_flops_budgets = ml_collections.ConfigDict({})  # name -> FLOPs per example
   # name -> {MoE layer (as a string): allowed experts}, e.g. {'parity': {'1': [0, 1]}}
   c.task_connectivity = ml_collections.ConfigDict({})
-  # shards: blocks of the global batch, one per data-parallel replica (0: the mesh's data
-  # axis size); each process loads only its blocks.
+  # shards: blocks of the global batch, one per device that takes its own examples (0: as
+  # the 'batch' sharding rule splits the mesh); each process loads only its blocks.
   c.data = dict(batch_size=32 if runlocal else 128, mixture='uniform', temperature=2.0,
                 data_dir='', shards=0)
   d = 64 if runlocal else 256
@@ -66,11 +69,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  routing_batches=2)  # routing NMI, load CV, task x expert images at eval
   c.ckpt = dict(every=100 if runlocal else 1000, keep=3, best_metric='eval/mean_accuracy')
   # Mesh axes in order, sizes; -1 takes the devices the others leave. Experts shard over
-  # 'expert' (MoE layers then run expert parallel), batches over 'data'.
+  # 'expert' (MoE layers then run expert parallel), batches over every device.
   c.mesh = dict(data=-1, expert=1)
-  # Logical parameter axis -> mesh axis (unlisted: replicated). Add ['embed', 'data'] to
-  # also split the large weights over the data axis (FSDP-style, gathered per layer).
-  c.sharding_rules = [['expert', 'expert'], ['batch', 'data']]
+  # Logical axis -> mesh axis, list of axes, or None (unlisted: replicated). Add
+  # ['embed', 'data'] to also split the large weights over the data axis (FSDP-style).
+  c.sharding_rules = [['expert', 'expert'], ['batch', ['data', 'expert']]]
+  if args.get('large'):
+    _large(c)
   c.init_from = ''  # another workdir: start from its latest checkpoint's parameters
   c.freeze = []  # regexes over parameter paths (e.g. 'blocks/1/ffn/banks') not updated
   return c
+
+
+def _large(c):
+  c.data.batch_size = 256
+  c.model.update(d_model=1024, num_layers=16, num_heads=16, mlp_hidden=4096, dtype='bfloat16',
+                 remat=True)
+  c.model.moe.update(banks=[[192, 1024], [64, 2048]], group_size=512)
+  c.mesh = dict(data=8, expert=8)

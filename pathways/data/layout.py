@@ -80,3 +80,21 @@ def make_layout(tasks: Sequence[task_lib.Task], slots: Sequence[int],
     shapes[array] = tuple(int(max(d[j] for d in dims)) for j in range(len(dims[0])))
   return BatchLayout(tuple(t.name for t in tasks), tuple(int(s) for s in slots), offsets, rows,
                      shapes, int(shards))
+
+
+ARRAY_DTYPES = {'image': np.uint8, 'tokens': np.int32, 'vector': np.float32}
+
+
+def batch_spec(layout: BatchLayout) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{array name: (shape, dtype)} of a batch in this layout (the pipeline allocates from it;
+  ahead-of-time compilation builds abstract batches from it)."""
+  b = layout.batch_size
+  spec = {'task_id': ((b,), np.int32), 'weight': ((b,), np.float32), 'label': ((b,), np.int32),
+          'difficulty': ((b,), np.float32)}
+  for modality, rows in layout.rows.items():
+    array = MODALITY_ARRAY[modality]
+    spec[array] = ((len(rows),) + tuple(layout.shapes[array]), ARRAY_DTYPES[array])
+    if modality == 'bytes':
+      spec['targets'] = (spec[array][0], np.int32)
+      spec['tokens_mask'] = (spec[array][0], np.bool_)
+  return {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}

@@ -39,7 +39,7 @@ import numpy as np
 
 from pathways import task as task_lib
 from pathways.data import mixture as mixture_lib
-from pathways.data.layout import MODALITY_ARRAY, BatchLayout, make_layout  # noqa: F401  (the contract)
+from pathways.data.layout import MODALITY_ARRAY, BatchLayout, batch_spec, make_layout  # noqa: F401  (the contract)
 
 def check_example(t: task_lib.Task, example) -> None:
   """Stops on data whose shapes or dtypes differ from what the task declares (before any
@@ -143,17 +143,12 @@ class MultitaskPipeline:
 
   def __next__(self) -> dict:
     """This process's blocks of the next global batch (the whole batch on one process)."""
-    layout, b = self.local_layout, self.local_layout.batch_size
+    layout = self.local_layout
     counts = mixture_lib.active_counts(self.weights, self.shard_batch_size, self._step,
                                        self.seed)
-    batch = {'task_id': np.zeros(b, np.int32), 'weight': np.zeros(b, np.float32),
-             'label': np.full(b, -1, np.int32), 'difficulty': np.full(b, np.nan, np.float32)}
-    for modality, rows in layout.rows.items():
-      array = MODALITY_ARRAY[modality]
-      dtype = {'image': np.uint8, 'tokens': np.int32, 'vector': np.float32}[array]
-      batch[array] = np.zeros((len(rows),) + layout.shapes[array], dtype)
-      if modality == 'bytes':
-        batch['targets'] = np.full((len(rows),) + layout.shapes[array], -1, np.int32)
+    fill = {'label': -1, 'difficulty': np.nan, 'targets': -1}
+    batch = {k: np.full(shape, fill.get(k, 0), dtype)
+             for k, (shape, dtype) in batch_spec(layout).items() if k != 'tokens_mask'}
     for i, t in enumerate(self.tasks):
       batch['task_id'][layout.task_rows(i)] = i
       for block, shard in enumerate(self._shards):

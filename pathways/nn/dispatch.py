@@ -186,40 +186,52 @@ def _expert_choice_gather(x_TxD, g, s, routing, e, run_experts):
 # ----------------------------------------------------------------------------- dropless
 
 
+def ragged_experts(x_NxD, expert_N, weights, dtype=jnp.float32):
+  """Each row through its expert (ids over all banks; id E = no expert, output 0), as one
+  grouped matmul per bank over the rows sorted by expert (`jax.lax.ragged_dot`)."""
+  e = _num_experts(weights)
+  n = x_NxD.shape[0]
+  order_N = jnp.argsort(expert_N, stable=True)
+  count_E = jnp.bincount(expert_N, length=e + 1)[:e].astype(jnp.int32)
+  x_sorted = jnp.where((expert_N[order_N] < e)[:, None], x_NxD[order_N].astype(dtype), 0)
+  y_sorted = jnp.zeros_like(x_sorted)
+  for offset, (w_in, w_out) in zip(experts_lib.bank_offsets(weights), weights):
+    e_b = w_in.shape[0]
+    start = jnp.sum(count_E[:offset])
+    xb = jnp.roll(x_sorted, -start, axis=0)  # this bank's rows first; rows past its count -> 0
+    sizes = count_E[offset:offset + e_b]
+    h = jax.nn.gelu(jax.lax.ragged_dot(xb, w_in.astype(dtype), sizes))
+    yb = jax.lax.ragged_dot(h, w_out.astype(dtype), sizes)
+    y_sorted = y_sorted + jnp.roll(yb, start, axis=0)
+  inverse_N = jnp.zeros((n,), jnp.int32).at[order_N].set(jnp.arange(n, dtype=jnp.int32))
+  return y_sorted[inverse_N]
+
+
 @DISPATCHERS.register('ragged')
-def dispatch_ragged(x_GxSxD, routing, weights, capacity, dtype=jnp.float32):
+def dispatch_ragged(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
+                    run_rows=None, num_experts=None):
   """Dropless grouped matmul over expert-sorted assignments (`capacity` is ignored).
 
-  Dropless, so groups do not matter: all T tokens are sorted together.
+  Dropless, so groups do not matter: all T tokens are sorted together. `run_rows(x_AxD,
+  expert_A) -> y_AxD` replaces `ragged_experts` (the expert-parallel layer sends the rows to
+  the devices that hold their experts); `num_experts` is then the global E (id E = none).
   """
   del capacity
   if routing.choice != 'token':
     raise ValueError("dispatcher='ragged' serves token-choice routing; expert choice has a fixed "
                      "capacity: use dispatcher='sorted' or 'einsum'.")
   g, s0, d = x_GxSxD.shape
-  x_SxD = x_GxSxD.reshape(g * s0, d)
-  routing = jax.tree.map(lambda a: a.reshape((g * s0,) + a.shape[2:]), routing)
   s = g * s0
-  e = _num_experts(weights)
+  x_SxD = x_GxSxD.reshape(s, d)
+  routing = jax.tree.map(lambda a: a.reshape((s,) + a.shape[2:]), routing)
+  e = num_experts or _num_experts(weights)
   k = routing.expert_SxK.shape[-1]
-  num_assign = s * k
-  valid_A = _choice_major(routing.valid_SxK)
-  key_A = jnp.where(valid_A, _choice_major(routing.expert_SxK), e)
-  order_A = jnp.argsort(key_A, stable=True)
-  count_E = jnp.bincount(key_A, length=e + 1)[:e].astype(jnp.int32)
-  token_sorted = jnp.where(key_A[order_A] < e, order_A % s, s)
-  x_AxD = _pad_row(x_SxD.astype(dtype))[token_sorted]
-  y_AxD = jnp.zeros_like(x_AxD)
-  for offset, (w_in, w_out) in zip(experts_lib.bank_offsets(weights), weights):
-    e_b = w_in.shape[0]
-    start = jnp.sum(count_E[:offset])
-    xb = jnp.roll(x_AxD, -start, axis=0)  # this bank's rows first; rows past its count -> 0
-    sizes = count_E[offset:offset + e_b]
-    h = jax.nn.gelu(jax.lax.ragged_dot(xb, w_in.astype(dtype), sizes))
-    yb = jax.lax.ragged_dot(h, w_out.astype(dtype), sizes)
-    y_AxD = y_AxD + jnp.roll(yb, start, axis=0)
-  inverse_A = jnp.zeros((num_assign,), jnp.int32).at[order_A].set(jnp.arange(num_assign))
-  y_KxSxD = y_AxD[inverse_A].reshape(k, s, -1)
+  expert_A = jnp.where(_choice_major(routing.valid_SxK), _choice_major(routing.expert_SxK), e)
+  x_AxD = jnp.tile(x_SxD.astype(dtype), (k, 1))  # choice-major: a = k * S + s
+  if run_rows is None:
+    y_AxD = ragged_experts(x_AxD, expert_A, weights, dtype)
+  else:
+    y_AxD = run_rows(x_AxD, expert_A)
   w_SxK = routing.weight_SxK * routing.valid_SxK
-  out = jnp.einsum('ksd,sk->sd', y_KxSxD, w_SxK.astype(dtype))
+  out = jnp.einsum('ksd,sk->sd', y_AxD.reshape(k, s, d), w_SxK.astype(dtype))
   return out.reshape(g, s0, d).astype(x_SxD.dtype), routing.valid_SxK.reshape(g, s0, k)

@@ -155,4 +155,118 @@ def dispatch(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
   return fn(x_GxSxD, routing, weights)
 
 
-PARALLEL = {dispatch_lib.dispatch_sorted: dispatch}
+def _chunk_rows(dest_A, x):
+  """Assignments sorted by destination device: (order_A, start_X, size_X, rank_A) with
+  rank_A the position of each assignment within its destination's chunk (dest X = none)."""
+  order_A = jnp.argsort(dest_A, stable=True)
+  size_X = jnp.bincount(dest_A, length=x + 1)[:x].astype(jnp.int32)
+  start_X = (jnp.cumsum(size_X) - size_X).astype(jnp.int32)
+  position_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(dest_A.shape[0],
+                                                                   dtype=order_A.dtype))
+  rank_A = position_A - jnp.concatenate([start_X, jnp.zeros((1,), jnp.int32)])[dest_A]
+  return order_A, start_X, size_X, rank_A
+
+
+def _dense_exchange(x_AxD, local_A, dest_A, x, expert_axis):
+  """Rows to their destination devices through a dense all_to_all, each destination's chunk
+  padded to A rows (the worst case): the CPU stand-in for `ragged_all_to_all`. Returns the
+  received [X * A, D] rows (source i's at [i * A, ...)), their local expert ids (E_loc =
+  padding) and a function sending per-row results back into assignment order."""
+  a, d = x_AxD.shape
+  order_A, start_X, size_X, rank_A = _chunk_rows(dest_A, x)
+  r = jnp.arange(a)
+  take_XxA = jnp.where(r[None] < size_X[:, None],
+                       order_A[jnp.minimum(start_X[:, None] + r[None], a - 1)], a)
+  pad = lambda v, fill: jnp.concatenate([v, jnp.full((1,) + v.shape[1:], fill, v.dtype)])  # noqa
+  send = pad(x_AxD, 0)[take_XxA]  # [X, A, D]
+  ids = pad(local_A, -1)[take_XxA]  # -1: padding
+  got = jax.lax.all_to_all(send, expert_axis, 0, 0).reshape(x * a, d)
+  got_ids = jax.lax.all_to_all(ids, expert_axis, 0, 0).reshape(x * a)
+
+  def back(y_XAxD):
+    y = jax.lax.all_to_all(y_XAxD.reshape(x, a, d), expert_axis, 0, 0)
+    valid = dest_A < x
+    return jnp.where(valid[:, None], y[jnp.minimum(dest_A, x - 1), jnp.maximum(rank_A, 0)], 0)
+
+  return got, got_ids, back
+
+
+def _ragged_exchange(x_AxD, local_A, dest_A, x, expert_axis):
+  """The same exchange with `jax.lax.ragged_all_to_all` (GPU/TPU): only each chunk's real
+  rows travel. Same received layout as `_dense_exchange`."""
+  a, d = x_AxD.shape
+  order_A, start_X, size_X, _ = _chunk_rows(dest_A, x)
+  me = jax.lax.axis_index(expert_axis)
+  sorted_x = x_AxD[order_A]
+  sorted_ids = local_A[order_A]
+  recv_X = jax.lax.all_to_all(size_X, expert_axis, 0, 0, tiled=True)
+  lands_X = jnp.full((x,), me * a, jnp.int32)  # my chunk's place in each receiver
+  got = jax.lax.ragged_all_to_all(sorted_x, jnp.zeros((x * a, d), x_AxD.dtype), start_X,
+                                  size_X, lands_X, recv_X, axis_name=expert_axis)
+  got_ids = jax.lax.ragged_all_to_all(sorted_ids, jnp.full((x * a,), -1, local_A.dtype),
+                                      start_X, size_X, lands_X, recv_X, axis_name=expert_axis)
+  start_back_X = jax.lax.all_to_all(start_X, expert_axis, 0, 0, tiled=True)
+  received_X = jnp.arange(x, dtype=jnp.int32) * a
+
+  def back(y_XAxD):
+    y_sorted = jax.lax.ragged_all_to_all(y_XAxD, jnp.zeros((a, d), y_XAxD.dtype), received_X,
+                                         recv_X, start_back_X, size_X, axis_name=expert_axis)
+    y_A = jnp.zeros_like(y_sorted).at[order_A].set(y_sorted)
+    return jnp.where((dest_A < x)[:, None], y_A, 0)
+
+  return got, got_ids, back
+
+
+EXCHANGES = {'dense': _dense_exchange, 'ragged': _ragged_exchange}
+
+
+def default_exchange() -> str:
+  """'ragged' where XLA has ragged all-to-all (GPU/TPU); 'dense' on CPU."""
+  return 'dense' if jax.default_backend() == 'cpu' else 'ragged'
+
+
+def dispatch_dropless(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
+                      expert_axis=EXPERT_AXIS, exchange=None):
+  """Expert-parallel dropless dispatch: same result as `dispatch_ragged` on one device.
+
+  Per device: its tokens' assignments go to the devices holding their experts (`exchange`:
+  'ragged' all-to-all on GPU/TPU, a padded dense all-to-all on CPU), each device runs its
+  experts as grouped matmuls (`ragged_dot`) over what it received, results come back.
+  """
+  del capacity
+  bank_sizes = [w_in.shape[0] for w_in, _ in weights]
+  e = sum(bank_sizes)
+  check_layout(mesh, x_GxSxD.shape[0], bank_sizes, expert_axis)
+  x = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(expert_axis, 1)
+  groups = P(tuple(mesh.axis_names))
+  experts = P(expert_axis) if x > 1 else P()
+  _, inverse = _device_major(bank_sizes, x)
+  e_loc = e // x
+  exchange_fn = EXCHANGES[exchange or default_exchange()]
+  replicated_over = tuple(a for a in mesh.axis_names if a != expert_axis or x == 1)
+
+  def local(x_GxSxD, routing, weights):
+    weights = jax.tree.map(lambda w: jax.lax.pcast(w, replicated_over, to='varying'), weights)
+
+    def run_rows(x_AxD, expert_A):
+      if x == 1:
+        return dispatch_lib.ragged_experts(x_AxD, expert_A, weights, dtype)
+      valid = expert_A < e
+      place_A = jnp.asarray(inverse)[jnp.minimum(expert_A, e - 1)]  # device-major position
+      dest_A = jnp.where(valid, place_A // e_loc, x)
+      got, got_ids, back = exchange_fn(x_AxD, (place_A % e_loc).astype(jnp.int32), dest_A, x,
+                                       expert_axis)
+      got_ids = jnp.where(got_ids < 0, e_loc, got_ids)
+      return back(dispatch_lib.ragged_experts(got, got_ids, weights, dtype))
+
+    return dispatch_lib.dispatch_ragged(x_GxSxD, routing, weights, None, dtype,
+                                        run_rows=run_rows, num_experts=e)
+
+  routing_specs = jax.tree.map(lambda _: groups, routing)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(groups, routing_specs, experts),
+                     out_specs=(groups, groups))
+  return fn(x_GxSxD, routing, weights)
+
+
+PARALLEL = {dispatch_lib.dispatch_sorted: dispatch, dispatch_lib.dispatch_ragged:
+            dispatch_dropless}

@@ -16,8 +16,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DEFAULT_RULES = (('expert', 'expert'), ('batch', 'data'), ('embed', None), ('mlp', None),
-                 ('heads', None), ('vocab', None))
+# Batches split over every device: 'data' replicas, and within one the 'expert' devices
+# (which hold different experts but run the same dense layers) take different examples.
+DEFAULT_RULES = (('expert', 'expert'), ('batch', ('data', 'expert')), ('embed', None),
+                 ('mlp', None), ('heads', None), ('vocab', None))
 
 
 def mesh_shape(spec: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -70,16 +72,28 @@ def make_mesh(spec: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
                        devices=devices[:need])
 
 
-def rules_from_config(rules) -> tuple[tuple[str, str | None], ...]:
-  """config.sharding_rules ([['expert', 'expert'], ['embed', None], ...]) as pairs."""
+def rules_from_config(rules) -> tuple:
+  """config.sharding_rules ([['expert', 'expert'], ['batch', ['data', 'expert']], ...]) as
+  pairs (logical axis, mesh axis | list of mesh axes | None)."""
   out = []
   for i, rule in enumerate(rules):
-    if len(rule) != 2 or not isinstance(rule[0], str) or not (rule[1] is None or
-                                                               isinstance(rule[1], str)):
+    target = rule[1] if len(rule) == 2 else None
+    names = target if isinstance(target, (list, tuple)) else [target]
+    if len(rule) != 2 or not isinstance(rule[0], str) or not all(
+        isinstance(n, str) for n in names if n is not None) or (None in names and
+                                                                 len(names) > 1):
       raise ValueError(f'config.sharding_rules[{i}]={rule!r}: must be a pair (logical axis, '
-                       f'mesh axis or None).')
-    out.append((rule[0], rule[1]))
+                       f'mesh axis, list of mesh axes, or None).')
+    out.append((rule[0], tuple(target) if isinstance(target, (list, tuple)) else target))
   return tuple(out)
+
+
+def rule_axes(rules) -> set:
+  """Every mesh axis the rules name."""
+  out = set()
+  for _, target in rules:
+    out |= set(target) if isinstance(target, tuple) else {target} - {None}
+  return out
 
 
 def spec_for(logical_axes, rules: Mapping[str, str | None], mesh) -> P:
@@ -89,8 +103,10 @@ def spec_for(logical_axes, rules: Mapping[str, str | None], mesh) -> P:
     return P()
   out = []
   for name in logical_axes:
-    axis = rules.get(name) if name is not None else None
-    out.append(axis if axis in mesh.shape and mesh.shape[axis] > 1 else None)
+    axes = rules.get(name) if name is not None else None
+    axes = tuple(a for a in (axes if isinstance(axes, (tuple, list)) else (axes,))
+                 if a in mesh.shape and mesh.shape[a] > 1)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*out)
 
 
@@ -117,8 +133,9 @@ def batch_sharding(mesh, rules=DEFAULT_RULES):
 
 def data_shards(mesh, rules=DEFAULT_RULES) -> int:
   """How many equal blocks a batch's leading axis is split into."""
-  axis = dict(rules).get('batch')
-  return int(mesh.shape[axis]) if axis in mesh.shape else 1
+  spec = spec_for(('batch',), dict(rules), mesh)[0]
+  axes = () if spec is None else spec if isinstance(spec, tuple) else (spec,)
+  return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def put_batch(batch: dict, sharding):

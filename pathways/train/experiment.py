@@ -57,10 +57,11 @@ def validate(config) -> None:
     if value < 0:
       _bad(f'aux.{key}', value, 'must be >= 0')
   sharding_lib.mesh_shape(config.mesh, jax.device_count())
-  for logical, axis in sharding_lib.rules_from_config(config.sharding_rules):
-    if axis is not None and axis not in config.mesh and axis not in ('data', 'expert'):
-      _bad('sharding_rules', [logical, axis], f'maps to a mesh axis not in config.mesh '
-           f'{dict(config.mesh)} (absent standard axes data/expert replicate)')
+  rules = sharding_lib.rules_from_config(config.sharding_rules)
+  for axis in sharding_lib.rule_axes(rules):
+    if axis not in config.mesh and axis not in ('data', 'expert'):
+      _bad('sharding_rules', list(config.sharding_rules), f'name mesh axis {axis!r}, not in '
+           f'config.mesh {dict(config.mesh)} (absent standard axes data/expert replicate)')
   shards = config.data.shards
   if not (isinstance(shards, int) and shards >= 0) or (shards and shards % jax.process_count()):
     _bad('data.shards', shards, f'must be 0 (the mesh\'s data axis size) or a multiple of the '

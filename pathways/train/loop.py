@@ -168,12 +168,10 @@ def data_kwargs(config, mesh) -> dict:
               process_count=jax.process_count())
 
 
-def build(config, mesh=None):
-  """Tasks, train pipeline, graphdef, sharded initial state and shardings of a config."""
-  experiment.validate(config)
-  tasks = experiment.tasks_from_config(config)
-  mesh = mesh or sharding_lib.make_mesh(config.mesh)
-  pipe = experiment.pipeline_from_config(config, tasks, **data_kwargs(config, mesh))
+def abstract_state(config, tasks, layout, mesh):
+  """(make, graphdef, abstract state, shardings): `make()` builds (model, optimizer); the
+  abstract state (shapes only, nothing allocated) and its shardings come from
+  `nnx.eval_shape` and the config's logical-axis rules."""
   tx = optimizer_lib.make_optimizer(
       learning_rate=config.optim.learning_rate, warmup_steps=config.optim.warmup_steps,
       num_steps=config.train.num_steps, weight_decay=config.optim.weight_decay,
@@ -182,13 +180,22 @@ def build(config, mesh=None):
 
   def make():
     model = experiment.model_from_config(
-        config, tasks, pipe.layout, nnx.Rngs(params=config.seed, router=config.seed + 1))
+        config, tasks, layout, nnx.Rngs(params=config.seed, router=config.seed + 1))
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  abstract = nnx.eval_shape(make)
-  graphdef, abstract_state = nnx.split(abstract)
+  graphdef, state = nnx.split(nnx.eval_shape(make))
   shardings = sharding_lib.state_shardings(
-      abstract_state, mesh, sharding_lib.rules_from_config(config.sharding_rules))
+      state, mesh, sharding_lib.rules_from_config(config.sharding_rules))
+  return make, graphdef, state, shardings
+
+
+def build(config, mesh=None):
+  """Tasks, train pipeline, graphdef, sharded initial state and shardings of a config."""
+  experiment.validate(config)
+  tasks = experiment.tasks_from_config(config)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  pipe = experiment.pipeline_from_config(config, tasks, **data_kwargs(config, mesh))
+  make, graphdef, _, shardings = abstract_state(config, tasks, pipe.layout, mesh)
   state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
   return tasks, pipe, graphdef, state, shardings, mesh
 

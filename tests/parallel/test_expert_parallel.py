@@ -84,3 +84,42 @@ def test_check_layout_names_the_sizes():
   with pytest.raises(ValueError, match=r"a bank of 6 experts does not divide over the 'expert' "
                                        r'mesh axis of size 4'):
     expert_parallel.check_layout(mesh, 8, [8, 6])
+
+
+def _dropless():
+  return _layer(dispatcher='ragged', capacity_factor=None)
+
+
+@pytest.mark.parametrize('shape', MESHES)
+def test_dropless_expert_parallel_equals_single_device(shape):
+  """CPU runs the padded dense exchange (XLA:CPU has no ragged all-to-all)."""
+  layer = _dropless()
+  x = _x()
+  ((_, (y0, drop0)), g0), _ = _loss_and_grads(layer, x)
+  ((_, (y1, _)), g1), _ = _loss_and_grads(layer, x, _mesh(shape))
+  assert float(drop0) == 0
+  np.testing.assert_allclose(y1, y0, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_ragged_exchange_lowers_for_accelerators():
+  """The GPU/TPU program (ragged_all_to_all) traces and lowers here, forwards and gradients;
+  XLA:CPU cannot compile it (UNIMPLEMENTED), so it runs only on GPU/TPU."""
+  layer = _dropless()
+  graphdef, params = nnx.split(layer)
+  x = _x()
+  routing, _ = layer.route(x)
+  weights = [b.weights() for b in layer.banks]
+  mesh = _mesh((2, 4))
+
+  def loss(x, weights):
+    y, _ = expert_parallel.dispatch_dropless(x.reshape(16, 8, 16), routing, weights, None,
+                                             mesh=mesh, exchange='ragged')
+    return jnp.sum(y ** 2)
+
+  with jax.set_mesh(mesh):
+    forward = jax.jit(loss).lower(x, weights).as_text()
+    backward = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, weights).as_text()
+  assert forward.count('ragged_all_to_all') == 3  # rows and their expert ids there, results back
+  assert 'ragged_all_to_all' in backward

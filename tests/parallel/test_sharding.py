@@ -36,7 +36,13 @@ def test_rules_shard_experts_over_expert_and_batches_over_data():
   fsdp = sharding.state_shardings(nnx.state(abstract), mesh,
                                   sharding.DEFAULT_RULES[:2] + (('embed', 'data'),))
   assert fsdp['banks'][0]['w_in_ExDxF'].spec == P('expert', 'data', None)
-  assert sharding.batch_sharding(mesh).spec == P('data')
-  assert sharding.data_shards(mesh) == 2
+  assert sharding.batch_sharding(mesh).spec == P(('data', 'expert'))
+  assert sharding.data_shards(mesh) == 8
+  data_only = sharding.DEFAULT_RULES[:1] + (('batch', 'data'),)
+  assert sharding.batch_sharding(mesh, data_only).spec == P('data')
+  assert sharding.data_shards(mesh, data_only) == 2
+  assert sharding.data_shards(sharding.make_mesh({'data': 1, 'expert': 8})) == 8
   with pytest.raises(ValueError, match=r"config.sharding_rules\[1\]=\['batch'\]: must be a pair"):
     sharding.rules_from_config([['expert', 'expert'], ['batch']])
+  assert sharding.rules_from_config([['batch', ['data', 'expert']]]) == (
+      ('batch', ('data', 'expert')),)

@@ -19,7 +19,9 @@ def _devices_env(env, n):
 def test_expert_sharded_checkpoint_restores_on_fewer_devices(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   cmd, env = cli(workdir, data_dir + ',experts=8', '--config.mesh.expert=8',
-                 '--config.model.moe.group_size=16', '--config.train.num_steps=2',
+                 '--config.model.moe.group_size=32', '--config.data.batch_size=16',
+                 '--config.data.shards=8',  # the same batches on every mesh below
+                 '--config.train.num_steps=2',
                  '--config.train.eval_every=2', '--config.ckpt.every=2',
                  '--config.train.routing_batches=0')
   out = subprocess.run(cmd, env=_devices_env(env, 8), cwd=ROOT, capture_output=True, text=True,

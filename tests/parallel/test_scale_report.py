@@ -1,0 +1,38 @@
+"""The ahead-of-time scale report on 8 simulated devices: the all-to-all bytes it reads from
+the compiled program equal the ones computed from the model's shapes, and expert sharding
+divides the expert parameters over the devices."""
+from pathways import registry
+from tests.train import tiny_config
+from tools import scale_report
+
+registry.import_task_modules(['tasks'])
+
+
+def _config():
+  c = tiny_config.get_config(',experts=8')
+  c.model.moe.group_size = 16
+  c.data.batch_size = 16  # 8 blocks (one per device) of one example per task
+  return c
+
+
+def test_scale_report_counts_the_expert_exchange():
+  data_parallel = scale_report.report(_config(), (8, 1))
+  expert_parallel = scale_report.report(_config(), (2, 4))
+  assert data_parallel['collectives']['all-to-all']['ops'] == 0
+  a2a = expert_parallel['collectives']['all-to-all']
+  assert a2a['ops'] == 4 * expert_parallel['moe_layers']  # there and back, fwd and bwd
+  assert a2a['bytes'] == expert_parallel['all_to_all_bytes_analytic'] > 0
+  # Experts over 4 devices: each holds a quarter of every bank (the rest is replicated).
+  assert expert_parallel['params_bytes_per_device'] < data_parallel['params_bytes_per_device']
+  assert expert_parallel['params'] == data_parallel['params']
+  for row in (data_parallel, expert_parallel):
+    assert row['temp_bytes_per_device'] > 0 and row['flops_per_device'] > 0
+
+
+def test_hlo_shape_bytes():
+  assert scale_report.shape_bytes('(f32[8,4]{1,0}, bf16[2])') == 8 * 4 * 4 + 2 * 2
+  hlo = ('  %all-to-all.1 = bf16[4,2,8]{2,1,0} all-to-all(bf16[4,2,8]{2,1,0} %x), '
+         'replica_groups={{0,1,2,3}}\n  %y = f32[2] add(f32[2] %a, f32[2] %b)')
+  got = scale_report.collective_bytes(hlo)
+  assert got['all-to-all'] == {'ops': 1, 'bytes': 4 * 2 * 8 * 2}
+  assert got['all-reduce'] == {'ops': 0, 'bytes': 0}
