@@ -54,6 +54,7 @@ from pathways import registry  # noqa: E402
 from pathways.data import layout as layout_lib  # noqa: E402
 from pathways.data import mixture as mixture_lib  # noqa: E402
 from pathways.nn import capacity as capacity_lib  # noqa: E402
+from pathways.nn import experts as experts_lib  # noqa: E402
 from pathways.parallel import sharding as sharding_lib  # noqa: E402
 from pathways.train import experiment  # noqa: E402
 from pathways.train import loop  # noqa: E402
@@ -207,6 +208,9 @@ def report(config, mesh_shape) -> dict:
 def main(argv):
   del argv
   registry.discover()
+  # The accelerators' expert matmuls (one batched einsum per bank), not the CPU's per-expert
+  # loop: XLA's cost analysis counts a loop body once, whatever its trip count.
+  experts_lib.set_default_impl('batched')
   config = FLAGS.config
   if FLAGS.group_size:
     config.model.moe.group_size = FLAGS.group_size

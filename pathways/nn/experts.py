@@ -72,6 +72,16 @@ def _looped_ffn_bwd(res, dy_ExCxD):
 _looped_ffn.defvjp(_looped_ffn_fwd, _looped_ffn_bwd)
 
 BANK_FFN_IMPLS = ('batched', 'loop')
+_default_impl = None  # None: by backend (see `bank_ffn`)
+
+
+def set_default_impl(impl: str | None) -> None:
+  """Overrides the backend's choice of `bank_ffn` implementation (None restores it); the
+  ahead-of-time scale report compiles the accelerators' 'batched' form on CPU."""
+  global _default_impl
+  if impl is not None and impl not in BANK_FFN_IMPLS:
+    raise ValueError(f'impl={impl!r}: must be one of {BANK_FFN_IMPLS} or None.')
+  _default_impl = impl
 
 
 def bank_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, dtype=jnp.float32, impl: str | None = None):
@@ -91,7 +101,7 @@ def bank_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, dtype=jnp.float32, impl: str | 
     impl: 'batched', 'loop', or None for the backend's default.
   """
   if impl is None:
-    impl = 'loop' if jax.default_backend() == 'cpu' else 'batched'
+    impl = _default_impl or ('loop' if jax.default_backend() == 'cpu' else 'batched')
   x, w_in, w_out = buf_ExCxD.astype(dtype), w_in_ExDxF.astype(dtype), w_out_ExFxD.astype(dtype)
   if impl == 'loop':
     return _looped_ffn(x, w_in, w_out)
