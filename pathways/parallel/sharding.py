@@ -1,10 +1,12 @@
 """Meshes and shardings from config data: a mesh shape and logical-axis rules.
 
+`config.mesh` ({'data': -1, 'expert': 4}) names the axes in order with their sizes.
 Parameters carry `logical_axes` metadata (e.g. ('expert', 'embed', 'mlp')); rules map each
-logical name to a mesh axis or None (replicated). The train loop derives every sharding from
-an abstract state (`nnx.eval_shape`) before anything is allocated, initializes parameters
-already sharded and jits the step with explicit in/out shardings; the default mesh has one
-device, so scaling out changes the config, not the loop.
+logical name to a mesh axis, a tuple of axes, or None (replicated). The train loop derives
+every sharding from an abstract state (`nnx.eval_shape`) before anything is allocated,
+initializes parameters already sharded and jits the step with explicit in/out shardings;
+batches split their leading axis by the 'batch' rule. Scaling out changes the config, not
+the loop.
 """
 from __future__ import annotations
 

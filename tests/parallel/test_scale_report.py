@@ -36,3 +36,12 @@ def test_hlo_shape_bytes():
   got = scale_report.collective_bytes(hlo)
   assert got['all-to-all'] == {'ops': 1, 'bytes': 4 * 2 * 8 * 2}
   assert got['all-reduce'] == {'ops': 0, 'bytes': 0}
+
+
+def test_fsdp_rule_splits_the_remaining_weights_over_data():
+  c = _config()
+  c.sharding_rules = [['expert', 'expert'], ['batch', ['data', 'expert']], ['embed', 'data']]
+  fsdp = scale_report.report(c, (2, 4))
+  plain = scale_report.report(_config(), (2, 4))
+  assert fsdp['params_bytes_per_device'] < plain['params_bytes_per_device']
+  assert fsdp['collectives']['all-to-all'] == plain['collectives']['all-to-all']
