@@ -108,9 +108,10 @@ def _into_layout(small, layout_big, task_big):
   rows empty, weight 0: evaluation is dropless, so they change nothing)."""
   b = layout_big.batch_size
   rows = np.asarray(layout_big.task_rows(task_big))
-  out = {'task_id': np.repeat(np.arange(len(layout_big.slots)), layout_big.slots).astype(np.int32),
-         'weight': np.zeros(b, np.float32), 'label': np.full(b, -1, np.int32),
+  out = {'task_id': np.zeros(b, np.int32), 'weight': np.zeros(b, np.float32), 'label': np.full(b, -1, np.int32),
          'difficulty': np.full(b, np.nan, np.float32)}
+  for i in range(len(layout_big.slots)):
+    out['task_id'][layout_big.task_rows(i)] = i
   for key in ('weight', 'label', 'difficulty'):
     out[key][rows] = small[key]
   for modality, mrows in layout_big.rows.items():
@@ -139,7 +140,7 @@ def export_task(workdir, task, output, threshold=0.01, eval_batches=None,
   from pathways.analysis import routing_stats as rs  # pylint: disable=g-import-not-at-top
   from pathways.nn import model as model_lib  # pylint: disable=g-import-not-at-top
   from pathways.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from pathways.train import evaluate_workdir, experiment, loop  # pylint: disable=g-import-not-at-top
+  from pathways.train import evaluate_workdir, loop  # pylint: disable=g-import-not-at-top
   config, tasks, graphdef, state, step = evaluate_workdir.load_workdir(workdir)
   names = [t.name for t in tasks]
   if task not in names:
@@ -149,7 +150,7 @@ def export_task(workdir, task, output, threshold=0.01, eval_batches=None,
   if not old.moe_layers:
     raise ValueError(f'{workdir!r}: the model has no MoE layer; nothing to prune.')
   n_batches = eval_batches or config.train.eval_batches
-  pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
+  pipe = evaluate_workdir.eval_pipeline(config, tasks)
   record = collect.collect(graphdef, state, (next(pipe) for _ in range(n_batches)))
   banks = [tuple(b) for b in config.model.moe.banks]
   num_experts = old.blocks[old.moe_layers[0]].ffn.num_experts
@@ -169,7 +170,8 @@ def export_task(workdir, task, output, threshold=0.01, eval_batches=None,
     new_config.unlock()
     new_config.tasks = [task]
     new_config.model.moe.banks = new_banks
-    new_config.data.batch_size = old.layout.slots[i]
+    new_config.data.batch_size = len(old.layout.task_rows(i))
+    new_config.data.shards = old.layout.shards
     new_config.init_from = ''
     for section in ('task_loss_weights', 'task_flops_budgets', 'task_connectivity'):
       new_config[section] = {k: v for k, v in new_config.get(section, {}).items() if k == task}
@@ -183,7 +185,7 @@ def export_task(workdir, task, output, threshold=0.01, eval_batches=None,
     new_model, new_opt = nnx.merge(new_graphdef, new_state)
     _transplant(old, new_model, task, kept, per_bank, banks)
     # Both models on the same examples: the task's own evaluation stream.
-    small_pipe = experiment.pipeline_from_config(new_config, new_tasks, split='eval', seed_offset=1)
+    small_pipe = evaluate_workdir.eval_pipeline(new_config, new_tasks)
 
     @jax.jit
     def both(old_state, new_state, big, small):

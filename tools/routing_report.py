@@ -192,9 +192,9 @@ def _fmt(x):
 def workdir_stats(workdir: str, eval_batches: int | None = None) -> dict:
   """The report's statistics of a workdir's latest checkpoint on its evaluation data."""
   from pathways.analysis import collect, summary  # pylint: disable=g-import-not-at-top
-  from pathways.train import evaluate_workdir, experiment  # pylint: disable=g-import-not-at-top
+  from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
   config, tasks, graphdef, state, step = evaluate_workdir.load_workdir(workdir)
-  pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1)
+  pipe = evaluate_workdir.eval_pipeline(config, tasks)
   n = eval_batches or config.train.eval_batches
   record = collect.collect(graphdef, state, (next(pipe) for _ in range(n)))
   return dict(summary.summarize(record), step=step)

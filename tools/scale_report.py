@@ -55,6 +55,7 @@ from pathways.data import layout as layout_lib  # noqa: E402
 from pathways.data import mixture as mixture_lib  # noqa: E402
 from pathways.nn import capacity as capacity_lib  # noqa: E402
 from pathways.nn import experts as experts_lib  # noqa: E402
+from pathways.parallel import expert_parallel  # noqa: E402
 from pathways.parallel import sharding as sharding_lib  # noqa: E402
 from pathways.train import experiment  # noqa: E402
 from pathways.train import loop  # noqa: E402
@@ -93,8 +94,12 @@ def collective_bytes(hlo_text: str) -> dict:
   for line in hlo_text.splitlines():
     m = _OP.search(line)
     if m:
+      types = m.group(1)
+      if m.group(3):  # an async '-start' returns (operands, results): count the result
+        types = _SHAPE.findall(types)[-1]
+        types = f'{types[0]}[{types[1]}]'
       out[m.group(2)]['ops'] += 1
-      out[m.group(2)]['bytes'] += shape_bytes(m.group(1))
+      out[m.group(2)]['bytes'] += shape_bytes(types)
   return out
 
 
@@ -123,21 +128,26 @@ def abstract_layout(config, tasks, shards):
   return layout_lib.make_layout(tasks, slots, shards)
 
 
-def analytic_all_to_all(config, layout, mesh_shape, num_moe_layers) -> int:
+def analytic_all_to_all(config, layout, mesh, num_moe_layers) -> int:
   """Bytes per device per step the expert exchange moves (result sizes): per MoE layer,
-  E x (G / N) x C x D in the compute dtype, 4 times (6 with remat)."""
+  E x (G / N) x C x D in the compute dtype with capacity; X x (G / N) x S x K x D (each
+  destination's chunk padded to the worst case) dropless on CPU; 4 exchanges per layer
+  (6 with remat). 0 when the layer does not run expert parallel."""
   m = config.model
-  data, expert = mesh_shape
-  if expert == 1:
-    return 0
+  n, x = mesh.size, dict(mesh.shape).get('expert', 1)
   tokens = layout.batch_size * _sequence_length(config, layout)
   s = m.moe.group_size or tokens
   g = tokens // s
-  e = sum(b[0] for b in m.moe.banks)
-  c = capacity_lib.capacity(s, e, m.moe.k, m.moe.capacity_factor)
+  banks = [b[0] for b in m.moe.banks]
+  e = sum(banks)
+  if x == 1 or not expert_parallel.fits(mesh, g, banks):
+    return 0
   item = 2 if m.dtype == 'bfloat16' else 4
-  per_exchange = e * (g // (data * expert)) * c * m.d_model * item
-  return (6 if m.remat else 4) * num_moe_layers * per_exchange
+  if m.moe.dispatcher == 'ragged':
+    rows = x * (g // n) * s * m.moe.k
+  else:
+    rows = e * (g // n) * capacity_lib.capacity(s, e, m.moe.k, m.moe.capacity_factor)
+  return (6 if m.remat else 4) * num_moe_layers * rows * m.d_model * item
 
 
 def _sequence_length(config, layout):
@@ -152,10 +162,12 @@ def _sequence_length(config, layout):
   return max(lengths)
 
 
-def report(config, mesh_shape) -> dict:
-  """Compiles the train step for one (data, expert) mesh; returns the measured numbers."""
+def report(config, mesh_shape=None) -> dict:
+  """Compiles the train step for one (data, expert) mesh (None: the config's); returns the
+  measured numbers."""
   config = config.copy_and_resolve_references()
-  config.mesh = dict(data=mesh_shape[0], expert=mesh_shape[1])
+  if mesh_shape is not None:
+    config.mesh = dict(data=mesh_shape[0], expert=mesh_shape[1])
   experiment.validate(config)
   tasks = experiment.tasks_from_config(config)
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -185,9 +197,10 @@ def report(config, mesh_shape) -> dict:
   model_state, opt_state = state[0], state[1]
   num_moe = len(nnx.merge(graphdef, state)[0].moe_layers)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model_state))
-  a2a = analytic_all_to_all(config, layout, mesh_shape, num_moe)
+  a2a = analytic_all_to_all(config, layout, mesh, num_moe)
+  x = dict(mesh.shape).get('expert', 1)
   return {
-      'mesh': {'data': mesh_shape[0], 'expert': mesh_shape[1]},
+      'mesh': dict(mesh.shape),
       'devices': mesh.size,
       'params': num_params,
       'params_bytes_per_device': per_device_bytes(model_state, shardings[0]),
@@ -197,7 +210,7 @@ def report(config, mesh_shape) -> dict:
       'flops_per_device': float(cost.get('flops', float('nan'))),
       'collectives': collectives,
       'all_to_all_bytes_analytic': a2a,
-      'all_to_all_bytes_off_device': a2a * (mesh_shape[1] - 1) // mesh_shape[1],
+      'all_to_all_bytes_off_device': a2a * (x - 1) // x,
       'compute_dtype': config.model.dtype,
       'moe_layers': num_moe,
       'batch': layout.batch_size, 'sequence': _sequence_length(config, layout),
@@ -214,9 +227,8 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.group_size:
     config.model.moe.group_size = FLAGS.group_size
-  meshes = [tuple(int(v) for v in m.split('x')) for m in FLAGS.meshes] or [
-      (config.mesh.data, config.mesh.expert)]
-  if jax.device_count() < max(d * e for d, e in meshes):
+  meshes = [tuple(int(v) for v in m.split('x')) for m in FLAGS.meshes] or [None]
+  if meshes != [None] and jax.device_count() < max(d * e for d, e in meshes):
     raise app.UsageError(f'--devices={jax.device_count()}: the meshes {meshes} need '
                          f'{max(d * e for d, e in meshes)}.')
   out = open(FLAGS.out, 'w') if FLAGS.out else None

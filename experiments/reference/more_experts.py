@@ -1,7 +1,7 @@
 """Reference result: more experts at the same active compute lower the loss.
 
   python -m experiments.reference.more_experts --workdir=workdirs/more_experts \
-      [--experts=1,4,16] [--seeds=0,1] [--steps=400]
+      [--experts=1,4,16,64] [--seeds=0,1] [--steps=400]
 
 Trains `experiments/configs/more_experts.py` for every (E, seed) in its own sub-workdir
 (an interrupted sweep resumes: finished runs are read back, a cut run resumes from its
@@ -13,44 +13,33 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from experiments.reference import common
 from pathways import registry
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Folder for the sweep.')
-flags.DEFINE_list('experts', ['1', '4', '16'], 'Experts per MoE layer (1 = dense).')
-flags.DEFINE_list('seeds', ['0', '1'], 'Seeds per E.')
-flags.DEFINE_integer('steps', 400, 'Training steps per run.')
-flags.mark_flags_as_required(['workdir'])
+
+
+def define_flags():
+  """Only when run as a program (tests import both sweeps into one process)."""
+  flags.DEFINE_string('workdir', None, 'Folder for the sweep.')
+  flags.DEFINE_list('experts', ['1', '4', '16', '64'], 'Experts per MoE layer (1 = dense).')
+  flags.DEFINE_list('seeds', ['0', '1'], 'Seeds per E.')
+  flags.DEFINE_integer('steps', 400, 'Training steps per run.')
+  flags.mark_flags_as_required(['workdir'])
+
 
 TASK = 'pycode_lm'
 
 
-def _final_eval(workdir, steps):
-  from pathways.train import metric_writer  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-    return None
-  rows = [r for r in metric_writer.read_metrics(workdir)
-          if r['step'] == steps and f'eval/{TASK}/loss' in r]
-  return rows[-1] if rows else None
-
-
 def run_one(workdir, experts, seed, steps):
   from experiments.configs import more_experts  # pylint: disable=g-import-not-at-top
-  from pathways.train import loop  # pylint: disable=g-import-not-at-top
   config = more_experts.get_config(f'experts={experts},seed={seed},steps={steps}')
-  row = _final_eval(workdir, steps)
-  seconds = None
-  if row is None:
-    start = time.time()
-    loop.train_and_evaluate(config, workdir)
-    seconds = time.time() - start
-    row = _final_eval(workdir, steps)
+  row, seconds = common.train(config, workdir)
   m = config.model
   length = 128  # pycode_lm windows
   return {'experts': experts, 'seed': seed, 'steps': steps,
@@ -73,10 +62,7 @@ def summarize(runs):
 
 
 def plot(runs, summary, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = common.figure()
   ax.scatter([r['experts'] for r in runs], [r['eval_loss'] for r in runs], s=16, alpha=0.6,
              label='one seed')
   es = sorted(int(e) for e in summary)
@@ -86,9 +72,7 @@ def plot(runs, summary, path):
   ax.set_xlabel('experts per MoE layer (top-1, same FLOPs per token)')
   ax.set_ylabel(f'{TASK} eval loss (nats/byte)')
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save(fig, path)
 
 
 def main(argv):
@@ -113,4 +97,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

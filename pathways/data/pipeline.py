@@ -21,12 +21,13 @@ Data: each task's split is a `grain.MapDataset` over its random-access source, s
 shuffled and repeated. The pipeline's state is the next index of each task and the step: it
 is small JSON, and a restored pipeline yields exactly the batches the original would have.
 
-Data parallelism: a global batch is `num_shards` equal blocks (the mesh's data axis size by
-default), each a complete little batch of B / num_shards rows in the same per-shard layout;
-block j reads every `num_shards`-th index of each task from j. A process builds only the
-blocks its devices hold (`process_index` of `process_count`, consecutive blocks), so no
-host loads another's examples, and one process building all blocks yields exactly the
-global batch that many processes build together.
+Data parallelism: a global batch is `num_shards` equal blocks (by default one per device
+the batch is split over, see `loop.data_kwargs`), each a complete little batch of
+B / num_shards rows in the same per-shard layout; block j reads every `num_shards`-th
+index of each task from j. A process builds only the blocks its devices hold
+(`process_index` of `process_count`, consecutive blocks), so no host loads another's
+examples, and one process building all blocks yields exactly the global batch that many
+processes build together.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ class MultitaskPipeline:
     seed: shuffling and schedule seed.
     mixture: 'proportional', 'uniform' or 'temperature'; temperature for the last.
     data_dir: TFDS data directory.
-    num_shards: blocks of the global batch (data-parallel shards); None: process_count.
+    num_shards: blocks of the global batch (one per device that takes its own examples);
+      None: process_count. A state restores only into a pipeline with the same count.
     process_index, process_count: this process builds blocks [i * n, (i + 1) * n),
       n = num_shards / process_count.
     sources: optional name -> random-access source, instead of calling each task's `data`.
@@ -180,12 +182,17 @@ class MultitaskPipeline:
 
   def get_state(self) -> bytes:
     return json.dumps({'step': self._step, 'next': self._next, 'seed': self.seed,
-                       'tasks': [t.name for t in self.tasks]}).encode()
+                       'tasks': [t.name for t in self.tasks],
+                       'num_shards': self.num_shards}).encode()
 
   def set_state(self, state: bytes) -> None:
     s = json.loads(state)
     if s['tasks'] != [t.name for t in self.tasks] or s['seed'] != self.seed:
       raise ValueError(f"pipeline state is for tasks {s['tasks']} with seed {s['seed']}; this "
                        f"pipeline has tasks {[t.name for t in self.tasks]} with seed {self.seed}.")
+    if s.get('num_shards', 1) != self.num_shards:
+      raise ValueError(f"pipeline state is for num_shards={s.get('num_shards', 1)}; this pipeline "
+                       f'has num_shards={self.num_shards} (another device count). Resume with '
+                       f"--config.data.shards={s.get('num_shards', 1)} to read the same examples.")
     self._step = s['step']
     self._next = dict(s['next'])

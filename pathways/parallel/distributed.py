@@ -22,10 +22,13 @@ def initialize(mode: str = 'off', coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None) -> None:
   if mode not in MODES:
     raise ValueError(f'--distributed={mode!r}: must be one of {MODES}.')
+  given = [name for name, v in (('coordinator_address', coordinator_address),
+                                ('num_processes', num_processes),
+                                ('process_id', process_id)) if v is not None]
+  if mode != 'explicit' and given:
+    raise ValueError(f'--{", --".join(given)} need --distributed=explicit (got '
+                     f'--distributed={mode}; auto finds them itself).')
   if mode == 'off':
-    if coordinator_address or num_processes or process_id:
-      raise ValueError('--coordinator_address/--num_processes/--process_id need '
-                       '--distributed=explicit.')
     return
   if mode == 'auto':
     jax.distributed.initialize()

@@ -26,7 +26,7 @@ def load_workdir(workdir: str, mesh: dict | None = None):
   if not os.path.exists(path):
     raise FileNotFoundError(f'--workdir={workdir!r}: no config.json (not a training workdir).')
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = experiment.upgrade(ml_collections.ConfigDict(json.load(f)))
   if mesh is not None:
     config.mesh = dict(mesh)
   tasks, _, graphdef, state, _, _ = loop.build(config)
@@ -40,12 +40,18 @@ def load_workdir(workdir: str, mesh: dict | None = None):
   return config, tasks, graphdef, restored[1], restored[0]
 
 
+def eval_pipeline(config, tasks):
+  """The evaluation pipeline of a workdir's config, split as its mesh splits batches here."""
+  mesh = sharding_lib.make_mesh(config.mesh)
+  return experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1,
+                                         **loop.data_kwargs(config, mesh))
+
+
 def evaluate_workdir(workdir: str, eval_batches: int | None = None,
                      mesh: dict | None = None) -> dict:
   config, tasks, graphdef, state, step = load_workdir(workdir, mesh)
   mesh = sharding_lib.make_mesh(config.mesh)
-  eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1,
-                                              **loop.data_kwargs(config, mesh))
+  eval_pipe = eval_pipeline(config, tasks)
   n = eval_batches or config.train.eval_batches
   with jax.set_mesh(mesh):
     result = evaluation.evaluate(evaluation.make_eval_step(graphdef), state,

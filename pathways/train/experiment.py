@@ -62,10 +62,33 @@ def validate(config) -> None:
     if axis not in config.mesh and axis not in ('data', 'expert'):
       _bad('sharding_rules', list(config.sharding_rules), f'name mesh axis {axis!r}, not in '
            f'config.mesh {dict(config.mesh)} (absent standard axes data/expert replicate)')
-  shards = config.data.shards
-  if not (isinstance(shards, int) and shards >= 0) or (shards and shards % jax.process_count()):
-    _bad('data.shards', shards, f'must be 0 (the mesh\'s data axis size) or a multiple of the '
+  mesh = sharding_lib.make_mesh(config.mesh)
+  if jax.process_count() > 1 and mesh.size != jax.device_count():
+    _bad('mesh', dict(config.mesh), f'must use all {jax.device_count()} devices of the '
          f'{jax.process_count()} processes')
+  split = sharding_lib.data_shards(mesh, rules)
+  shards = config.data.shards
+  if not (isinstance(shards, int) and shards >= 0) or (shards and shards % split):
+    _bad('data.shards', shards, f'must be 0 (as the batch rule splits the mesh: {split}) or a '
+         f'multiple of {split}')
+  shards = shards or split
+  if config.data.batch_size % shards or config.data.batch_size // shards < len(config.tasks):
+    _bad('data.batch_size', config.data.batch_size, f'must split into {shards} equal blocks '
+         f'(data.shards, or the devices the batch is split over) of at least '
+         f'{len(config.tasks)} rows, one per task')
+
+
+def upgrade(config):
+  """A saved config.json from before the scale-out keys: mesh {'shape', 'axes'} becomes
+  {axis: size}; missing sharding_rules and data.shards take their defaults."""
+  if 'shape' in config.mesh and 'axes' in config.mesh:
+    config.mesh = dict(zip(config.mesh.axes, config.mesh.shape))
+  if 'sharding_rules' not in config:
+    config.sharding_rules = [[k, list(v) if isinstance(v, tuple) else v]
+                             for k, v in sharding_lib.DEFAULT_RULES[:2]]
+  if 'shards' not in config.data:
+    config.data.shards = 0
+  return config
 
 
 def tasks_from_config(config):

@@ -128,6 +128,17 @@ class _Stop:
     del frame
     self.requested = signal.Signals(signum).name
 
+  def agreed(self):
+    """The stop request, agreed by every process (signals reach hosts at different steps;
+    a process that saves while another steps would wait on it forever)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+    if np.any(flags):
+      self.requested = self.requested or 'SIGTERM (another process)'
+    return self.requested
+
   def restore(self):
     for sig, old in self._old.items():
       signal.signal(sig, old)
@@ -303,15 +314,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if pending is not None:
         finish(*pending, None)
         pending = None
-      if boundary or stop.requested:
+      stopping = stop.agreed()
+      if boundary or stopping:
         finish(step, scalars, state)  # checked before it is saved
-        if step % config.ckpt.every == 0 or step == total or stop.requested:
+        if step % config.ckpt.every == 0 or step == total or stopping:
           ckpt.save(step, state, pipe.get_state(), dict(meta, step=step), force=True)
           if last_eval and step % config.train.eval_every == 0:
             ckpt.save_best(step, state, pipe.get_state(), dict(meta, step=step), last_eval)
       else:
         pending = (step, scalars)
-      if stop.requested:
+      if stopping:
         print(f'{stop.requested}: saved step {step}; exiting.', flush=True)
         last_eval = dict(last_eval, stopped_by=stop.requested)
         break

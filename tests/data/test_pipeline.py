@@ -146,3 +146,10 @@ def test_processes_build_their_blocks_of_the_global_batch(data_dir):
     _pipe(data_dir, num_shards=3)
   with pytest.raises(ValueError, match=r'num_shards=3: must be a multiple of process_count=2'):
     _pipe(data_dir, num_shards=3, process_count=2)
+
+
+def test_state_refuses_another_shard_count(data_dir):
+  state = _pipe(data_dir, num_shards=2).get_state()
+  with pytest.raises(ValueError, match=r'pipeline state is for num_shards=2; this pipeline has '
+                                       r'num_shards=1 .* --config.data.shards=2'):
+    _pipe(data_dir).set_state(state)

@@ -46,3 +46,16 @@ def test_rules_shard_experts_over_expert_and_batches_over_data():
     sharding.rules_from_config([['expert', 'expert'], ['batch']])
   assert sharding.rules_from_config([['batch', ['data', 'expert']]]) == (
       ('batch', ('data', 'expert')),)
+
+
+def test_distributed_flags_are_checked_before_starting():
+  from pathways.parallel import distributed
+  with pytest.raises(ValueError, match=r'--process_id need --distributed=explicit'):
+    distributed.initialize('off', process_id=0)
+  with pytest.raises(ValueError, match=r'--distributed=explicit needs --num_processes'):
+    distributed.initialize('explicit', coordinator_address='h:1', process_id=0)
+  with pytest.raises(ValueError, match=r'--process_id=2: must be in \[0, --num_processes=2\)'):
+    distributed.initialize('explicit', coordinator_address='h:1', num_processes=2,
+                           process_id=2)
+  with pytest.raises(ValueError, match=r"--distributed='mpi': must be one of"):
+    distributed.initialize('mpi')

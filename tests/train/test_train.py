@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -204,3 +205,23 @@ def test_connectivity_from_the_config_reaches_the_task(data_dir):
   c.task_connectivity = {'nope': {'1': [0]}}
   with pytest.raises(ValueError, match='task_connectivity.nope'):
     experiment.validate(c)
+
+
+def test_batch_that_does_not_split_over_the_devices_is_refused(data_dir):
+  c = _config(data_dir)
+  c.mesh.data = 8  # the tests see 8 devices: blocks of 8 / 8 = 1 row for 2 tasks
+  with pytest.raises(ValueError, match=r'config.data.batch_size=8: must split into 8 equal '
+                                       r'blocks .* of at least 2 rows'):
+    experiment.validate(c)
+  c.mesh.data, c.data.shards = 2, 3
+  with pytest.raises(ValueError, match=r'config.data.shards=3: must be 0 \(as the batch rule '
+                                       r'splits the mesh: 2\) or a multiple of 2'):
+    experiment.validate(c)
+
+
+def test_saved_configs_from_before_the_mesh_keys_still_load():
+  c = ml_collections.ConfigDict({'mesh': {'shape': [1, 1], 'axes': ['data', 'expert']},
+                                 'data': {'batch_size': 8}})
+  c = experiment.upgrade(c)
+  assert dict(c.mesh) == {'data': 1, 'expert': 1} and c.data.shards == 0
+  assert c.sharding_rules[1] == ['batch', ['data', 'expert']]
