@@ -54,3 +54,30 @@ def test_final_eval_reads_only_finished_runs(tmp_path):
     f.write(json.dumps({'step': 10, 'loss': 1.0}) + '\n')
     f.write(json.dumps({'step': 10, 'eval/mean_accuracy': 0.5}) + '\n')
   assert common.final_eval(str(tmp_path), 10)['eval/mean_accuracy'] == 0.5
+
+
+def test_new_task_transfer_trains_only_the_new_tasks_parameters():
+  """The transfer run's freeze pattern leaves exactly the new task's embedding, head and
+  router prior trainable; the scratch run trains everything."""
+  import jax
+  from flax import nnx
+  from experiments.configs import multitask
+  from experiments.reference import new_task
+  from pathways.train import optimizer
+  from tools import scale_report
+  registry.import_task_modules(['tasks'])
+  task = new_task.register_few_shot(7)
+  assert new_task.register_few_shot(7) == task == 'pycode_lm_7'  # registering twice: no-op
+  transfer, scratch = new_task.configs(multitask.get_config('runlocal'), task, 20, '/base')
+  assert transfer.init_from == '/base' and not scratch.init_from and not scratch.freeze
+  tasks = [registry.get_task(task)]
+  layout = scale_report.abstract_layout(transfer, tasks, 1)
+  model = nnx.eval_shape(lambda: experiment.model_from_config(transfer, tasks, layout,
+                                                              nnx.Rngs(0)))
+  params = nnx.state(model, nnx.Param)
+  labels = optimizer.freeze_labels(params, transfer.freeze)
+  trained = sorted(optimizer.param_path(k) for k, v in jax.tree_util.tree_leaves_with_path(
+      labels) if v == 'train')
+  assert trained and all(task in p for p in trained), trained
+  assert {p.split('/')[0] for p in trained} == {'task_embed', 'heads', 'router_prior'}
+  assert len(new_task._FirstN(list(range(10)), 3)) == 3
