@@ -24,6 +24,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from pathways import registry
@@ -38,6 +39,11 @@ ROUTERS.add('top_k', router_lib.TopKRouter)
 ROUTERS.add('expert_choice', router_lib.ExpertChoiceRouter)
 
 AUX_LOSSES = ('load_balance_loss', 'importance_load_loss', 'router_z_loss')
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message):
+  logging.warning(message)
 
 
 def _check_capacity_factor(name, value):
@@ -92,6 +98,10 @@ class MoELayer(nnx.Module):
       raise ValueError(f'dtype={dtype!r}: must be jnp.float32 or jnp.bfloat16.')
     self.banks = nnx.List([experts_lib.ExpertBank(d_model, e, f, rngs=rngs) for e, f in banks])
     self.num_experts = sum(e for e, _ in banks)
+    if router == 'top_k' and k == 1 and renormalize:
+      _warn_once('MoELayer(k=1, renormalize=True): the gate is the top probability divided by '
+                 'itself, always 1.0, so the router learns only from the auxiliary losses. '
+                 'Pass renormalize=False for Switch-style gates (gate = router probability).')
     if router == 'top_k':
       self.router = router_cls(d_model, self.num_experts, k, num_null_experts=num_null_experts,
                                top_p=top_p, renormalize=renormalize, noisy=noisy,

@@ -50,3 +50,17 @@ def test_call_with_wrong_shapes_refused():
     layer(jnp.zeros((2, 4, 8)), mask_BxL=jnp.ones((2, 3), bool))
   with pytest.raises(ValueError, match=r'task_ids_B.shape=\(3,\)'):
     layer(jnp.zeros((2, 4, 8)), task_ids_B=jnp.zeros((3,), jnp.int32))
+
+
+def test_top1_with_renormalized_gates_warns_that_the_router_gets_no_gradient(caplog):
+  from pathways.nn import moe as moe_lib
+  moe_lib._warn_once.cache_clear()
+  with caplog.at_level('WARNING'):
+    moe_lib.MoELayer(8, ((4, 16),), 1, rngs=nnx.Rngs(0))
+  assert 'k=1, renormalize=True' in caplog.text
+  caplog.clear()
+  moe_lib._warn_once.cache_clear()
+  with caplog.at_level('WARNING'):
+    moe_lib.MoELayer(8, ((4, 16),), 1, renormalize=False, rngs=nnx.Rngs(0))
+    moe_lib.MoELayer(8, ((4, 16),), 2, rngs=nnx.Rngs(0))
+  assert 'renormalize' not in caplog.text

@@ -16,17 +16,17 @@ def _config():
 
 
 def test_scale_report_counts_the_expert_exchange():
-  data_parallel = scale_report.report(_config(), (8, 1))
+  """(That data parallelism compiles to no all-to-all is checked in test_expert_parallel.)"""
   expert_parallel = scale_report.report(_config(), (2, 4))
-  assert data_parallel['collectives']['all-to-all']['ops'] == 0
   a2a = expert_parallel['collectives']['all-to-all']
   assert a2a['ops'] == 4 * expert_parallel['moe_layers']  # there and back, fwd and bwd
   assert a2a['bytes'] == expert_parallel['all_to_all_bytes_analytic'] > 0
   # Experts over 4 devices: each holds a quarter of every bank (the rest is replicated).
-  assert expert_parallel['params_bytes_per_device'] < data_parallel['params_bytes_per_device']
-  assert expert_parallel['params'] == data_parallel['params']
-  for row in (data_parallel, expert_parallel):
-    assert row['temp_bytes_per_device'] > 0 and row['flops_per_device'] > 0
+  bank_bytes = 4 * sum(2 * 8 * 16 * f for f in (16, 32)) * expert_parallel['moe_layers']
+  expected = 4 * expert_parallel['params'] - bank_bytes + bank_bytes // 4
+  assert abs(expert_parallel['params_bytes_per_device'] - expected) < 16  # RNG state: not f32
+  assert expert_parallel['temp_bytes_per_device'] > 0
+  assert expert_parallel['flops_per_device'] > 0
   # FSDP-style: the weights experts do not split also go over 'data'; the exchange is the same.
   c = _config()
   c.sharding_rules = [['expert', 'expert'], ['batch', ['data', 'expert']], ['embed', 'data']]
