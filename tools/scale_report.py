@@ -140,7 +140,7 @@ def analytic_all_to_all(config, layout, mesh, num_moe_layers) -> int:
   g = tokens // s
   banks = [b[0] for b in m.moe.banks]
   e = sum(banks)
-  if x == 1 or not expert_parallel.fits(mesh, g, banks):
+  if x == 1 or expert_parallel.layout_problem(mesh, g, banks):
     return 0
   item = 2 if m.dtype == 'bfloat16' else 4
   if m.moe.dispatcher == 'ragged':

@@ -91,17 +91,9 @@ def configs(base_config, task: str, steps: int, base_workdir: str):
 def shared_unchanged(base_workdir, transfer_workdir):
   """(equal, compared): every transfer parameter that came from the base, bitwise."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from pathways.train import checkpoint  # pylint: disable=g-import-not-at-top
-
-  def params(workdir):
-    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
-    tree = mngr.restore(mngr.latest_step(),
-                        args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    mngr.close()
-    return checkpoint.flat_paths(tree[0] if 0 in tree else tree['0'])
-
-  base, new = params(base_workdir), params(transfer_workdir)
+  base = checkpoint.saved_model(base_workdir)
+  new = checkpoint.saved_model(transfer_workdir)
   common_paths = [p for p in new if p in base and np.shape(base[p]) == np.shape(new[p])
                   and '/rngs/' not in p]  # random streams advance; parameters must not
   equal = all(np.array_equal(np.asarray(base[p]), np.asarray(new[p])) for p in common_paths)

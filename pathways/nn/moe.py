@@ -225,10 +225,11 @@ class MoELayer(nnx.Module):
     dispatch_fn = self.dispatch_fn
     mesh = expert_parallel.context_mesh()
     if mesh is not None and dispatch_fn in expert_parallel.PARALLEL:
-      if expert_parallel.fits(mesh, g, [w.shape[0] for w, _ in weights]):
-        dispatch_fn = functools.partial(expert_parallel.PARALLEL[dispatch_fn], mesh=mesh)
+      problem = expert_parallel.layout_problem(mesh, g, [w.shape[0] for w, _ in weights])
+      if problem:
+        expert_parallel.warn_once(problem)
       else:
-        expert_parallel.warn_unfit(mesh, g, [w.shape[0] for w, _ in weights])
+        dispatch_fn = functools.partial(expert_parallel.PARALLEL[dispatch_fn], mesh=mesh)
     y_GxSxD, kept = dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity, self.dtype)
     metrics = self._dispatch_metrics(routing, kept, active_GxS)
     metrics['flops_BxL'] = self._flops(routing, kept, active_GxS).reshape(b, l)

@@ -59,42 +59,55 @@ def _device_major(bank_sizes, x):
   return perm, np.argsort(perm).astype(np.int32)
 
 
-def check_layout(mesh, num_groups, bank_sizes, expert_axis=EXPERT_AXIS):
-  """Raises naming the sizes when groups or banks do not divide over the mesh."""
+def layout_problem(mesh, num_groups, bank_sizes, expert_axis=EXPERT_AXIS) -> str | None:
+  """Why groups or banks do not divide over the mesh (naming the sizes), or None."""
   n = math.prod(mesh.axis_sizes)
   x = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(expert_axis, 1)
   if num_groups % n:
-    raise ValueError(f'expert parallelism: G = {num_groups} capacity groups do not divide over '
-                     f'the mesh of {n} devices {dict(zip(mesh.axis_names, mesh.axis_sizes))}; '
-                     f'choose model.moe.group_size so that B * L / group_size is a multiple of '
-                     f'{n}.')
+    return (f'expert parallelism: G = {num_groups} capacity groups do not divide over the mesh '
+            f'of {n} devices {dict(zip(mesh.axis_names, mesh.axis_sizes))}; choose '
+            f'model.moe.group_size so that B * L / group_size is a multiple of {n}.')
   for e_b in bank_sizes:
     if e_b % x:
-      raise ValueError(f'expert parallelism: a bank of {e_b} experts does not divide over the '
-                       f"'{expert_axis}' mesh axis of size {x}; every bank's expert count must "
-                       f'be a multiple of it.')
+      return (f'expert parallelism: a bank of {e_b} experts does not divide over the '
+              f"'{expert_axis}' mesh axis of size {x}; every bank's expert count must be a "
+              f'multiple of it.')
+  return None
 
 
-def fits(mesh, num_groups, bank_sizes, expert_axis=EXPERT_AXIS) -> bool:
-  try:
-    check_layout(mesh, num_groups, bank_sizes, expert_axis)
-  except ValueError:
-    return False
-  return True
+def check_layout(mesh, num_groups, bank_sizes, expert_axis=EXPERT_AXIS):
+  """Raises `layout_problem`'s message."""
+  problem = layout_problem(mesh, num_groups, bank_sizes, expert_axis)
+  if problem:
+    raise ValueError(problem)
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message):
-  logging.warning(message)
-
-
-def warn_unfit(mesh, num_groups, bank_sizes, expert_axis=EXPERT_AXIS):
+def warn_once(message):
   """The layer falls back to the compiler's partitioning of the single-device dispatcher
   (correct, but without the all-to-all layout); says why, once per cause."""
-  try:
-    check_layout(mesh, num_groups, bank_sizes, expert_axis)
-  except ValueError as e:
-    _warn_once(f'{e} Falling back to the single-device dispatcher, partitioned by the compiler.')
+  logging.warning(f'{message} Falling back to the single-device dispatcher, partitioned by '
+                  f'the compiler.')
+
+
+def _sharded(local, mesh, weights, routing, x_GxSxD, expert_axis):
+  """Runs `local(x, routing, weights)` per device: groups over every mesh axis, each bank's
+  experts over `expert_axis`; weights marked varying over the other axes (each device's
+  weight gradient is its groups' part, and autodiff then sums the parts; custom VJPs need
+  the match)."""
+  x = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(expert_axis, 1)
+  groups = P(tuple(mesh.axis_names))
+  replicated_over = tuple(a for a in mesh.axis_names if a != expert_axis or x == 1)
+
+  def body(x_GxSxD, routing, weights):
+    weights = jax.tree.map(lambda w: jax.lax.pcast(w, replicated_over, to='varying'), weights)
+    return local(x_GxSxD, routing, weights)
+
+  fn = jax.shard_map(body, mesh=mesh,
+                     in_specs=(groups, jax.tree.map(lambda _: groups, routing),
+                               P(expert_axis) if x > 1 else P()),
+                     out_specs=(groups, groups))
+  return fn(x_GxSxD, routing, weights)
 
 
 def _exchange(buf_ExMxD, x, expert_axis):
@@ -125,19 +138,10 @@ def dispatch(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
   bank_sizes = [w_in.shape[0] for w_in, _ in weights]
   e = sum(bank_sizes)
   check_layout(mesh, x_GxSxD.shape[0], bank_sizes, expert_axis)
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  x = sizes.get(expert_axis, 1)
-  groups = P(tuple(mesh.axis_names))
-  experts = P(expert_axis) if x > 1 else P()
+  x = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(expert_axis, 1)
   perm, inverse = _device_major(bank_sizes, x)
 
-  replicated_over = tuple(a for a in mesh.axis_names if a != expert_axis or x == 1)
-
   def local(x_GxSxD, routing, weights):
-    # Each device's weight gradient is its groups' part; marking the weights as varying
-    # over the other axes makes autodiff sum those parts (custom VJPs need the match).
-    weights = jax.tree.map(lambda w: jax.lax.pcast(w, replicated_over, to='varying'), weights)
-
     def run_experts(buf_ExMxD):
       if x == 1:
         return experts_lib.apply_banks(buf_ExMxD, weights, dtype)
@@ -148,11 +152,7 @@ def dispatch(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
     return dispatch_fn(x_GxSxD, routing, weights, capacity, dtype, run_experts=run_experts,
                        num_experts=e)
 
-  routing_specs = jax.tree.map(lambda _: groups, routing)
-  kept_spec = groups
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(groups, routing_specs, experts),
-                     out_specs=(groups, kept_spec))
-  return fn(x_GxSxD, routing, weights)
+  return _sharded(local, mesh, weights, routing, x_GxSxD, expert_axis)
 
 
 def _chunk_rows(dest_A, x):
@@ -238,16 +238,11 @@ def dispatch_dropless(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
   e = sum(bank_sizes)
   check_layout(mesh, x_GxSxD.shape[0], bank_sizes, expert_axis)
   x = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(expert_axis, 1)
-  groups = P(tuple(mesh.axis_names))
-  experts = P(expert_axis) if x > 1 else P()
   _, inverse = _device_major(bank_sizes, x)
   e_loc = e // x
   exchange_fn = EXCHANGES[exchange or default_exchange()]
-  replicated_over = tuple(a for a in mesh.axis_names if a != expert_axis or x == 1)
 
   def local(x_GxSxD, routing, weights):
-    weights = jax.tree.map(lambda w: jax.lax.pcast(w, replicated_over, to='varying'), weights)
-
     def run_rows(x_AxD, expert_A):
       if x == 1:
         return dispatch_lib.ragged_experts(x_AxD, expert_A, weights, dtype)
@@ -262,10 +257,7 @@ def dispatch_dropless(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
     return dispatch_lib.dispatch_ragged(x_GxSxD, routing, weights, None, dtype,
                                         run_rows=run_rows, num_experts=e)
 
-  routing_specs = jax.tree.map(lambda _: groups, routing)
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(groups, routing_specs, experts),
-                     out_specs=(groups, groups))
-  return fn(x_GxSxD, routing, weights)
+  return _sharded(local, mesh, weights, routing, x_GxSxD, expert_axis)
 
 
 PARALLEL = {dispatch_lib.dispatch_sorted: dispatch, dispatch_lib.dispatch_ragged:

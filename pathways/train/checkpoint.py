@@ -130,20 +130,26 @@ class Checkpointer:
     return None
 
 
-def restore_params(workdir: str, model_state):
-  """Parameters of another workdir's latest checkpoint, put into `model_state` wherever a
-  path and shape match (new tasks' parameters keep their initialization).
-
-  Returns (state, restored paths, kept paths)."""
+def saved_model(workdir: str) -> dict:
+  """{'path': array} of the model state in a workdir's latest checkpoint (host arrays)."""
   mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
   step = mngr.latest_step()
   if step is None:
+    mngr.close()
     raise FileNotFoundError(f'config.init_from={workdir!r}: no checkpoint under '
                             f'{os.path.join(workdir, "checkpoints")}.')
   saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mngr.close()
   tree = saved.state  # the pure dict of (model, optimizer): keys 0 and 1 (maybe as strings)
-  saved_flat = flat_paths(tree[0] if 0 in tree else tree['0'])
+  return flat_paths(tree[0] if 0 in tree else tree['0'])
+
+
+def restore_params(workdir: str, model_state):
+  """Parameters of another workdir's latest checkpoint, put into `model_state` wherever a
+  path and shape match (new tasks' parameters keep their initialization).
+
+  Returns (state, restored paths, kept paths)."""
+  saved_flat = saved_model(workdir)
   pure = nnx.to_pure_dict(model_state)
   restored, kept = [], []
 
