@@ -91,9 +91,19 @@ def _pathway_figure(stats, plt, png):
   if traffic.size:
     m, n, e = traffic.shape
     ys = np.linspace(0, 1, e)
+    layer_names = list(stats['layers'])
+    grown = {(f"layer{g['layer']}", g['id']): g for g in stats.get('grown', [])
+             if g['kind'] == 'clone'}
     for layer in range(m):
-      for j in range(e):
-        ax.add_patch(plt.Rectangle((layer + 1 - 0.08, ys[j] - 0.03), 0.16, 0.06, fill=False))
+      for j in range(len(stats['layers'][layer_names[layer]]['expert_load'])):
+        g = grown.get((layer_names[layer], j))
+        color = colors(names.index(g['task']) % 10) if g else None
+        ax.add_patch(plt.Rectangle((layer + 1 - 0.08, ys[j] - 0.03), 0.16, 0.06,
+                                   fill=g is not None, alpha=0.5 if g else 1.0,
+                                   color=color or 'black'))
+        if g:  # grown by the architecture search for one task
+          ax.text(layer + 1.1, ys[j], f"clone of {g['source']}, F={g['hidden']}",
+                  fontsize=7, va='center')
     task_y = np.linspace(0, 1, n)
     for i in range(n):
       ax.text(-0.05, task_y[i], names[i], ha='right', va='center', color=colors(i % 10))
@@ -168,6 +178,12 @@ def _html(stats, figures, workdir, step):
       f"<td>{_fmt(s.get('computed_experts_per_token'))}</td><td>{_fmt(s['nmi'])}</td>"
       f"<td>{_fmt(s['nmi_shuffled_mean'])} &plusmn; {_fmt(s['nmi_shuffled_std'])}</td></tr>"
       for layer, s in stats['layers'].items())
+  grown_rows = ''.join(
+      f"<tr><td>{esc(g['task'])}</td><td>{esc(g['description'])}</td>"
+      f"<td>{_fmt(g.get('assignments'))}</td></tr>" for g in stats.get('grown', []))
+  grown = (f"<h2>Components grown by the architecture search</h2><table><tr><th>task</th>"
+           f"<th>component</th><th>assignments it computed</th></tr>{grown_rows}</table>"
+           if grown_rows else '')
   images = ''.join(
       f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
       f'{base64.b64encode(data).decode()}"><figcaption>{esc(name)}</figcaption></figure>'
@@ -176,7 +192,7 @@ def _html(stats, figures, workdir, step):
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block}}
 </style></head><body><h1>Routing report</h1><p>{esc(workdir)}, checkpoint step {step}</p>
-<h2>Per task</h2><table><tr><th>task</th><th>examples</th><th>FLOPs/example</th>
+{grown}<h2>Per task</h2><table><tr><th>task</th><th>examples</th><th>FLOPs/example</th>
 <th>layers run</th><th>FLOPs vs difficulty (Spearman)</th></tr>{rows}</table>
 <h2>Per MoE layer</h2><table><tr><th>layer</th><th>load CV</th><th>fraction dropped</th>
 <th>router entropy</th><th>experts/token</th><th>NMI(task, expert)</th>

@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tasks = ['digits', 'stdlib_package', 'parity', 'addition']
   c.task_loss_weights = ml_collections.ConfigDict({})  # name -> weight (default 1)
   c.task_flops_budgets = ml_collections.ConfigDict({})  # name -> FLOPs per example
+  c.task_sampling_weights = ml_collections.ConfigDict({})  # name -> mixture weight (default 1)
   # name -> {MoE layer (as a string): allowed experts}, e.g. {'parity': {'1': [0, 1]}}
   c.task_connectivity = ml_collections.ConfigDict({})
   # shards: blocks of the global batch, one per device that takes its own examples (0: as
@@ -58,7 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  moe=dict(banks=[[experts, d], [experts, 4 * d]], k=2, router='top_k',
                           capacity_factor=1.25, num_null_experts=1, noisy=True,
                           dispatcher='sorted',  # group_size None: one group per call
-                          group_size=config_dict.placeholder(int)))
+                          group_size=config_dict.placeholder(int)),
+                 grown=[])  # components `tools/search.py` added for single tasks
   c.aux = dict(load_balance_loss=0.01, router_z_loss=0.001, ponder_cost=0.003,
                budget_rate=0.01)
   c.optim = dict(learning_rate=3e-3 if runlocal else 1e-3, warmup_steps=50 if runlocal else 500,

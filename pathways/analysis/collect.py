@@ -28,7 +28,8 @@ def make_forward(graphdef):
 def collect(graphdef, state, batches, forward=None) -> dict:
   """Concatenated routing record over `batches` (only rows with weight > 0), plus
   'difficulty' [B], per-layer means of the layer scalars ('scalars': {'layer<l>/<name>'}),
-  and 'num_experts' per MoE layer."""
+  'num_experts' per MoE layer (routed plus grown: global ids), and 'grown': the components
+  the architecture search added (`pathways.nn.grow`), with each clone's global id."""
   forward = forward or make_forward(graphdef)
   parts, scalars = [], {}
   model = nnx.merge(graphdef, state)
@@ -45,9 +46,25 @@ def collect(graphdef, state, batches, forward=None) -> dict:
         scalars.setdefault(key, []).append(float(value))
   out = _concat(parts)
   out['scalars'] = {k: float(np.mean(v)) for k, v in scalars.items()}
-  out['num_experts'] = {f'layer{l}': model.blocks[l].ffn.num_experts for l in model.moe_layers}
+  out['num_experts'] = {f'layer{l}': model.blocks[l].ffn.num_total_experts
+                        for l in model.moe_layers}
+  out['grown'] = grown_components(model)
   out['task_names'] = list(model.task_names)
   out['num_layers'] = len(model.blocks)
+  return out
+
+
+def grown_components(model) -> list[dict]:
+  """The model's grown components as dicts (clones with their global expert 'id')."""
+  out, seen = [], {}
+  for g in model.grown:
+    entry = dict(kind=g.kind, task=g.task, layer=g.layer, hidden=g.hidden,
+                 description=g.describe())
+    if g.kind == 'clone':
+      j = seen.get(g.layer, 0)
+      seen[g.layer] = j + 1
+      entry.update(source=g.expert, id=model.blocks[g.layer].ffn.num_experts + j)
+    out.append(entry)
   return out
 
 

@@ -48,9 +48,18 @@ def summarize(record: dict, *, shuffle_repeats: int = 10) -> dict:
       entry['flops_by_difficulty'] = {
           str(float(d)): float(flops_sel[difficulty == d].mean()) for d in np.unique(difficulty)}
     tasks[name] = entry
-  traffic = rs.pathway_traffic([np.asarray(v['task_expert_counts']) for v in layers.values()]
-                               ) if layers else np.zeros((0, n, 0))
-  return {'layers': layers, 'tasks': tasks, 'task_names': names,
+  counts = [np.asarray(v['task_expert_counts']) for v in layers.values()]
+  width = max((c.shape[1] for c in counts), default=0)  # grown experts widen some layers
+  counts = [np.pad(c, ((0, 0), (0, width - c.shape[1]))) for c in counts]
+  traffic = rs.pathway_traffic(counts) if layers else np.zeros((0, n, 0))
+  grown = []
+  for g in record.get('grown', []):  # traffic of each grown component, from its own rows
+    g = dict(g)
+    i = names.index(g['task'])
+    if g['kind'] == 'clone' and f"layer{g['layer']}" in layers:
+      g['assignments'] = layers[f"layer{g['layer']}"]['task_expert_counts'][i][g['id']]
+    grown.append(g)
+  return {'layers': layers, 'tasks': tasks, 'task_names': names, 'grown': grown,
           'num_layers': record['num_layers'], 'pathway_traffic': traffic.tolist()}
 
 

@@ -109,6 +109,9 @@ class BucketedInference:
       if isinstance(model.blocks[layer].ffn.router, router_lib.ExpertChoiceRouter):
         raise ValueError(f'layer {layer}: BucketedInference needs token-choice routers; '
                          f'expert choice fixes its capacity in the router.')
+    if model.task_ffn_spec:
+      raise ValueError(f'BucketedInference does not run task FFNs grown by the search yet '
+                       f'(model.grown: {[g.describe() for g in model.grown]}); use the model.')
     self.model = model
     self.halting = halting and model.halting  # False: every example runs every layer
     graphdef, self.state = nnx.split(model)

@@ -24,6 +24,7 @@ from pathways import task as task_lib
 from pathways.data import layout as layout_lib
 from pathways.nn import attention
 from pathways.nn import budget as budget_lib
+from pathways.nn import grow as grow_lib
 from pathways.nn import moe
 from pathways.nn import stems
 
@@ -70,14 +71,16 @@ class Figure1Model(nnx.Module):
       p_l = lambda_l prod_{j<l} (1 - lambda_j), the last layer taking the rest. Training
       weights each layer's loss by p_l; evaluation predicts at the first layer whose
       cumulative halting probability reaches 1/2.
+    grown: components the architecture search added for single tasks (`pathways.nn.grow`):
+      expert clones inside MoE layers and task-private FFN blocks after layers.
     dtype: compute dtype (parameters float32, routers float32).
   """
 
   def __init__(self, tasks: Sequence[task_lib.Task], layout: layout_lib.BatchLayout, *,
                d_model: int, num_layers: int, num_heads: int, mlp_hidden: int,
                moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
-               halting: bool = False, remat: bool = False, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               halting: bool = False, remat: bool = False,
+               grown: Sequence[grow_lib.Grown] = (), dtype=jnp.float32, rngs: nnx.Rngs):
     for t in tasks:
       if t.modality not in STEM_MODALITIES:
         raise ValueError(f'task {t.name!r}: modality {t.modality!r} has no stem; stems exist '
@@ -111,14 +114,29 @@ class Figure1Model(nnx.Module):
     # else is in its batch (capacity groups would make examples compete for slots).
     moe_kwargs.setdefault('eval_capacity_factor', None)
     blocks, self.moe_layers = [], []
+    task_id = {t.name: i for i, t in enumerate(tasks)}
+    self.grown = tuple(grown)
     for layer in range(num_layers):
       if moe_every and (layer + 1) % moe_every == 0:
-        ffn = moe.MoELayer(d_model, causal=any(self.causal), dtype=dtype, rngs=rngs, **moe_kwargs)
+        clones = [(task_id[g.task], g.expert, g.hidden) for g in self.grown
+                  if g.kind == 'clone' and g.layer == layer]
+        ffn = moe.MoELayer(d_model, causal=any(self.causal), grown=clones, dtype=dtype,
+                           rngs=rngs, **moe_kwargs)
         self.moe_layers.append(layer)
       else:
         ffn = moe.DenseFFN(d_model, mlp_hidden, dtype=dtype, rngs=rngs)
       blocks.append(Block(d_model, num_heads, ffn, dtype=dtype, rngs=rngs))
     self.blocks = nnx.List(blocks)
+    ffns = [g for g in self.grown if g.kind == 'ffn']
+    for g in self.grown:
+      if g.kind == 'clone' and g.layer not in self.moe_layers:
+        raise ValueError(f'grown {g.describe()}: layer {g.layer} is not an MoE layer; MoE '
+                         f'layers: {self.moe_layers}.')
+    # (task id, layer) of each task FFN; absent when none (older checkpoints keep their tree)
+    self.task_ffn_spec = tuple((task_id[g.task], g.layer) for g in ffns)
+    if ffns:
+      self.task_ffns = nnx.List([grow_lib.TaskFFN(d_model, g.hidden, dtype=dtype, rngs=rngs)
+                                 for g in ffns])
     self.final_norm = nnx.LayerNorm(d_model, rngs=rngs)
     num_choices = None
     if self.moe_layers:
@@ -198,7 +216,8 @@ class Figure1Model(nnx.Module):
       bias = self.router_bias(layer, task_ids, x.shape[1])
       call = _remat_block if self.remat else _block
       x, layer_metrics = call(block, x, mask, causal_B, task_ids, bias, deterministic)
-      flops_BxL = attention.flops_per_token(d_model, mask, causal_B)
+      x, grown_flops_BxL = self._task_ffns(layer, x, mask)
+      flops_BxL = attention.flops_per_token(d_model, mask, causal_B) + grown_flops_BxL
       if 'flops_BxL' in layer_metrics:
         counted = layer_metrics.pop('flops_BxL')
         expected = layer_metrics.pop('expected_flops_BxL', jax.lax.stop_gradient(counted))
@@ -248,6 +267,19 @@ class Figure1Model(nnx.Module):
           logits_LxNxC = jnp.stack(pooled_L)[:, rows] @ self.heads[name][...]
           outputs['_halting'][name] = (p_LxB[:, rows], logits_LxNxC)
     return outputs, metrics
+
+  def _task_ffns(self, layer: int, x_BxLxD, mask_BxL):
+    """Applies the task FFNs grown after `layer` to their tasks' rows: (x, FLOPs [B, L])."""
+    flops_BxL = jnp.zeros(mask_BxL.shape, jnp.float32)
+    for j, (task, at) in enumerate(self.task_ffn_spec):
+      if at != layer:
+        continue
+      rows = np.asarray(self.layout.task_rows(task))
+      ffn = self.task_ffns[j]
+      m = mask_BxL[rows].astype(x_BxLxD.dtype)[..., None]
+      x_BxLxD = x_BxLxD.at[rows].add(ffn(x_BxLxD[rows]) * m)
+      flops_BxL = flops_BxL.at[rows].add(ffn.flops_per_token() * mask_BxL[rows])
+    return x_BxLxD, flops_BxL
 
   def router_bias(self, layer: int, task_ids_B, length: int):
     """[B, L, E'] router-logit bias of an MoE layer (task prior + connectivity mask), or

@@ -70,6 +70,12 @@ class MoELayer(nnx.Module):
     route_on: 'token', 'example' (masked mean of the example) or 'task' (Task-MoE).
     num_tasks: N, for route_on='task'.
     causal: the layer serves per-position (causal) prediction; refuses expert choice.
+    grown: experts added by the architecture search (`pathways.nn.grow`), each a
+      (task id, source expert, hidden) triple: a task-owned expert that takes that task's
+      assignments to `source` (a global id; a grown source names an earlier grown expert).
+      The router does not see them (its logits and every other task's routing are
+      unchanged); they get global ids E, E+1, ... after the routed experts, and null experts
+      move after them. Token choice only.
     dtype: compute dtype of the experts (parameters and router stay float32).
     rngs: nnx.Rngs.
   """
@@ -80,7 +86,7 @@ class MoELayer(nnx.Module):
                group_size: int | None = None, num_null_experts: int = 0,
                top_p: float | None = None, noisy: bool = False, renormalize: bool = True,
                route_on: str = 'token', num_tasks: int = 0, causal: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               grown: Sequence[tuple[int, int, int]] = (), dtype=jnp.float32, rngs: nnx.Rngs):
     if eval_capacity_factor == -1.0:
       eval_capacity_factor = capacity_factor
     router_cls = ROUTERS.lookup(router)
@@ -116,6 +122,17 @@ class MoELayer(nnx.Module):
       self.router = router_cls(d_model, self.num_experts, k, capacity_factor=capacity_factor,
                                eval_capacity_factor=eval_capacity_factor, causal=causal,
                                route_on=route_on, num_tasks=num_tasks, rngs=rngs)
+    self.grown_spec = tuple(tuple(int(v) for v in g) for g in grown)
+    for j, (task, source, hidden) in enumerate(self.grown_spec):
+      if router != 'top_k':
+        raise ValueError(f"grown={list(grown)!r}: grown experts need router='top_k' (they take "
+                         f"a task's token-choice assignments), not {router!r}.")
+      if not 0 <= source < self.num_experts + j:
+        raise ValueError(f'grown[{j}]={grown[j]!r}: source expert {source} must be a routed '
+                         f'expert (0..{self.num_experts - 1}) or an earlier grown one.')
+    if self.grown_spec:  # absent otherwise: checkpoints of ungrown layers keep their tree
+      self.grown = nnx.List([experts_lib.ExpertBank(d_model, 1, h, rngs=rngs)
+                             for _, _, h in self.grown_spec])
     self.d_model = d_model
     self.k = k
     self.capacity_factor = capacity_factor
@@ -194,14 +211,39 @@ class MoELayer(nnx.Module):
                                    deterministic=deterministic)
     if routing.choice == 'token':
       metrics['expected_flops_BxL'] = self._expected_flops(routing, mask_BxL).reshape(b, l)
+    if self.grown_spec:
+      if task_ids_GxS is None:
+        raise ValueError('task_ids_B is required: this layer has grown experts, which serve '
+                         'one task each.')
+      routing = self._redirect(routing, task_ids_GxS)
     return routing, metrics
+
+  def _redirect(self, routing, task_ids_GxS):
+    """Null ids move after the grown experts; each grown expert takes its task's
+    assignments to its source (in order, so a clone of a clone follows the chain)."""
+    e, n = self.num_experts, len(self.grown_spec)
+    expert = routing.expert_SxK
+    expert = jnp.where(expert >= e, expert + n, expert)
+    for j, (task, source, _) in enumerate(self.grown_spec):
+      mine = (task_ids_GxS == task)[..., None] & (expert == source)
+      expert = jnp.where(mine, e + j, expert)
+    return routing.replace(expert_SxK=expert)
+
+  def all_banks(self) -> list:
+    """Routed banks, then the grown experts (one-expert banks), in global id order."""
+    return list(self.banks) + (list(self.grown) if self.grown_spec else [])
+
+  @property
+  def num_total_experts(self) -> int:
+    """Routed plus grown experts: the global ids the dispatchers and records use."""
+    return self.num_experts + len(self.grown_spec)
 
   def _expected_flops(self, routing, mask_BxL):
     """Differentiable per-token FLOPs for compute budgets: the router matmul plus
     k * sum_e p_e * FLOPs_e over the softmax p (null experts cost 0). Its gradient moves
     probability towards null experts and narrow banks when compute must fall."""
     num_logits = self.num_experts + getattr(self.router, 'num_null_experts', 0)
-    f_E = jnp.asarray(self.flops_per_token_per_expert()
+    f_E = jnp.asarray(self.flops_per_token_per_expert()[:self.num_experts]
                       + [0] * (num_logits - self.num_experts), jnp.float32)
     probs = routing.probs_SxE.reshape(-1, num_logits)
     active = mask_BxL.reshape(-1).astype(jnp.float32)
@@ -221,7 +263,7 @@ class MoELayer(nnx.Module):
       g = routing.token_ExC.shape[0]
       s = b * l // g
     active_GxS = mask_BxL.reshape(g, s)
-    weights = [bank.weights() for bank in self.banks]
+    weights = [bank.weights() for bank in self.all_banks()]
     dispatch_fn = self.dispatch_fn
     mesh = expert_parallel.context_mesh()
     if mesh is not None and dispatch_fn in expert_parallel.PARALLEL:
@@ -248,7 +290,8 @@ class MoELayer(nnx.Module):
     if routing.choice != 'token':
       raise ValueError('max_expert_load: expert-choice routing has a fixed capacity.')
     counts_GxE = jax.vmap(lambda e, v: router_lib.per_expert_sum(
-        v.reshape(-1), e.reshape(-1), self.num_experts))(routing.expert_SxK, routing.valid_SxK)
+        v.reshape(-1), e.reshape(-1), self.num_total_experts))(routing.expert_SxK,
+                                                               routing.valid_SxK)
     return jnp.max(counts_GxE)
 
   def _flops(self, routing, kept, active_GxS):
@@ -258,7 +301,7 @@ class MoELayer(nnx.Module):
     router = 2.0 * self.d_model * num_logits * active_GxS
     expert_flops_E = jnp.asarray(self.flops_per_token_per_expert(), jnp.float32)
     if routing.choice == 'token':
-      safe = jnp.minimum(routing.expert_SxK, self.num_experts - 1)
+      safe = jnp.minimum(routing.expert_SxK, self.num_total_experts - 1)
       return router + jnp.sum(kept * expert_flops_E[safe], axis=-1)
     g, s = active_GxS.shape
     per_slot_GxExC = kept * expert_flops_E[None, :, None]
@@ -271,7 +314,7 @@ class MoELayer(nnx.Module):
     if routing.choice == 'token':
       valid = routing.valid_SxK
       kept_count_E = router_lib.per_expert_sum(kept.reshape(-1), routing.expert_SxK.reshape(-1),
-                                               self.num_experts)
+                                               self.num_total_experts)
       dropped = 1.0 - jnp.sum(kept) / jnp.maximum(jnp.sum(valid), 1)
       lost_GxS = jnp.any(valid, -1) & ~jnp.any(kept, -1)  # wanted experts, got none
       tokens_dropped = jnp.sum(lost_GxS & active_GxS) / num_active
@@ -292,9 +335,10 @@ class MoELayer(nnx.Module):
     }
 
   def flops_per_token_per_expert(self) -> list[int]:
-    """Forward FLOPs one token spends in each expert (global id order): real widths."""
+    """Forward FLOPs one token spends in each expert (global id order, grown experts
+    last): real widths."""
     out = []
-    for bank in self.banks:
+    for bank in self.all_banks():
       out += [bank.flops_per_token(self.d_model)] * bank.num_experts
     return out
 

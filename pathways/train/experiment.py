@@ -11,6 +11,7 @@ from flax import nnx
 
 from pathways import registry
 from pathways.data import pipeline as pipeline_lib
+from pathways.nn import grow as grow_lib
 from pathways.nn import model as model_lib
 from pathways.parallel import sharding as sharding_lib
 
@@ -33,8 +34,8 @@ def validate(config) -> None:
     if name not in config.tasks:
       _bad(f'task_connectivity.{name}', value, f'names a task not in config.tasks '
            f'{list(config.tasks)}')
-  for section in ('task_loss_weights', 'task_flops_budgets'):
-    for name, value in config[section].items():
+  for section in ('task_loss_weights', 'task_flops_budgets', 'task_sampling_weights'):
+    for name, value in config.get(section, {}).items():
       if name not in config.tasks:
         _bad(f'{section}.{name}', value, f'names a task not in config.tasks {list(config.tasks)}')
       if not value > 0:
@@ -42,6 +43,7 @@ def validate(config) -> None:
   if config.data.batch_size < len(config.tasks):
     _bad('data.batch_size', config.data.batch_size,
          f'must be >= the number of tasks ({len(config.tasks)}): each task gets a slot')
+  grown_from_config(config)
   if config.model.dtype not in DTYPES:
     _bad('model.dtype', config.model.dtype, f'must be one of {sorted(DTYPES)}')
   for key in ('learning_rate', 'clip_norm'):
@@ -98,6 +100,9 @@ def tasks_from_config(config):
     budget = config.task_flops_budgets.get(name)
     if budget is not None:
       t = dataclasses.replace(t, flops_budget=float(budget))
+    weight = config.get('task_sampling_weights', {}).get(name)
+    if weight is not None:
+      t = dataclasses.replace(t, sampling_weight=float(weight))
     allowed = config.get('task_connectivity', {}).get(name)
     if allowed is not None:  # {'1': [0, 1]}: config keys are strings, layers are ints
       t = dataclasses.replace(t, connectivity={int(layer): tuple(int(e) for e in experts)
@@ -122,7 +127,15 @@ def model_from_config(config, tasks, layout, rngs: nnx.Rngs) -> model_lib.Figure
   return model_lib.Figure1Model(
       tasks, layout, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
       mlp_hidden=m.mlp_hidden, moe_every=m.moe_every, moe_kwargs=moe_kwargs, patch=m.patch,
-      halting=m.halting, remat=m.remat, dtype=DTYPES[m.dtype], rngs=rngs)
+      halting=m.halting, remat=m.remat, grown=grown_from_config(config),
+      dtype=DTYPES[m.dtype], rngs=rngs)
+
+
+def grown_from_config(config) -> tuple[grow_lib.Grown, ...]:
+  """The validated `config.model.grown` (components the architecture search added)."""
+  m = config.model
+  moe_layers = [l for l in range(m.num_layers) if m.moe_every and (l + 1) % m.moe_every == 0]
+  return grow_lib.parse(m.get('grown', ()), list(config.tasks), m.num_layers, moe_layers)
 
 
 def model_signature(config) -> dict:

@@ -27,6 +27,7 @@ from flax import nnx
 from pathways.analysis import collect as collect_lib
 from pathways.analysis import summary as summary_lib
 from pathways.nn import budget as budget_lib
+from pathways.nn import grow as grow_lib
 from pathways.nn import model as model_lib
 from pathways.parallel import sharding as sharding_lib
 from pathways.train import checkpoint as checkpoint_lib
@@ -233,6 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model, opt = nnx.merge(graphdef, state)
     model_state, got, kept = checkpoint_lib.restore_params(config.init_from, nnx.state(model))
     nnx.update(model, model_state)
+    grow_lib.init_clones(model, kept)  # grown expert clones start as copies of their sources
     state = nnx.state((model, opt))
     print(f'initialized from {config.init_from}: {len(got)} arrays restored, {len(kept)} '
           f'new (e.g. {kept[:3]})', flush=True)
