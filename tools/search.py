@@ -111,13 +111,10 @@ def evaluate(config, params_dir: str, eval_batches: int = 0, usage_task: str | N
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from pathways.analysis import collect, summary  # pylint: disable=g-import-not-at-top
-  from pathways.train import checkpoint, evaluate_workdir, evaluation, loop  # pylint: disable=g-import-not-at-top
+  from pathways.train import evaluate_workdir, evaluation, loop  # pylint: disable=g-import-not-at-top
   tasks, _, graphdef, state, _, mesh = loop.build(config)
   model, opt = nnx.merge(graphdef, state)
-  model_state, _, kept = checkpoint.restore_params(params_dir, nnx.state(model))
-  if kept:
-    raise ValueError(f'{params_dir}: its checkpoint lacks {kept[:4]} of the model in {config}')
-  nnx.update(model, model_state)
+  _restore_all(params_dir, model)
   model_graph, model_state = nnx.split(model)
   params = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
   n = eval_batches or config.train.eval_batches
@@ -135,6 +132,20 @@ def evaluate(config, params_dir: str, eval_batches: int = 0, usage_task: str | N
                for name, s in stats['layers'].items()}
   del opt
   return metrics, params, usage
+
+
+def _restore_all(params_dir: str, model) -> None:
+  """Puts the parameters of `params_dir`'s latest checkpoint into `model` (in place); every
+  parameter must be there (random keys and layout data keep their own)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pathways.train import checkpoint  # pylint: disable=g-import-not-at-top
+  model_state, _, kept = checkpoint.restore_params(params_dir, nnx.state(model))
+  params = checkpoint.flat_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  missing = [k for k in kept if k in params]
+  if missing:
+    raise ValueError(f'{params_dir}: its latest checkpoint lacks {missing[:4]} (of '
+                     f'{len(missing)}) of the searched model.')
+  nnx.update(model, model_state)
 
 
 def others_change(task: str, start: dict, metrics: dict) -> float:
@@ -364,10 +375,7 @@ def install(workdir: str, candidate: str, config, step: int) -> None:
       pure = jax.tree_util.tree_map_with_path(pick, pure)
       nnx.replace_by_pure_dict(state, pure)
       model, opt = nnx.merge(graphdef, state)
-      model_state, _, kept = checkpoint.restore_params(candidate, nnx.state(model))
-      if kept:
-        raise ValueError(f'{candidate}: lacks {kept[:4]}')
-      nnx.update(model, model_state)
+      _restore_all(candidate, model)
       meta = dict(meta, step=step, signature=experiment.model_signature(config),
                   task_ids={t.name: i for i, t in enumerate(tasks)})
       ckpt.save(step, nnx.state((model, opt)), data_state, meta, force=True)
@@ -411,6 +419,21 @@ def _plot(history, start, path):
   plt.close(fig)
 
 
+def _lock(root: str) -> None:
+  """One search per workdir: refuses while another live process holds search/lock."""
+  path = os.path.join(root, 'lock')
+  holder = _read(path)
+  if holder and holder['pid'] != os.getpid() and holder['host'] == os.uname().nodename:
+    try:
+      os.kill(holder['pid'], 0)
+    except ProcessLookupError:
+      pass  # it died (a crash): take over
+    else:
+      raise RuntimeError(f'{root}: process {holder["pid"]} is searching this workdir; wait for '
+                         f'it or stop it first.')
+  _write(path, {'pid': os.getpid(), 'host': os.uname().nodename})
+
+
 def search(workdir: str, task: str, *, rounds: int = 1, steps: int = 200,
            learning_rate: float | None = None, mutations=MUTATIONS, widths=(0.5, 2, 4),
            max_candidates: int = 0, flops_penalty: float = 0.02, params_penalty: float = 0.02,
@@ -430,6 +453,7 @@ def search(workdir: str, task: str, *, rounds: int = 1, steps: int = 200,
     raise ValueError(f'--task={task!r}: must be one of the workdir\'s tasks {base["tasks"]}.')
   root = os.path.join(workdir, 'search')
   os.makedirs(os.path.join(root, 'candidates'), exist_ok=True)
+  _lock(root)
   state_path = os.path.join(root, 'state.json')
   state = _read(state_path)
   if state is None:

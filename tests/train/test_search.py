@@ -125,3 +125,14 @@ def test_search_refuses_bad_arguments(tmp_path, kwargs, match):
     f.write(_config().to_json())
   with pytest.raises(ValueError, match=match):
     search.search(str(tmp_path), **kwargs)
+
+
+def test_a_second_search_of_the_same_workdir_is_refused(tmp_path):
+  registry.discover(task_modules=[MODULE])
+  with open(tmp_path / 'config.json', 'w') as f:
+    f.write(_config().to_json())
+  os.makedirs(tmp_path / 'search')
+  with open(tmp_path / 'search' / 'lock', 'w') as f:  # a live process (this one's parent)
+    json.dump({'pid': os.getppid(), 'host': os.uname().nodename}, f)
+  with pytest.raises(RuntimeError, match=f'process {os.getppid()} is searching'):
+    search.search(str(tmp_path), 'products')
