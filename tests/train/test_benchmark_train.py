@@ -1,0 +1,70 @@
+"""The train-step benchmark on the tiny config: its row's numbers consistent with each other,
+and the timed steps really train (the state is threaded through them). One dense variant
+end to end (the harness is the same for every variant; the MoE step takes twice as long to
+compile on CPU), and the MoE variants' configs."""
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tests.train import tiny_config
+from tools import benchmark_train
+
+
+def test_row_is_consistent(data_dir):
+  config = tiny_config.get_config(data_dir)
+  r = benchmark_train.benchmark(config, 'dense', steps=2, repeats=2, warmup=1, num_batches=2)
+  assert r['variant'] == 'dense' and r['dispatcher'] is None and r['moe_layers'] == 0
+  assert r['mesh'] == {'data': 1, 'expert': 1}
+  assert r['batch_rows'] == config.data.batch_size
+  assert 0 < r['examples_per_step'] <= r['batch_rows']
+  assert 0 < r['tokens_per_step'] <= r['padded_tokens_per_step']
+  assert r['padded_tokens_per_step'] % r['batch_rows'] == 0  # rows x the longest sequence
+  assert r['compile_s'] > 0
+  assert 0 < r['step_ms_min'] <= r['step_ms_median'] <= r['step_ms_max']
+  seconds = r['step_ms_median'] / 1e3
+  assert r['examples_per_s'] == pytest.approx(r['examples_per_step'] / seconds)
+  assert r['tokens_per_s'] == pytest.approx(r['tokens_per_step'] / seconds)
+  # The device multiplies at least the useful work (plus padding, every layer, backward).
+  assert r['matmul_flops_per_step'] > r['model_flops_per_step'] > 0
+  assert r['matmul_tflops_per_s'] == pytest.approx(r['matmul_flops_per_step'] / seconds / 1e12)
+  assert r['model_tflops_per_s'] == pytest.approx(r['model_flops_per_step'] / seconds / 1e12)
+  assert r['compiled_bytes'] > 0
+  # 1 warm-up step + 2 x 2 timed steps of a real optimizer: the loss moved.
+  assert math.isfinite(r['loss_last']) and r['loss_last'] != r['loss_after_warmup']
+
+
+def test_variant_config():
+  config = tiny_config.get_config('')
+  ragged = benchmark_train.variant_config(config, 'ragged')
+  assert ragged.model.moe.dispatcher == 'ragged' and ragged.model.moe.capacity_factor is None
+  einsum = benchmark_train.variant_config(config, 'einsum')
+  assert einsum.model.moe.dispatcher == 'einsum' and einsum.model.moe.capacity_factor == 1.25
+  assert config.model.moe.dispatcher == 'sorted'  # a copy: the given config is unchanged
+  assert benchmark_train.variant_config(config, 'dense').model.moe_every == 0
+  with pytest.raises(ValueError, match='must be one of'):
+    benchmark_train.variant_config(config, 'bogus')
+
+
+def test_matmul_flops():
+  """2 x M x N x K per product: (8x4)(4x3) = 2 x 8 x 3 x 4 = 192; a scan of 5 (4x4)(4x4) =
+  5 x 128 = 640; a ragged product of 8 rows of K=4 against groups of 4x3 = 192; the larger
+  cond branch."""
+  a, b = jnp.ones((8, 4)), jnp.ones((4, 3))
+  assert benchmark_train.matmul_flops(jax.make_jaxpr(jnp.matmul)(a, b)) == 192
+  scan = jax.make_jaxpr(lambda x: jax.lax.map(lambda m: m @ m, x))(jnp.ones((5, 4, 4)))
+  assert benchmark_train.matmul_flops(scan) == 640
+  ragged = jax.make_jaxpr(jax.lax.ragged_dot)(a, jnp.ones((2, 4, 3)), jnp.array([3, 5]))
+  assert benchmark_train.matmul_flops(ragged) == 192
+  # Its gradients: rows x weights^T (192) and the weights' [2, 4, 3], each row into its
+  # own group's block (192, not 2 x 192).
+  ragged_grad = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(jax.lax.ragged_dot(
+      x, w, jnp.array([3, 5]))), argnums=(0, 1)))(a, jnp.ones((2, 4, 3)))
+  assert benchmark_train.matmul_flops(ragged_grad) == 3 * 192
+  cond = jax.make_jaxpr(lambda p, x: jax.lax.cond(p, lambda y: y @ b, lambda y: y[:, :3], x))(
+      True, a)
+  assert benchmark_train.matmul_flops(cond) == 192
+  # jit nests a jaxpr; grad adds the two backward products.
+  grad = jax.make_jaxpr(jax.grad(jax.jit(lambda x: jnp.sum(x @ b))))(a)
+  assert benchmark_train.matmul_flops(grad) == 192 + 192

@@ -1,0 +1,244 @@
+"""Benchmark: the real train step's wall time, per MoE dispatcher and against a dense model.
+
+For each variant of one experiment config, this builds what `pathways.train.loop` builds
+(`loop.build`: tasks, pipeline, sharded state on the config's mesh; `loop.make_train_step`
+jitted with the loop's shardings and donated state), draws --batches real batches from the
+config's training pipeline and puts them on the devices once (the timed steps cycle through
+them: the input pipeline's time is reported apart, as `pipeline_ms_per_batch`, not inside
+the step), compiles, runs --warmup untimed steps, then times --steps steps ending in
+`block_until_ready`, --repeats times. The variants run one after another in one process:
+  * sorted: the config as given with dispatcher 'sorted' (capacity; the config's factor);
+  * ragged: dispatcher 'ragged' (dropless grouped matmul, `jax.lax.ragged_dot`);
+  * einsum: the one-hot reference dispatcher;
+  * dense: no MoE layers (`moe_every=0`): every layer a dense FFN of width mlp_hidden.
+Each prints one JSON line: the config and its overrides, device, mesh, variant, rows and
+tokens per step (real tokens and padded positions), lower + compile seconds, median (and
+min, max) step milliseconds, examples/s and tokens/s, two FLOP counts per step with the
+TFLOP/s they give, the compiled step's memory and the device's peak memory. FLOP counts:
+  * model: the model's own counter (`flops_per_example`: forward FLOPs of the layers each
+    example reaches, over its real tokens and the experts it used), times 3 for forward +
+    backward: the useful work;
+  * matmul: the matrix products in the traced step (`matmul_flops`), what the device
+    multiplies: padding, every layer (halting does not skip layers in training) and
+    rematerialization included. (XLA's cost analysis is no substitute: on GPU the compiled
+    program's count leaves out the matmuls handed to cuBLAS, and the lowered one has none.)
+
+  python -m tools.benchmark_train --config=experiments/configs/multitask.py:runlocal \
+      --steps=5 --repeats=3
+  python -m tools.benchmark_train --config=experiments/configs/multitask.py \
+      --variants=sorted,ragged,dense --out=/tmp/train_step.jsonl
+
+The device's peak memory (`memory_stats()['peak_bytes_in_use']`, absent on CPU) is the
+process's peak so far, so with several variants it is the largest of those run yet; the
+compiled step's own figure (`compiled_bytes`: arguments + outputs + temporaries - donated)
+is per variant.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+
+from pathways import registry
+from pathways.nn import experts as experts_lib
+from pathways.parallel import sharding as sharding_lib
+from pathways.train import loop
+
+FLAGS = flags.FLAGS
+VARIANTS = ('sorted', 'ragged', 'einsum', 'dense')
+
+
+def define_flags():
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Experiment config (path[:args]).',
+                                  lock_config=False)
+  flags.DEFINE_list('variants', ['sorted', 'ragged', 'dense'], f'Any of {VARIANTS}.')
+  flags.DEFINE_integer('steps', 20, 'Timed steps per repeat.')
+  flags.DEFINE_integer('repeats', 5, 'Timed repeats (median reported).')
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('batches', 8, 'Distinct real batches drawn from the pipeline, cycled.')
+  flags.DEFINE_enum('bank_ffn', None, list(experts_lib.BANK_FFN_IMPLS),
+                    "Expert FFN implementation (default: the backend's).")
+  flags.DEFINE_string('out', None, 'Also write the JSON lines here.')
+  flags.mark_flags_as_required(['config'])
+
+
+def variant_config(config, variant: str):
+  """A copy of `config` for one variant (see the module docstring)."""
+  if variant not in VARIANTS:
+    raise ValueError(f'variant {variant!r}: must be one of {VARIANTS}.')
+  c = config.copy_and_resolve_references()
+  if variant == 'dense':
+    c.model.moe_every = 0
+  else:
+    c.model.moe.dispatcher = variant
+  if variant == 'ragged':  # dropless: no capacity in training or evaluation
+    c.model.moe.capacity_factor = None
+    if 'eval_capacity_factor' in c.model.moe:
+      c.model.moe.eval_capacity_factor = None
+  return c
+
+
+def matmul_flops(jaxpr) -> float:
+  """2 x the multiply-adds of every matrix product (dot_general, ragged_dot) in a jaxpr,
+  nested jaxprs included: scan bodies times their length, the costliest branch of a cond,
+  while-loop bodies once. A ragged product counts every row once (against its group)."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ('dot_general', 'ragged_dot_general'):
+      ragged = eqn.params.get('ragged_dot_dimension_numbers')
+      numbers = ragged.dot_dimension_numbers if ragged else eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs[d] for d in numbers[0][0])
+      if ragged and not ragged.rhs_group_dimensions:
+        # A ragged contraction (a weight gradient) has one output block per group, and
+        # each row feeds only its own group's block.
+        flops /= eqn.invars[2].aval.shape[-1]
+      total += flops
+    subs = [v for v in eqn.params.values() if hasattr(v, 'eqns') or hasattr(v, 'jaxpr')]
+    branches = eqn.params.get('branches', ())
+    total += eqn.params.get('length', 1) * sum(matmul_flops(j) for j in subs)
+    total += max((matmul_flops(j) for j in branches), default=0.0)
+  return total
+
+
+def _token_counts(graphdef, state, batches):
+  """(padded tokens per step, mean real tokens per step, mean counted examples per step):
+  the stems' mask over rows whose weight is 1."""
+  @jax.jit
+  def count(state, batch):
+    model, _ = nnx.merge(graphdef, state)
+    _, mask_BxL, _ = model.embed(batch)
+    real_B = batch['weight'] > 0
+    return mask_BxL.size, (mask_BxL * real_B[:, None]).sum(), real_B.sum()
+
+  counts = [jax.device_get(count(state, b)) for b in batches]
+  return int(counts[0][0]), float(np.mean([c[1] for c in counts])), float(
+      np.mean([c[2] for c in counts]))
+
+
+def _bytes(stats, key):
+  return int(stats[key]) if stats and key in stats else None
+
+
+def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
+              num_batches: int) -> dict:
+  """Times `steps` train steps `repeats` times for one variant; returns the JSON row."""
+  config = variant_config(config, variant)
+  _, pipe, graphdef, state, shardings, mesh = loop.build(config)
+  rules = sharding_lib.rules_from_config(config.sharding_rules)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  t0 = time.perf_counter()
+  host = [next(pipe) for _ in range(num_batches)]
+  pipeline_ms = 1e3 * (time.perf_counter() - t0) / num_batches
+  batches = [sharding_lib.put_batch(b, batch_sharding) for b in host]
+  padded_tokens, real_tokens, examples = _token_counts(graphdef, state, batches)
+  step = jax.jit(loop.make_train_step(graphdef, config), in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  with jax.set_mesh(mesh):  # MoE layers trace expert parallel under it
+    t0 = time.perf_counter()
+    traced = step.trace(state, batches[0])
+    compiled = traced.lower().compile()
+    compile_s = time.perf_counter() - t0
+    executed_flops = matmul_flops(traced.jaxpr)
+    i = 0
+    for _ in range(warmup):
+      state, scalars = compiled(state, batches[i % num_batches])
+      i += 1
+    jax.block_until_ready((state, scalars) if warmup else state)
+    first_loss = float(scalars['loss']) if warmup else float('nan')
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, scalars = compiled(state, batches[i % num_batches])
+        i += 1
+      jax.block_until_ready((state, scalars))
+      times.append((time.perf_counter() - t0) / steps)
+  scalars = jax.device_get(scalars)
+  memory = compiled.memory_analysis()
+  stats = jax.devices()[0].memory_stats()
+  step_s = statistics.median(times)
+  model_flops = 3.0 * float(scalars['flops_per_example']) * pipe.layout.batch_size
+  moe = config.model.moe
+  row = {
+      'device': jax.devices()[0].device_kind,
+      'backend': jax.default_backend(),
+      'jax': jax.__version__,
+      'mesh': {k: int(v) for k, v in mesh.shape.items()},
+      'variant': variant,
+      'dispatcher': None if variant == 'dense' else moe.dispatcher,
+      'capacity_factor': None if variant == 'dense' else moe.capacity_factor,
+      'bank_ffn': None if variant == 'dense' else (
+          experts_lib._default_impl  # pylint: disable=protected-access
+          or ('loop' if jax.default_backend() == 'cpu' else 'batched')),
+      'dtype': config.model.dtype,
+      'd_model': config.model.d_model,
+      'layers': config.model.num_layers,
+      'moe_layers': 0 if variant == 'dense' else config.model.num_layers // config.model.moe_every,
+      'banks': None if variant == 'dense' else [list(b) for b in moe.banks],
+      'batch_rows': pipe.layout.batch_size,
+      'examples_per_step': examples,
+      'padded_tokens_per_step': padded_tokens,
+      'tokens_per_step': real_tokens,
+      'compile_s': round(compile_s, 2),
+      'step_ms_median': 1e3 * step_s,
+      'step_ms_min': 1e3 * min(times),
+      'step_ms_max': 1e3 * max(times),
+      'examples_per_s': examples / step_s,
+      'tokens_per_s': real_tokens / step_s,
+      'padded_tokens_per_s': padded_tokens / step_s,
+      'pipeline_ms_per_batch': pipeline_ms,
+      'matmul_flops_per_step': executed_flops,
+      'matmul_tflops_per_s': executed_flops / step_s / 1e12,
+      'model_flops_per_step': model_flops,
+      'model_tflops_per_s': model_flops / step_s / 1e12,
+      'compiled_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+      'compiled_temp_bytes': int(memory.temp_size_in_bytes),
+      'device_peak_bytes': _bytes(stats, 'peak_bytes_in_use'),
+      'device_limit_bytes': _bytes(stats, 'bytes_limit'),
+      'loss_after_warmup': first_loss,
+      'loss_last': float(scalars['loss']),
+      'steps': steps, 'repeats': repeats, 'warmup': warmup, 'batches': num_batches,
+  }
+  del state, batches, compiled
+  gc.collect()
+  return row
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # TFDS logs at INFO
+    logging.set_verbosity(logging.WARNING)
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  registry.discover()
+  experts_lib.set_default_impl(FLAGS.bank_ffn)
+  named = {'config': config_flags.get_config_filename(FLAGS['config']),
+           'overrides': config_flags.get_override_values(FLAGS['config'])}
+  with open(FLAGS.out, 'w') if FLAGS.out else contextlib.nullcontext() as out:
+    for variant in FLAGS.variants:  # each row written as it comes: a crash keeps the earlier
+      line = json.dumps(dict(named, **benchmark(
+          FLAGS.config, variant, steps=FLAGS.steps, repeats=FLAGS.repeats,
+          warmup=FLAGS.warmup, num_batches=FLAGS.batches)))
+      for stream in [sys.stdout] + ([out] if out else []):
+        print(line, file=stream, flush=True)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
