@@ -19,7 +19,7 @@ from tools import search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULE = 'tests.train.search_task'
-ARGS = dict(steps=150, mutations=['clone', 'ffn'], widths=[32.0], parallel=2,
+ARGS = dict(steps=150, mutations=['clone'], widths=[32.0], parallel=2,
             task_modules=[MODULE])
 
 
@@ -57,7 +57,7 @@ def test_search_finds_the_wider_expert_resumes_and_leaves_other_tasks_alone(tmp_
   loop.train_and_evaluate(_config(), workdir)
   # A search process killed (SIGKILL) once its first candidate has finished.
   cmd = [sys.executable, '-m', 'tools.search', f'--workdir={workdir}', '--task=products',
-         '--steps=150', '--mutations=clone,ffn', '--widths=32', '--parallel=2',
+         '--steps=150', '--mutations=clone', '--widths=32', '--parallel=2',
          f'--task_module={MODULE}']
   log = open(tmp_path / 'search_log.txt', 'w')  # pylint: disable=consider-using-with
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -78,11 +78,17 @@ def test_search_finds_the_wider_expert_resumes_and_leaves_other_tasks_alone(tmp_
   state = json.load(open(os.path.join(workdir, 'search', 'state.json')))
   assert state['round'] == 0 and 'final' not in state and not state['accepted']
 
+  cut = [os.path.dirname(p) for p in glob.glob(results.replace('result.json', 'spec.json'))
+         if not os.path.exists(p.replace('spec.json', 'result.json'))]
   state = search.search(workdir, 'products', **ARGS)  # resumes
   for path, mtime in finished.items():  # finished candidates were read back, not retrained
     assert os.path.getmtime(path) == mtime, path
+  for folder in cut:  # a candidate cut after its SIGTERM save went on from that step
+    text = open(os.path.join(folder, 'log.txt')).read()
+    if 'SIGTERM: saved step' in text:
+      assert 'resumed from' in text.split('SIGTERM: saved step')[1], folder
   history = json.load(open(os.path.join(workdir, 'search', 'history.json')))
-  assert sorted(h['kind'] for h in history) == ['clone', 'ffn', 'none']
+  assert sorted(h['kind'] for h in history) == ['clone', 'none']
   by_kind = {h['kind']: h for h in history}
   clone, start = by_kind['clone'], state['start']
   # The wider expert beats the start and further training alone, and is the one accepted.
