@@ -576,6 +576,9 @@ def main(argv):
     return
   if not FLAGS.workdir or not FLAGS.task:
     raise app.UsageError('--workdir and --task are required.')
+  # The search process evaluates on the devices its workers train on: on GPUs it must not
+  # take most of a device's memory up front (workers inherit this, which costs them nothing).
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   import jax  # pylint: disable=g-import-not-at-top
   parallel = FLAGS.parallel or jax.local_device_count()
   state = search(FLAGS.workdir, FLAGS.task, rounds=FLAGS.rounds, steps=FLAGS.steps,
