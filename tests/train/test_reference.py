@@ -81,3 +81,68 @@ def test_new_task_transfer_trains_only_the_new_tasks_parameters():
   assert trained and all(task in p for p in trained), trained
   assert {p.split('/')[0] for p in trained} == {'task_embed', 'heads', 'router_prior'}
   assert len(new_task._FirstN(list(range(10)), 3)) == 3
+
+
+def _tiny_adaptive_compute(data_dir):
+  """Overrides of experiments/configs/adaptive_compute.py for a seconds-long run: D=16,
+  layer 0 dense (hidden 32), layer 1 MoE over 4 experts of width 16, top-2."""
+  return {'data.data_dir': data_dir, 'mesh.data': 1, 'data.batch_size': 16,
+          'model.d_model': 16, 'model.num_layers': 2, 'model.num_heads': 2,
+          'model.mlp_hidden': 32, 'model.moe.banks': [[4, 16]], 'optim.warmup_steps': 1,
+          'train.eval_batches': 2, 'train.log_every': 1}
+
+
+def test_adaptive_compute_counts_flops_by_difficulty_against_full_depth(data_dir, tmp_path):
+  """Tiny parity runs with halting on and off: the per-example evaluation equals the
+  trainer's, the fixed-depth model's FLOPs are the full-depth count for every number of
+  bits (also counted here by hand), halting never costs more, and a near-chance model
+  claims nothing."""
+  from experiments.reference import adaptive_compute
+  result = adaptive_compute.sweep(str(tmp_path), ['parity'], [0], [0.001], steps=3,
+                                  overrides=_tiny_adaptive_compute(data_dir))
+  fixed, halting = result['runs']
+  assert (halting['halting'], fixed['halting']) == (True, False)
+  for run in (halting, fixed):
+    assert abs(run['accuracy'] - run['trainer_accuracy']) < 1e-6
+    assert abs(run['flops_per_example'] / run['trainer_flops_per_example'] - 1) < 1e-6
+    assert run['examples'] == 32 and run['accuracy'] == run['exact_match']
+  assert len(fixed['by_difficulty']) > 5
+  for d, f in fixed['by_difficulty'].items():
+    n = int(d)
+    # Per token, n bits, D=16: attention 8*16^2 + 4*16*n per layer (two layers); dense FFN
+    # 4*16*32 = 2048; MoE router 2*16*4 = 128 plus two experts of 4*16*16 = 1024 each:
+    # 2*(2048 + 64n) + 2048 + 128 + 2048 = 8320 + 128n.
+    assert f['flops_per_example'] == f['full_depth_flops_per_example'] == n * (8320 + 128 * n)
+    assert f['depth'] == 2
+    h = halting['by_difficulty'][d]
+    assert h['full_depth_flops_per_example'] == f['flops_per_example']
+    assert h['flops_per_example'] <= h['full_depth_flops_per_example']
+  assert result['tasks']['parity']['halts'] and not result['tasks']['parity']['claim']
+  task = result['tasks']['parity']['by_ponder_cost']['0.001']
+  assert task['threshold'] == 0.65 and task['fixed_flops_per_example'] > 0
+  assert not task['claim'] and 'below chance' in task['not_claimed_because'][0]
+  assert set(task['by_difficulty']) == set(fixed['by_difficulty'])
+  adaptive_compute.write(result, str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    saved = json.load(f)['tasks']['parity']['by_ponder_cost']['0.001']['flops_saved']
+  assert saved == task['flops_saved']
+  assert os.path.getsize(tmp_path / 'adaptive_compute.png') > 1000
+
+
+def test_adaptive_compute_claims_only_above_chance_at_equal_accuracy():
+  from experiments.reference import adaptive_compute
+
+  def run(accuracy, flops):
+    return {'accuracy': accuracy, 'flops_per_example': flops, 'depth': 2.0,
+            'flops_difficulty_spearman': 1.0, 'depth_difficulty_spearman': None,
+            'by_difficulty': {'1': {'flops_per_example': flops, 'accuracy': accuracy,
+                                    'depth': 2.0}}}
+
+  out = adaptive_compute.compare('parity', [run(0.90, 30.0)], [run(0.91, 40.0)])
+  assert out['claim'] and out['flops_saved'] == 0.25  # 1 - 30/40
+  assert out['by_difficulty']['1']['flops_saved'] == 0.25
+  out = adaptive_compute.compare('parity', [run(0.80, 30.0)], [run(0.91, 40.0)])
+  assert not out['claim'] and 'more than 0.02 below' in out['not_claimed_because'][0]
+  out = adaptive_compute.compare('addition', [run(0.24, 40.0)], [run(0.24, 40.0)])
+  assert out['threshold'] == 0.25 and out['flops_saved'] == 0.0
+  assert len(out['not_claimed_because']) == 2  # below chance + margin, nothing saved
