@@ -113,7 +113,7 @@ def evaluate(config, params_dir: str, eval_batches: int = 0, usage_task: str | N
   from pathways.analysis import collect, summary  # pylint: disable=g-import-not-at-top
   from pathways.train import evaluate_workdir, evaluation, loop  # pylint: disable=g-import-not-at-top
   tasks, _, graphdef, state, _, mesh = loop.build(config)
-  model, opt = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state)[0]  # (model, optimizer): the optimizer is not needed
   _restore_all(params_dir, model)
   model_graph, model_state = nnx.split(model)
   params = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
@@ -130,7 +130,6 @@ def evaluate(config, params_dir: str, eval_batches: int = 0, usage_task: str | N
       i = list(config.tasks).index(usage_task)
       usage = {int(name[len('layer'):]): s['task_expert_counts'][i]
                for name, s in stats['layers'].items()}
-  del opt
   return metrics, params, usage
 
 
@@ -459,8 +458,8 @@ def search(workdir: str, task: str, *, rounds: int = 1, steps: int = 200,
   if state is None:
     config = _config(base)
     metrics, params, _ = evaluate(config, workdir, eval_batches)
-    start = score(metrics, params, task, {'flops': 1.0, 'params': 1.0}, 0.0, 0.0)
-    start.update(task=task, flops=start['flops_per_example'], eval=metrics)
+    start = {'task': task, 'eval': metrics, 'params': params,
+             'flops': metrics[f'eval/{task}/flops_per_example']}
     start.update(score(metrics, params, task, start, flops_penalty, params_penalty))
     mngr_steps = checkpoint.Checkpointer(workdir).steps()
     state = {'task': task, 'start': start, 'current': dict(start, source='start'),
