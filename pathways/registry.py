@@ -59,8 +59,9 @@ class Registry:
     self._entries.pop(name, None)
     self._sources.pop(name, None)
 
-  def names(self) -> list[str]:
-    return sorted(self._entries)
+  def names(self, sort: bool = True) -> list[str]:
+    """Registered names, sorted (or in registration order)."""
+    return sorted(self._entries) if sort else list(self._entries)
 
   def __contains__(self, name: str) -> bool:
     return name in self._entries

@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-MODALITIES = ('image', 'bytes', 'vector')
-HEADS = ('classify', 'per_position')
-LOSSES = ('cross_entropy',)
-METRICS = ('accuracy', 'loss', 'perplexity')
+from pathways import heads as heads_lib
+from pathways import losses as losses_lib
+from pathways import modalities as modalities_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +24,11 @@ class Task:
 
   Attributes:
     name: unique task name; per-task parameters are keyed by it.
-    modality: 'image' (uint8 [H, W] or [H, W, C]), 'bytes' (int [L] tokens) or 'vector'
-      (float [D_in]); the stem of that modality embeds the inputs.
-    head: 'classify' (one label per example, pooled) or 'per_position' (one target per
-      position, causal attention: language modelling).
+    modality: a registered modality (`pathways.modalities`): 'image' (uint8 [H, W] or
+      [H, W, C]), 'bytes' (int [L] tokens) or 'vector' (float [D_in]); the stem of that
+      modality embeds the inputs.
+    head: a registered head (`pathways.heads`): 'classify' (one label per example, pooled)
+      or 'per_position' (one target per position, causal attention: language modelling).
     num_classes: classes of a 'classify' head, vocabulary of a 'per_position' head.
     data: a callable (split, data_dir) -> random-access source (len() and [i] giving dicts
       of numpy arrays), usually `tfds.data_source` over this task's TFDS builder.
@@ -37,7 +37,9 @@ class Task:
     input_shape, input_dtype: shape and dtype of one example's input (checked before any
       compilation).
     is_prepared: optional callable (data_dir) -> bool, for listings.
-    loss, metrics: from LOSSES and METRICS.
+    loss: a registered loss (`pathways.losses.LOSSES`), used by training and evaluation.
+    metrics: registered metrics (`pathways.losses.METRICS`) the evaluation reports for the
+      task, e.g. ('accuracy', 'loss', 'perplexity'); loss and accuracy are always reported.
     connectivity: optional {moe_layer_index: allowed expert ids}; default everything.
     sampling_weight: relative weight in the training mixture (> 0).
     flops_budget: optional target FLOPs per example.
@@ -69,12 +71,14 @@ class Task:
 
     if not isinstance(self.name, str) or not self.name:
       bad('name', self.name, 'must be a non-empty string')
-    if self.modality not in MODALITIES:
-      bad('modality', self.modality, f'must be one of {MODALITIES}')
-    if self.head not in HEADS:
-      bad('head', self.head, f'must be one of {HEADS}')
-    if self.head == 'per_position' and self.modality != 'bytes':
-      bad('head', self.head, "per-position prediction needs modality 'bytes'")
+    if self.modality not in modalities_lib.MODALITIES:
+      bad('modality', self.modality, f'must be one of {tuple(modalities_lib.in_order())}')
+    if self.head not in heads_lib.HEADS:
+      bad('head', self.head, f'must be one of {heads_lib.HEADS.names()}')
+    readable = heads_lib.get(self.head).modalities
+    if readable is not None and self.modality not in readable:
+      bad('head', self.head, f'{heads_lib.get(self.head).description} needs modality '
+          f'{" or ".join(repr(m) for m in readable)}')
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
       bad('num_classes', self.num_classes, 'must be an int >= 2')
     if not callable(self.data):
@@ -82,11 +86,11 @@ class Task:
     for role in ('train', 'eval'):
       if role not in self.splits:
         bad('splits', dict(self.splits), f"must name a {role!r} split")
-    if self.loss not in LOSSES:
-      bad('loss', self.loss, f'must be one of {LOSSES}')
+    if self.loss not in losses_lib.LOSSES:
+      bad('loss', self.loss, f'must be one of {losses_lib.LOSSES.names()}')
     for m in self.metrics:
-      if m not in METRICS:
-        bad('metrics', self.metrics, f'each must be one of {METRICS}')
+      if m not in losses_lib.METRICS:
+        bad('metrics', self.metrics, f'each must be one of {losses_lib.METRICS.names()}')
     if not self.sampling_weight > 0:
       bad('sampling_weight', self.sampling_weight, 'must be > 0')
     if self.flops_budget is not None and not self.flops_budget > 0:

@@ -1,5 +1,6 @@
-"""Test-wide settings: CPU only (8 simulated devices), persistent compilation cache,
-float32 matmuls at full precision."""
+"""Test-wide settings: CPU only (8 simulated devices), persistent compilation cache (set in
+the environment too, so every subprocess a test starts shares it), float32 matmuls at full
+precision."""
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -11,6 +12,8 @@ if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '
 import jax  # noqa: E402
 
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.cache', 'jax')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_default_matmul_precision', 'highest')

@@ -65,7 +65,8 @@ def _model(batch_size):
   model = model_lib.Figure1Model(
       [task], layout, d_model=d, num_layers=FLAGS.layers, num_heads=4, mlp_hidden=4 * d,
       patch=FLAGS.patch, halting=True,
-      moe_kwargs=dict(banks=[(FLAGS.experts, 2 * d)], k=2, num_null_experts=FLAGS.null_experts),
+      moe_kwargs=dict(banks=[(FLAGS.experts, 2 * d)],
+                      router=dict(name='top_k', k=2, num_null_experts=FLAGS.null_experts)),
       rngs=nnx.Rngs(0))
   _calibrate_halting(model, _batches(batch_size, max(1, 64 // batch_size), seed=1))
   return model
@@ -120,8 +121,8 @@ def run(batch_size):
 
   @jax.jit
   def full(state, batch):
-    out, metrics = nnx.merge(graphdef, state)(batch, deterministic=True)
-    return out['images'], metrics['flops_per_example'], metrics['halting_layer']
+    out = nnx.merge(graphdef, state)(batch, deterministic=True)
+    return out.logits['images'], out.flops_per_example, out.halting.layer_B
 
   bucketed = inference.BucketedInference(model)
   all_layers = inference.BucketedInference(model, halting=False)

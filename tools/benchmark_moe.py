@@ -65,7 +65,7 @@ def _calibrate_bias(layer, x, target_cv, seed=0):
   @jax.jit
   def load_cv(scale):
     bias = jnp.broadcast_to(scale * z, sample.shape[:2] + (e,))
-    _, metrics = layer.router(sample, logit_bias_GxSxE=bias)
+    _, metrics, _ = layer.router(sample, logit_bias_GxSxE=bias)
     load = metrics['router_load']
     return jnp.std(load) / jnp.mean(load)
 
@@ -86,8 +86,8 @@ def _make_fns(layer_or_dense, bias_E, is_moe):
     m = nnx.merge(graphdef, params, rest)
     if is_moe:
       bias = jnp.broadcast_to(bias_E, x.shape[:2] + bias_E.shape)
-      y, metrics = m(x, logit_bias_BxLxE=bias, deterministic=False)
-      return y, metrics
+      y, stats = m(x, logit_bias_BxLxE=bias, deterministic=False)
+      return y, stats.metrics
     return m(x), {}
 
   def loss(params, x):
@@ -123,19 +123,21 @@ def bench_config(t, e, log):
   x = jax.random.normal(jax.random.key(0), (t // seq, seq, d), jnp.float32)
   rngs = lambda: nnx.Rngs(0)
   variants = {'dense': (moe.DenseFFN(d, FLAGS.dense_hidden, rngs=rngs()), False)}
-  variants['moe'] = (moe.MoELayer(d, [(e, f_expert)], k, capacity_factor=FLAGS.capacity_factor,
+  variants['moe'] = (moe.MoELayer(d, [(e, f_expert)], dict(name='top_k', k=k),
+                                  capacity_factor=FLAGS.capacity_factor,
                                   dispatcher='sorted', rngs=rngs()), True)
   for s in FLAGS.einsum_groups:
     s = int(s)
     if t % s == 0:
-      variants[f'einsum@{s}'] = (moe.MoELayer(d, [(e, f_expert)], k,
+      variants[f'einsum@{s}'] = (moe.MoELayer(d, [(e, f_expert)], dict(name='top_k', k=k),
                                               capacity_factor=FLAGS.capacity_factor,
                                               dispatcher='einsum', group_size=s, rngs=rngs()),
                                  True)
   bias = _calibrate_bias(variants['moe'][0], x, FLAGS.load_cv)
   ragged_note = None
   if e <= FLAGS.ragged_max_groups:
-    variants['ragged'] = (moe.MoELayer(d, [(e, f_expert)], k, capacity_factor=None,
+    variants['ragged'] = (moe.MoELayer(d, [(e, f_expert)], dict(name='top_k', k=k),
+                                       capacity_factor=None,
                                        eval_capacity_factor=None, dispatcher='ragged',
                                        rngs=rngs()), True)
   else:
@@ -192,9 +194,9 @@ def _breakdown(layer, x, bias_E, compiled, t, e):
   graphdef, params, rest = nnx.split(layer.router, nnx.Param, ...)
 
   def router_loss(params, x):
-    routing, _ = nnx.merge(graphdef, params, rest)(
+    routing, _, _ = nnx.merge(graphdef, params, rest)(
         x.reshape(1, t, d), logit_bias_GxSxE=jnp.broadcast_to(bias_E, (1, t, e)))
-    return jnp.sum(routing.weight_SxK)
+    return jnp.sum(routing.weight_GxSxK)
 
   router = jax.jit(jax.grad(router_loss, argnums=(0, 1)))
   p_moe, train_moe, _ = compiled['moe']

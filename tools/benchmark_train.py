@@ -1,8 +1,9 @@
 """Benchmark: the real train step's wall time, per MoE dispatcher and against a dense model.
 
 For each variant of one experiment config, this builds what `pathways.train.loop` builds
-(`loop.build`: tasks, pipeline, sharded state on the config's mesh; `loop.make_train_step`
-jitted with the loop's shardings and donated state), draws --batches real batches from the
+(`experiment.build`: tasks, pipeline, sharded state on the config's mesh;
+`loop.jit_train_step`: the step jitted with the loop's shardings and donated state), draws
+--batches real batches from the
 config's training pipeline and puts them on the devices once (the timed steps cycle through
 them: the input pipeline's time is reported apart, as `pipeline_ms_per_batch`, not inside
 the step), compiles, runs --warmup untimed steps, then times --steps steps ending in
@@ -52,7 +53,7 @@ from flax import nnx
 
 from pathways import registry
 from pathways.nn import experts as experts_lib
-from pathways.parallel import sharding as sharding_lib
+from pathways.train import experiment
 from pathways.train import loop
 
 FLAGS = flags.FLAGS
@@ -115,12 +116,12 @@ def matmul_flops(jaxpr) -> float:
   return total
 
 
-def _token_counts(graphdef, state, batches):
+def _token_counts(model_graphdef, state, batches):
   """(padded tokens per step, mean real tokens per step, mean counted examples per step):
   the stems' mask over rows whose weight is 1."""
   @jax.jit
   def count(state, batch):
-    model, _ = nnx.merge(graphdef, state)
+    model = nnx.merge(model_graphdef, state['model'])
     _, mask_BxL, _ = model.embed(batch)
     real_B = batch['weight'] > 0
     return mask_BxL.size, (mask_BxL * real_B[:, None]).sum(), real_B.sum()
@@ -138,16 +139,14 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
               num_batches: int) -> dict:
   """Times `steps` train steps `repeats` times for one variant; returns the JSON row."""
   config = variant_config(config, variant)
-  _, pipe, graphdef, state, shardings, mesh = loop.build(config)
-  rules = sharding_lib.rules_from_config(config.sharding_rules)
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  exp = experiment.build(config)
+  config, pipe, mesh, state = exp.config, exp.pipeline, exp.mesh, exp.init_state()
   t0 = time.perf_counter()
   host = [next(pipe) for _ in range(num_batches)]
   pipeline_ms = 1e3 * (time.perf_counter() - t0) / num_batches
-  batches = [sharding_lib.put_batch(b, batch_sharding) for b in host]
-  padded_tokens, real_tokens, examples = _token_counts(graphdef, state, batches)
-  step = jax.jit(loop.make_train_step(graphdef, config), in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  batches = [exp.put(b) for b in host]
+  padded_tokens, real_tokens, examples = _token_counts(exp.model_graphdef, state, batches)
+  step = loop.jit_train_step(exp)
   with jax.set_mesh(mesh):  # MoE layers trace expert parallel under it
     t0 = time.perf_counter()
     traced = step.trace(state, batches[0])

@@ -49,7 +49,8 @@ def get_config(arg: str | None = None):
   c.data.batch_size = TASKS[task]['batch_size']
   c.model.update(d_model=64, num_layers=4, num_heads=4, mlp_hidden=128, moe_every=2,
                  halting=args.get('halting', '1') == '1')
-  c.model.moe.update(banks=[[4, 128]], k=2, num_null_experts=0)
+  c.model.moe.update(banks=[[4, 128]])
+  c.model.moe.router.num_null_experts = 0
   c.aux.ponder_cost = float(args.get('ponder', 0.001))
   c.optim.update(learning_rate=3e-3, warmup_steps=50)
   c.train.update(num_steps=steps, log_every=100, eval_every=steps, eval_batches=8,

@@ -30,8 +30,8 @@ def get_config(arg: str | None = None):
                  halting=False)
   # renormalize=False: the gate is the router probability (Switch), so the router learns
   # from the loss; renormalized over one choice it would always be 1.
-  c.model.moe.update(banks=[[experts, 256]], k=1, num_null_experts=0, noisy=False,
-                     capacity_factor=1.25, renormalize=False)
+  c.model.moe.update(banks=[[experts, 256]], capacity_factor=1.25,
+                     router=dict(name='top_k', k=1, renormalize=False, route_on='token'))
   c.optim.warmup_steps = 40
   c.train.update(num_steps=steps, log_every=50, eval_every=steps, eval_batches=16,
                  routing_batches=0)

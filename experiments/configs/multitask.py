@@ -9,7 +9,9 @@ for the classification tasks; evaluation is dropless.
   python -m experiments.train --config=experiments/configs/multitask.py:runlocal --workdir=/tmp/mt
 
 Variants through the argument, comma-separated: `runlocal` (tiny, 2 CPU cores),
-`experts=N` (experts per bank), `steps=N`, `large` (5.6B parameters: D=1024, 16 layers,
+`experts=N` (experts per bank), `steps=N`, `router=top_k|expert_choice` (the router with
+its default options; expert choice serves no per-position task, so it drops `addition`),
+`large` (5.6B parameters: D=1024, 16 layers,
 256 experts per MoE layer in banks of 192 x F=1024 and 64 x F=2048, bfloat16, remat, batch
 256, groups of 512 tokens, mesh data=8 x expert=8: the pod-scale shape that
 `tools/scale_report.py` compiles ahead of time on simulated devices).
@@ -35,15 +37,18 @@ def _args(arg):
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = _args(arg)
-  unknown = set(args) - {'runlocal', 'experts', 'steps', 'large'}
+  unknown = set(args) - {'runlocal', 'experts', 'steps', 'large', 'router'}
   if unknown:
     raise ValueError(f'config argument {sorted(unknown)}: allowed are runlocal, experts=N, '
-                     f'steps=N, large.')
+                     f'steps=N, router=NAME, large.')
   runlocal = bool(args.get('runlocal'))
   experts = int(args.get('experts', 4 if runlocal else 8))
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.tasks = ['digits', 'stdlib_package', 'parity', 'addition']
+  # Tuples: overridable from the command line, e.g. --config.tasks=digits,parity (comma
+  # strings are split) or --config.tasks="('digits', 'parity')".
+  c.tasks = ('digits', 'stdlib_package', 'parity', 'addition')
+  c.task_modules = ()  # plugin modules that register tasks (imported by every tool)
   c.task_loss_weights = ml_collections.ConfigDict({})  # name -> weight (default 1)
   c.task_flops_budgets = ml_collections.ConfigDict({})  # name -> FLOPs per example
   c.task_sampling_weights = ml_collections.ConfigDict({})  # name -> mixture weight (default 1)
@@ -56,13 +61,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d = 64 if runlocal else 256
   c.model = dict(d_model=d, num_layers=4 if runlocal else 8, num_heads=4, mlp_hidden=2 * d,
                  moe_every=2, patch=2, halting=True, remat=False, dtype='float32',
-                 moe=dict(banks=[[experts, d], [experts, 4 * d]], k=2, router='top_k',
-                          capacity_factor=1.25, num_null_experts=1, noisy=True,
+                 moe=dict(banks=[[experts, d], [experts, 4 * d]],
+                          # The router and its options (pathways.nn.router.ROUTERS);
+                          # route_on: 'token', 'example' (per-position rows route on their
+                          # prefix) or 'task' (Task-MoE).
+                          router=dict(name='top_k', k=2, num_null_experts=1, noisy=True,
+                                      route_on='token'),
+                          capacity_factor=1.25,
                           dispatcher='sorted',  # group_size None: one group per call
                           group_size=config_dict.placeholder(int)),
                  grown=[])  # components `tools/search.py` added for single tasks
-  c.aux = dict(load_balance_loss=0.01, router_z_loss=0.001, ponder_cost=0.003,
-               budget_rate=0.01)
+  # Weights of the router losses (every one the routers compute; 0 = off), the ponder cost
+  # weight and the compute budgets' dual-ascent rate.
+  c.aux = dict(load_balance_loss=0.01, importance_load_loss=0.0, router_z_loss=0.001,
+               ponder_cost=0.003, budget_rate=0.01)
   c.optim = dict(learning_rate=3e-3 if runlocal else 1e-3, warmup_steps=50 if runlocal else 500,
                  weight_decay=1e-4, clip_norm=1.0, b1=0.9, b2=0.98)
   steps = int(args.get('steps', 600 if runlocal else 20000))
@@ -76,11 +88,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Logical axis -> mesh axis, list of axes, or None (unlisted: replicated). Add
   # ['embed', 'data'] to also split the large weights over the data axis (FSDP-style).
   c.sharding_rules = [['expert', 'expert'], ['batch', ['data', 'expert']]]
+  if args.get('router'):
+    _router(c, args['router'])
   if args.get('large'):
     _large(c)
   c.init_from = ''  # another workdir: start from its latest checkpoint's parameters
-  c.freeze = []  # regexes over parameter paths (e.g. 'blocks/1/ffn/banks') not updated
+  # Regexes over parameter paths (e.g. 'blocks/1/ffn/banks') not updated; a tuple, so
+  # --config.freeze="('blocks/1/ffn/banks',)" works (regexes may hold commas: not split).
+  c.freeze = ()
   return c
+
+
+def _router(c, name):
+  if name == 'top_k':
+    return
+  if name != 'expert_choice':
+    raise ValueError(f'config argument router={name!r}: allowed are top_k, expert_choice.')
+  c.model.moe.router = dict(name='expert_choice', k=1, route_on='token')
+  c.tasks = tuple(t for t in c.tasks if t != 'addition')  # per-position: needs token choice
 
 
 def _large(c):

@@ -70,32 +70,33 @@ def examples(workdir) -> dict:
   running every layer), 'depth' (layers run)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from pathways.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
 
-  config, tasks, graphdef, state, _ = evaluate_workdir.load_workdir(workdir)
-  model = nnx.merge(graphdef, state)[0]
-  (task,) = tasks
+  loaded = evaluate_workdir.load_workdir(workdir)
+  config, graphdef, state = loaded.config, loaded.experiment.model_graphdef, loaded.model_state
+  model = loaded.model()
+  (task,) = loaded.tasks
   rows = np.asarray(model.layout.task_rows(0))
 
   @jax.jit
   def forward(state, batch):
-    m = nnx.merge(graphdef, state)[0]
-    out, metrics = m(batch, deterministic=True)
-    full = metrics['flops_per_example']
+    m = nnx.merge(graphdef, state)
+    out = m(batch, deterministic=True)
+    full = out.flops_per_example
     if m.halting:  # the same weights and examples through every layer
       m.halting = False
-      full = m(batch, deterministic=True)[1]['flops_per_example']
-    return out[task.name], metrics['flops_per_example'], metrics.get('halting_layer'), full
+      full = m(batch, deterministic=True).flops_per_example
+    halt = None if out.halting is None else out.halting.layer_B
+    return out.logits[task.name], out.flops_per_example, halt, full
 
-  pipe = evaluate_workdir.eval_pipeline(config, tasks)
+  pipe = loaded.experiment.eval_pipeline()
   parts = []
-  with jax.set_mesh(sharding_lib.make_mesh(config.mesh)):
+  with jax.set_mesh(loaded.experiment.mesh):
     for _ in range(config.train.eval_batches):
       batch = next(pipe)
       logits, flops, halt, full = jax.device_get(forward(state, batch))
       guess = np.asarray(logits).argmax(-1)
-      if task.head == 'classify':
+      if model.pooled[0]:
         correct = (guess == np.asarray(batch['label'])[rows]).astype(np.float64)
         targets = np.ones_like(correct)
         depth = (np.full(len(rows), float(len(model.blocks))) if halt is None

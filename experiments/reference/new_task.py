@@ -120,7 +120,7 @@ def main(argv):
   if not FLAGS.base_workdir:
     print('== base (the default model)', flush=True)
     common.train(multitask.get_config('runlocal'), base_workdir)
-  base_config = evaluate_workdir.load_workdir(base_workdir)[0]
+  base_config = evaluate_workdir.read_config(base_workdir)
   task = register_few_shot(FLAGS.examples)
   transfer, scratch = configs(base_config, task, FLAGS.steps, os.path.abspath(base_workdir))
   rows = {}

@@ -5,45 +5,37 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pathways.nn import model as model_lib
-
-LAYER_SCALARS = ('router_entropy', 'experts_per_token', 'computed_experts_per_token',
-                 'fraction_dropped', 'load_balance_loss')
+from pathways.nn import moe
 
 
-def make_forward(graphdef):
-  """forward(state, batch) -> metrics, jitted once (reuse it across evaluations)."""
+def make_forward(model_graphdef):
+  """forward(model_state, batch) -> ModelOutput, jitted once (reuse it across evaluations)."""
 
   @jax.jit
-  def forward(state, batch):
-    model = nnx.merge(graphdef, state)
-    if isinstance(model, tuple):
-      model = model[0]
-    _, metrics = model(batch, deterministic=True)
-    return metrics
+  def forward(model_state, batch):
+    return nnx.merge(model_graphdef, model_state)(batch, deterministic=True)
 
   return forward
 
 
-def collect(graphdef, state, batches, forward=None) -> dict:
+def collect(model_graphdef, model_state, batches, forward=None) -> dict:
   """Concatenated routing record over `batches` (only rows with weight > 0), plus
-  'difficulty' [B], per-layer means of the layer scalars ('scalars': {'layer<l>/<name>'}),
-  'num_experts' per MoE layer (routed plus grown: global ids), and 'grown': the components
-  the architecture search added (`pathways.nn.grow`), with each clone's global id."""
-  forward = forward or make_forward(graphdef)
+  'difficulty' [B], per-layer means of the scalar routing metrics ('scalars':
+  {'layer<l>/<name>'}, names from `moe.SCALAR_METRICS`), 'num_experts' per MoE layer
+  (routed plus grown: global ids), and 'grown': the components the architecture search
+  added (`pathways.nn.grow`), with each clone's global id."""
+  forward = forward or make_forward(model_graphdef)
   parts, scalars = [], {}
-  model = nnx.merge(graphdef, state)
-  model = model[0] if isinstance(model, tuple) else model
+  model = nnx.merge(model_graphdef, model_state)
   for batch in batches:
-    metrics = jax.device_get(forward(state, batch))
-    record = model_lib.routing_record(metrics, batch)
+    out = jax.device_get(forward(model_state, batch))
     keep = np.asarray(batch['weight']) > 0
-    record = _select(record, keep)
+    record = _select(out.routing_record(batch), keep)
     record['difficulty'] = np.asarray(batch['difficulty'])[keep]
     parts.append(record)
-    for key, value in metrics.items():
-      if key.split('/')[-1] in LAYER_SCALARS and np.ndim(value) == 0:
-        scalars.setdefault(key, []).append(float(value))
+    for layer, stats in out.moe.items():
+      for name in moe.SCALAR_METRICS:
+        scalars.setdefault(f'layer{layer}/{name}', []).append(float(stats.metrics[name]))
   out = _concat(parts)
   out['scalars'] = {k: float(np.mean(v)) for k, v in scalars.items()}
   out['num_experts'] = {f'layer{l}': model.blocks[l].ffn.num_total_experts

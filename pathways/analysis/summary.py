@@ -15,9 +15,7 @@ def summarize(record: dict, *, shuffle_repeats: int = 10) -> dict:
   task_B = record['task_id']
   layers = {}
   for layer, num_experts in record['num_experts'].items():
-    rec = record[layer]
-    if 'expert_BxLxK' not in rec:  # expert choice: no token-major record
-      continue
+    rec = record[layer]  # token-major for every router (expert choice: K = E)
     b, l, k = rec['expert_BxLxK'].shape
     expert, kept = rec['expert_BxLxK'].reshape(-1, k), rec['kept_BxLxK'].reshape(-1, k)
     counts = rs.expert_counts(expert, kept, num_experts)

@@ -11,9 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from pathways import modalities as modalities_lib
 from pathways import task as task_lib
-
-MODALITY_ARRAY = {'image': 'image', 'bytes': 'tokens', 'vector': 'vector'}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,21 +67,20 @@ def make_layout(tasks: Sequence[task_lib.Task], slots: Sequence[int],
   offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(slots)[:-1]]))
   size = int(sum(slots))
   rows, shapes = {}, {}
-  for modality, array in MODALITY_ARRAY.items():
+  for modality in modalities_lib.in_order():
     members = [i for i, t in enumerate(tasks) if t.modality == modality]
     if not members:
       continue
     rows[modality] = np.sort(np.concatenate([_tiled(offsets[i], slots[i], shards, size)
                                              for i in members])).astype(np.int32)
-    dims = [tasks[i].input_shape for i in members]
-    if modality == 'image':
-      dims = [d if len(d) == 3 else tuple(d) + (1,) for d in dims]
-    shapes[array] = tuple(int(max(d[j] for d in dims)) for j in range(len(dims[0])))
+    m = modalities_lib.get(modality)
+    dims = [m.example_shape(tasks[i].input_shape) for i in members]
+    if len({len(d) for d in dims}) > 1:
+      raise ValueError(f'tasks {[tasks[i].name for i in members]} of modality {modality!r} have '
+                       f'inputs of different ranks {dims}; one batch array holds them all.')
+    shapes[m.array] = tuple(int(max(d[j] for d in dims)) for j in range(len(dims[0])))
   return BatchLayout(tuple(t.name for t in tasks), tuple(int(s) for s in slots), offsets, rows,
                      shapes, int(shards))
-
-
-ARRAY_DTYPES = {'image': np.uint8, 'tokens': np.int32, 'vector': np.float32}
 
 
 def batch_spec(layout: BatchLayout) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -92,9 +90,8 @@ def batch_spec(layout: BatchLayout) -> dict[str, tuple[tuple[int, ...], np.dtype
   spec = {'task_id': ((b,), np.int32), 'weight': ((b,), np.float32), 'label': ((b,), np.int32),
           'difficulty': ((b,), np.float32)}
   for modality, rows in layout.rows.items():
-    array = MODALITY_ARRAY[modality]
-    spec[array] = ((len(rows),) + tuple(layout.shapes[array]), ARRAY_DTYPES[array])
-    if modality == 'bytes':
-      spec['targets'] = (spec[array][0], np.int32)
-      spec['tokens_mask'] = (spec[array][0], np.bool_)
+    m = modalities_lib.get(modality)
+    spec[m.array] = ((len(rows),) + tuple(layout.shapes[m.array]), m.dtype)
+    for array, dtype in m.extra.items():  # arrays of the same rows, [B_m, L]
+      spec[array] = (spec[m.array][0], dtype)
   return {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}

@@ -38,9 +38,11 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from pathways import heads as heads_lib
+from pathways import modalities as modalities_lib
 from pathways import task as task_lib
 from pathways.data import mixture as mixture_lib
-from pathways.data.layout import MODALITY_ARRAY, BatchLayout, batch_spec, make_layout  # noqa: F401  (the contract)
+from pathways.data.layout import BatchLayout, batch_spec, make_layout  # noqa: F401  (the contract)
 
 def check_example(t: task_lib.Task, example) -> None:
   """Stops on data whose shapes or dtypes differ from what the task declares (before any
@@ -55,11 +57,9 @@ def check_example(t: task_lib.Task, example) -> None:
     raise ValueError(f'task {t.name!r}: feature {t.input_feature!r} has shape {tuple(x.shape)} '
                      f'dtype {x.dtype}; the task declares shape {tuple(t.input_shape)} dtype '
                      f'{t.input_dtype} for modality {t.modality!r}.')
-  if t.modality == 'image' and x.ndim not in (2, 3):
-    raise ValueError(f'task {t.name!r}: image feature {t.input_feature!r} has shape {x.shape}; '
-                     'images must be [H, W] or [H, W, C].')
+  modalities_lib.get(t.modality).check(t.name, t.input_feature, x)
   y = np.asarray(example[t.target_feature])
-  want = () if t.head == 'classify' else tuple(t.input_shape)
+  want = heads_lib.get(t.head).target_shape(t.input_shape)
   if tuple(y.shape) != want:
     raise ValueError(f'task {t.name!r}: target {t.target_feature!r} has shape {tuple(y.shape)}; '
                      f'a {t.head!r} head needs shape {want}.')
@@ -168,17 +168,9 @@ class MultitaskPipeline:
     batch['weight'][row] = 1.0
     if t.difficulty_feature:
       batch['difficulty'][row] = float(ex[t.difficulty_feature])
-    x = np.asarray(ex[t.input_feature])
     j = self._local_row[t.modality][row]
-    array = MODALITY_ARRAY[t.modality]
-    if t.modality == 'image' and x.ndim == 2:
-      x = x[..., None]
-    batch[array][(j,) + tuple(slice(0, n) for n in x.shape)] = x
-    if t.head == 'classify':
-      batch['label'][row] = int(ex[t.target_feature])
-    else:
-      y = np.asarray(ex[t.target_feature])
-      batch['targets'][j, :y.shape[0]] = y
+    modalities_lib.get(t.modality).write_input(batch, j, ex[t.input_feature])
+    heads_lib.get(t.head).write_target(batch, row, j, ex[t.target_feature])
 
   def get_state(self) -> bytes:
     return json.dumps({'step': self._step, 'next': self._next, 'seed': self.seed,

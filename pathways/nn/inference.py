@@ -31,7 +31,6 @@ from flax import nnx
 
 from pathways.nn import attention
 from pathways.nn import model as model_lib
-from pathways.nn import router as router_lib
 
 
 def bucket(n: int) -> int:
@@ -59,16 +58,17 @@ def _route(graphdef, state, x, mask, causal, task_ids, bias_NxE):
   x = x + block.attn(block.norm1(x), mask, causal)
   h = block.norm2(x)
   bias = jnp.broadcast_to(bias_NxE[task_ids][:, None, :], x.shape[:2] + bias_NxE.shape[-1:])
-  routing, _ = block.ffn.route(h, mask_BxL=mask, task_ids_B=task_ids, logit_bias_BxLxE=bias,
-                               deterministic=True, num_groups=1)
+  routing, _, _ = block.ffn.route(h, mask_BxL=mask, task_ids_B=task_ids, causal_B=causal,
+                                  logit_bias_BxLxE=bias, deterministic=True, num_groups=1)
   return x, h, routing, block.ffn.max_expert_load(routing)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _experts(graphdef, capacity, state, x, h, routing, mask, causal):
   block = nnx.merge(graphdef, state)
-  y, metrics = block.ffn.apply_experts(h, routing, mask, capacity)
-  flops = attention.flops_per_token(x.shape[-1], mask, causal) + metrics['flops_BxL']
+  y, kept = block.ffn.apply_experts(h, routing, mask, capacity)
+  flops = attention.flops_per_token(x.shape[-1], mask, causal) + block.ffn.flops(routing, kept,
+                                                                                 mask)
   return x + y, jnp.sum(flops, -1)
 
 
@@ -106,7 +106,7 @@ class BucketedInference:
 
   def __init__(self, model: model_lib.Figure1Model, *, halting: bool = True):
     for layer in model.moe_layers:
-      if isinstance(model.blocks[layer].ffn.router, router_lib.ExpertChoiceRouter):
+      if not model.blocks[layer].ffn.router.token_choice:
         raise ValueError(f'layer {layer}: BucketedInference needs token-choice routers; '
                          f'expert choice fixes its capacity in the router.')
     if model.task_ffn_spec:
@@ -122,7 +122,7 @@ class BucketedInference:
                                   static_argnums=0)
     self._heads = jax.jit(functools.partial(_heads, graphdef))
     self.blocks = [nnx.split(block) for block in model.blocks]
-    self.classify = np.array([k == 'classify' for k in model.heads_kind], bool)
+    self.classify = np.array(model.pooled, bool)  # rows of pooled heads may halt
     # Router bias per MoE layer, [N, E'] (task prior + connectivity mask).
     self.bias = {}
     for layer in model.moe_layers:

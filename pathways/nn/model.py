@@ -2,24 +2,32 @@
 
 stems[modality] -> + task embedding -> L x [pre-norm attention, pre-norm FFN (MoE every
 `moe_every`-th layer, dense otherwise)] -> final norm -> head[task] (pooled classification or
-per-position prediction). Per-task parameters (embedding, head, router prior per MoE layer)
-live in dicts keyed by task name, so adding, removing or reordering tasks never swaps one
-task's parameters for another's. A task's `connectivity` ({moe layer: allowed experts})
-becomes a -inf mask on its router logits; the learned prior is added inside the allowed set.
+per-position prediction, `pathways.heads`). Per-task parameters (embedding, head, router
+prior per MoE layer) live in dicts keyed by task name, so adding, removing or reordering
+tasks never swaps one task's parameters for another's. A task's `connectivity` ({moe layer:
+allowed experts}) becomes a -inf mask on its router logits; the learned prior is added
+inside the allowed set.
+
+A forward pass returns one `ModelOutput` (logits per task, the weighted auxiliary loss,
+halting, FLOPs per example, budgets and each MoE layer's `MoEStats`).
 
 Adaptive computation: null experts / top-p in the MoE layers (per token), PonderNet halting
-(per example, classification tasks), per-task compute budgets (`pathways.nn.budget`), and
+(per example, pooled heads), per-task compute budgets (`pathways.nn.budget`), and
 `pathways.nn.inference.BucketedInference` to turn the counted saving into wall-clock.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax import struct
 
+from pathways import heads as heads_lib
+from pathways import losses as losses_lib
+from pathways import modalities as modalities_lib
 from pathways import task as task_lib
 from pathways.data import layout as layout_lib
 from pathways.nn import attention
@@ -29,7 +37,67 @@ from pathways.nn import moe
 from pathways.nn import stems
 
 
-STEM_MODALITIES = ('image', 'bytes', 'vector')
+@struct.dataclass
+class Halting:
+  """PonderNet halting of the pooled-head examples.
+
+  Attributes:
+    p_LxB: halting distribution over layers (the last layer takes the rest).
+    layer_B: the evaluation halting layer (first layer with cumulative p >= 1/2).
+    logits: {task: [L, n_i, C]} each pooled task's logits at every layer (training loss).
+  """
+  p_LxB: Any
+  layer_B: Any
+  logits: dict
+
+
+@struct.dataclass
+class ModelOutput:
+  """Everything one forward pass returns.
+
+  Attributes:
+    logits: {task name: logits of its rows}: classification [n_i, classes], per-position
+      [n_i, L_max, vocab].
+    flops_per_example: [B] forward FLOPs each example spent in the layer stack (attention,
+      dense FFNs, routers and the experts it used at their real widths; stems, norms and
+      heads excluded). In training with halting, a layer counts with the probability the
+      example reaches it.
+    aux_loss: the routers' auxiliary losses, weighted as configured, mean over MoE layers.
+    budget_loss: the Lagrange term of the tasks' compute budgets (`pathways.nn.budget`).
+    budget: {'budget/<task>/target|actual|lambda': value, 'budget_violation': [N]}.
+    ponder_cost: mean expected depth of the pooled-head examples (None without halting).
+    halting: `Halting` (None without halting).
+    moe: {layer index: `MoEStats`} of every MoE layer.
+  """
+  logits: dict
+  flops_per_example: Any
+  aux_loss: Any
+  budget_loss: Any
+  budget: dict
+  moe: dict
+  ponder_cost: Any = None
+  halting: Halting | None = None
+
+  def routing_scalars(self) -> dict:
+    """{metric: mean over MoE layers} for every scalar routing metric."""
+    if not self.moe:
+      return {}
+    return {name: jnp.mean(jnp.stack([s.metrics[name] for s in self.moe.values()]))
+            for name in moe.SCALAR_METRICS}
+
+  def routing_record(self, batch) -> dict:
+    """The routing record of this pass, as numpy: what the analysis tools read. Keys:
+    'task_id' [B], 'flops_per_example' [B], per MoE layer 'layer<l>' (its record:
+    expert_BxLxK, weight_BxLxK, kept_BxLxK), and with halting 'halting_p_LxB' and
+    'halting_layer' [B]."""
+    out = {'task_id': np.asarray(batch['task_id']),
+           'flops_per_example': np.asarray(self.flops_per_example)}
+    for layer, stats in self.moe.items():
+      out[f'layer{layer}'] = {k: np.asarray(v) for k, v in stats.record.items()}
+    if self.halting is not None:
+      out['halting_p_LxB'] = np.asarray(self.halting.p_LxB)
+      out['halting_layer'] = np.asarray(self.halting.layer_B)
+    return out
 
 
 class Block(nnx.Module):
@@ -42,14 +110,15 @@ class Block(nnx.Module):
     self.ffn = ffn
 
   def __call__(self, x, mask_BxL, causal_B, task_ids_B, logit_bias, deterministic):
+    """Returns (x, MoEStats or None for a dense layer)."""
     x = x + self.attn(self.norm1(x), mask_BxL, causal_B)
     h = self.norm2(x)
     if isinstance(self.ffn, moe.MoELayer):
-      y, metrics = self.ffn(h, mask_BxL=mask_BxL, task_ids_B=task_ids_B,
-                            logit_bias_BxLxE=logit_bias, deterministic=deterministic)
+      y, stats = self.ffn(h, mask_BxL=mask_BxL, task_ids_B=task_ids_B, causal_B=causal_B,
+                          logit_bias_BxLxE=logit_bias, deterministic=deterministic)
     else:
-      y, metrics = self.ffn(h), {}
-    return x + y, metrics
+      y, stats = self.ffn(h), None
+    return x + y, stats
 
 
 class Figure1Model(nnx.Module):
@@ -61,16 +130,16 @@ class Figure1Model(nnx.Module):
     d_model, num_layers, num_heads: the stack.
     mlp_hidden: hidden width of dense FFN layers.
     moe_every: every n-th layer (1-based: layers n-1, 2n-1, ...) is an MoE layer; 0: none.
-    moe_kwargs: arguments of `MoELayer` (banks, k, router, capacity_factor, ...);
+    moe_kwargs: arguments of `MoELayer` (banks, router, capacity_factor, ...);
       eval_capacity_factor defaults to None (dropless evaluation).
     patch: image patch size.
     remat: rematerialize each layer in the backward pass (saves activation memory, costs
       a second forward of the layer).
-    halting: adaptive depth for classification tasks (PonderNet): after every layer a
-      halting unit gives lambda_l = sigmoid(w_l . pooled + b_l); the halting distribution is
-      p_l = lambda_l prod_{j<l} (1 - lambda_j), the last layer taking the rest. Training
-      weights each layer's loss by p_l; evaluation predicts at the first layer whose
-      cumulative halting probability reaches 1/2.
+    halting: adaptive depth for pooled-head (classification) tasks (PonderNet): after every
+      layer a halting unit gives lambda_l = sigmoid(w_l . pooled + b_l); the halting
+      distribution is p_l = lambda_l prod_{j<l} (1 - lambda_j), the last layer taking the
+      rest. Training weights each layer's loss by p_l; evaluation predicts at the first
+      layer whose cumulative halting probability reaches 1/2.
     grown: components the architecture search added for single tasks (`pathways.nn.grow`):
       expert clones inside MoE layers and task-private FFN blocks after layers.
     dtype: compute dtype (parameters float32, routers float32).
@@ -82,37 +151,27 @@ class Figure1Model(nnx.Module):
                halting: bool = False, remat: bool = False,
                grown: Sequence[grow_lib.Grown] = (), dtype=jnp.float32, rngs: nnx.Rngs):
     for t in tasks:
-      if t.modality not in STEM_MODALITIES:
+      if t.modality not in modalities_lib.MODALITIES:
         raise ValueError(f'task {t.name!r}: modality {t.modality!r} has no stem; stems exist '
-                         f'for {STEM_MODALITIES}.')
+                         f'for {modalities_lib.in_order()}.')
     self.remat = remat
     self.task_names = tuple(t.name for t in tasks)
-    self.heads_kind = tuple(t.head for t in tasks)
+    self.head_names = tuple(t.head for t in tasks)
+    self.loss_names = tuple(t.loss for t in tasks)
     self.layout = layout
-    stem_dict = {}
-    if 'image' in layout.rows:
-      stem_dict['image'] = stems.ImageStem(d_model, image_shape=layout.shapes['image'],
-                                           patch=patch, rngs=rngs)
-    if 'bytes' in layout.rows:
-      stem_dict['bytes'] = stems.BytesStem(d_model, max_len=layout.shapes['tokens'][0],
+    self.stems = nnx.Dict({
+        m: modalities_lib.get(m).make_stem(d_model, tasks=tasks, layout=layout, patch=patch,
                                            rngs=rngs)
-    if 'vector' in layout.rows:
-      stem_dict['vector'] = stems.VectorStem(d_model, in_dim=layout.shapes['vector'][0],
-                                             rngs=rngs)
-    self.stems = nnx.Dict(stem_dict)
-    # Each image row's own size, for patch masks (static per task).
-    self.image_hw = None
-    if 'image' in layout.rows:
-      hw = {i: t.input_shape[:2] for i, t in enumerate(tasks) if t.modality == 'image'}
-      rows = layout.rows['image']
-      owner = [next(i for i in hw if r in layout.task_rows(i)) for r in rows]
-      self.image_hw = nnx.data(np.array([hw[i] for i in owner], np.int32))
-    self.causal = nnx.data(np.array([t.head == 'per_position' for t in tasks], bool))
+        for m in modalities_lib.in_order() if m in layout.rows})
+    heads = [heads_lib.get(t.head) for t in tasks]
+    self.causal = nnx.data(np.array([h.causal for h in heads], bool))
+    self.pooled = tuple(h.pooled for h in heads)
     self.task_embed = nnx.Dict({t.name: nnx.Param(jnp.zeros((d_model,))) for t in tasks})
     moe_kwargs = dict(moe_kwargs or {})
     # Evaluation is dropless by default, so an example's prediction never depends on what
     # else is in its batch (capacity groups would make examples compete for slots).
     moe_kwargs.setdefault('eval_capacity_factor', None)
+    moe_kwargs.setdefault('num_tasks', len(tasks))  # route_on='task' routes on the task id
     blocks, self.moe_layers = [], []
     task_id = {t.name: i for i, t in enumerate(tasks)}
     self.grown = tuple(grown)
@@ -120,8 +179,7 @@ class Figure1Model(nnx.Module):
       if moe_every and (layer + 1) % moe_every == 0:
         clones = [(task_id[g.task], g.expert, g.hidden) for g in self.grown
                   if g.kind == 'clone' and g.layer == layer]
-        ffn = moe.MoELayer(d_model, causal=any(self.causal), grown=clones, dtype=dtype,
-                           rngs=rngs, **moe_kwargs)
+        ffn = self._moe_layer(d_model, tasks, heads, clones, moe_kwargs, dtype, rngs)
         self.moe_layers.append(layer)
       else:
         ffn = moe.DenseFFN(d_model, mlp_hidden, dtype=dtype, rngs=rngs)
@@ -140,8 +198,7 @@ class Figure1Model(nnx.Module):
     self.final_norm = nnx.LayerNorm(d_model, rngs=rngs)
     num_choices = None
     if self.moe_layers:
-      first = self.blocks[self.moe_layers[0]].ffn
-      num_choices = first.num_experts + getattr(first.router, 'num_null_experts', 0)
+      num_choices = self.blocks[self.moe_layers[0]].ffn.router.num_logits
     self.router_prior = nnx.Dict({
         t.name: nnx.Param(jnp.zeros((len(self.moe_layers), num_choices or 1)))
         for t in tasks})
@@ -157,6 +214,12 @@ class Figure1Model(nnx.Module):
     self.heads = nnx.Dict({
         t.name: nnx.Param(init(rngs.params(), (d_model, t.num_classes), jnp.float32))
         for t in tasks})
+
+  @staticmethod
+  def _moe_layer(d_model, tasks, heads, clones, moe_kwargs, dtype, rngs):
+    """An MoE layer; route_on='example' routes per-position rows on their prefix only."""
+    return moe.MoELayer(d_model, causal=any(h.causal for h in heads), grown=clones, dtype=dtype,
+                        rngs=rngs, **moe_kwargs)
 
   def _connectivity_bias(self, tasks, num_choices):
     """[num MoE layers, N, E'] with 0 where allowed and -inf where a task may not route."""
@@ -177,15 +240,7 @@ class Figure1Model(nnx.Module):
 
   def embed(self, batch):
     """Stems + task embedding: tokens [B, L_max, D], mask [B, L_max], task ids [B]."""
-    parts = {}
-    if 'image' in self.stems:
-      parts['image'] = self.stems['image'](jnp.asarray(batch['image']),
-                                           jnp.asarray(self.image_hw))
-    if 'bytes' in self.stems:
-      parts['bytes'] = self.stems['bytes'](jnp.asarray(batch['tokens']),
-                                           jnp.asarray(batch['tokens_mask']))
-    if 'vector' in self.stems:
-      parts['vector'] = self.stems['vector'](jnp.asarray(batch['vector']))
+    parts = {m: modalities_lib.get(m).embed(stem, batch) for m, stem in self.stems.items()}
     x, mask = stems.assemble(parts, self.layout.rows, self.layout.batch_size)
     task_ids = jnp.asarray(batch['task_id'])
     n = len(self.task_names)
@@ -196,46 +251,36 @@ class Figure1Model(nnx.Module):
     emb_NxD = jnp.stack([self.task_embed[name][...] for name in self.task_names])
     return x + emb_NxD[task_ids][:, None, :], mask, task_ids
 
-  def __call__(self, batch, *, deterministic: bool = True):
-    """Returns ({task name: logits of its rows}, {metric: value}).
-
-    Classification logits are [n_i, classes] (mean over the example's real tokens);
-    per-position logits are [n_i, L_max, vocab]. metrics['flops_per_example'] [B] counts the
-    forward FLOPs each example spent in the layer stack (attention, dense FFNs, routers and
-    the experts it actually used at their real widths; stems, norms and heads excluded).
-    In training with halting, a layer counts with the probability the example reaches it.
-    metrics['budget_loss'] is the Lagrange term of the tasks' compute budgets (add it to the
-    loss; see `pathways.nn.budget`), with 'budget/<task>/target|actual|lambda'.
-    """
+  def __call__(self, batch, *, deterministic: bool = True) -> ModelOutput:
+    """One forward pass over a pipeline batch; see `ModelOutput`."""
     x, mask, task_ids = self.embed(batch)
     causal_B = jnp.asarray(self.causal)[task_ids]
-    metrics = {}
     d_model = x.shape[-1]
-    layer_flops_LxB, layer_expected_LxB, pooled_L = [], [], []
+    layer_flops_LxB, layer_expected_LxB, pooled_L, moe_stats = [], [], [], {}
     for layer, block in enumerate(self.blocks):
       bias = self.router_bias(layer, task_ids, x.shape[1])
       call = _remat_block if self.remat else _block
-      x, layer_metrics = call(block, x, mask, causal_B, task_ids, bias, deterministic)
+      x, stats = call(block, x, mask, causal_B, task_ids, bias, deterministic)
       x, grown_flops_BxL = self._task_ffns(layer, x, mask)
       flops_BxL = attention.flops_per_token(d_model, mask, causal_B) + grown_flops_BxL
-      if 'flops_BxL' in layer_metrics:
-        counted = layer_metrics.pop('flops_BxL')
-        expected = layer_metrics.pop('expected_flops_BxL', jax.lax.stop_gradient(counted))
-        expected_BxL, flops_BxL = flops_BxL + expected, flops_BxL + counted
+      if stats is not None:
+        moe_stats[layer] = stats
+        expected_BxL = flops_BxL + stats.expected_flops_BxL
+        flops_BxL = flops_BxL + stats.flops_BxL
       else:
         flops_BxL = flops_BxL + block.ffn.flops_per_token() * mask
         expected_BxL = flops_BxL
       layer_flops_LxB.append(jnp.sum(flops_BxL, axis=-1))
       layer_expected_LxB.append(jnp.sum(expected_BxL, axis=-1))
-      metrics.update({f'layer{layer}/{k}': v for k, v in layer_metrics.items()})
       if self.halting:
         pooled_L.append(_masked_mean(self.final_norm(x), mask))
     layer_flops_LxB = jnp.stack(layer_flops_LxB)
     x = self.final_norm(x)
-    outputs, reach_LxB = {}, jnp.ones_like(layer_flops_LxB)
+    reach_LxB, halting, ponder_cost = jnp.ones_like(layer_flops_LxB), None, None
+    pooled_BxD = _masked_mean(x, mask)
     if self.halting:
       p_LxB, halt_B = self._halting_distribution(jnp.stack(pooled_L))
-      pooled_tasks = jnp.asarray(np.array([k == 'classify' for k in self.heads_kind]))[task_ids]
+      pooled_tasks = jnp.asarray(np.array(self.pooled))[task_ids]
       depth = jnp.arange(1, len(self.blocks) + 1, dtype=jnp.float32)[:, None]
       if deterministic:
         reach = (depth - 1 <= halt_B[None, :]).astype(jnp.float32)
@@ -244,29 +289,25 @@ class Figure1Model(nnx.Module):
       reach_LxB = jnp.where(pooled_tasks[None, :], reach, 1.0)
       expected_depth_B = jnp.sum(p_LxB * depth, axis=0)
       w = pooled_tasks.astype(jnp.float32)
-      metrics['ponder_cost'] = jnp.sum(expected_depth_B * w) / jnp.maximum(jnp.sum(w), 1.0)
-      metrics['halting_layer'] = halt_B
-      metrics['halting_p_LxB'] = p_LxB
-      outputs['_halting'] = {}
-    metrics['flops_per_example'] = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
+      ponder_cost = jnp.sum(expected_depth_B * w) / jnp.maximum(jnp.sum(w), 1.0)
+      if deterministic:  # each example's pooled state at its halting layer
+        pooled_BxD = jnp.take_along_axis(jnp.stack(pooled_L), halt_B[None, :, None], axis=0)[0]
+      layer_logits = {}
+      for i, name in enumerate(self.task_names):
+        if self.pooled[i]:
+          rows = np.asarray(self.layout.task_rows(i))
+          layer_logits[name] = jnp.stack(pooled_L)[:, rows] @ self.heads[name][...]
+      halting = Halting(p_LxB=p_LxB, layer_B=halt_B, logits=layer_logits)
+    flops_B = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
     expected_B = jnp.sum(jnp.stack(layer_expected_LxB) * reach_LxB, axis=0)
     budget_loss, budget_metrics = budget_lib.budget_terms(
-        self.task_names, self.flops_budget, self.budget_lambda[...], expected_B,
-        metrics['flops_per_example'], self.layout.task_rows,
-        None if 'weight' not in batch else jnp.asarray(batch['weight']))
-    metrics['budget_loss'] = budget_loss
-    metrics.update(budget_metrics)
-    pooled_BxD = _masked_mean(x, mask)
-    if self.halting and deterministic:  # each example's pooled state at its halting layer
-      pooled_BxD = jnp.take_along_axis(jnp.stack(pooled_L), halt_B[None, :, None], axis=0)[0]
-    outputs.update(self.apply_heads(pooled_BxD, x))
-    if self.halting:
-      for i, name in enumerate(self.task_names):
-        if self.heads_kind[i] == 'classify':
-          rows = np.asarray(self.layout.task_rows(i))
-          logits_LxNxC = jnp.stack(pooled_L)[:, rows] @ self.heads[name][...]
-          outputs['_halting'][name] = (p_LxB[:, rows], logits_LxNxC)
-    return outputs, metrics
+        self.task_names, self.flops_budget, self.budget_lambda[...], expected_B, flops_B,
+        self.layout.task_rows, None if 'weight' not in batch else jnp.asarray(batch['weight']))
+    aux_loss = (jnp.mean(jnp.stack([s.aux_loss for s in moe_stats.values()])) if moe_stats
+                else jnp.zeros((), jnp.float32))
+    return ModelOutput(logits=self.apply_heads(pooled_BxD, x), flops_per_example=flops_B,
+                       aux_loss=aux_loss, budget_loss=budget_loss, budget=budget_metrics,
+                       moe=moe_stats, ponder_cost=ponder_cost, halting=halting)
 
   def _task_ffns(self, layer: int, x_BxLxD, mask_BxL):
     """Applies the task FFNs grown after `layer` to their tasks' rows: (x, FLOPs [B, L])."""
@@ -299,17 +340,13 @@ class Figure1Model(nnx.Module):
     return jax.nn.sigmoid(pooled_BxD @ self.halt_w_LxD[...][layer] + self.halt_b_L[...][layer])
 
   def apply_heads(self, pooled_BxD, x_BxLxD):
-    """Task heads over final states: classification from pooled [B, D] (already normed),
-    per-position from the normed tokens [B, L, D]. Returns {task name: logits of its rows}."""
+    """Task heads over final states: pooled [B, D] (already normed) and the normed tokens
+    [B, L, D]. Returns {task name: logits of its rows}."""
     outputs = {}
     for i, name in enumerate(self.task_names):
       rows = np.asarray(self.layout.task_rows(i))
-      head = self.heads[name][...]
-      if self.heads_kind[i] == 'classify':
-        outputs[name] = pooled_BxD[rows] @ head
-      else:
-        b, l, d = x_BxLxD[rows].shape
-        outputs[name] = (x_BxLxD[rows].reshape(b * l, d) @ head).reshape(b, l, -1)
+      outputs[name] = heads_lib.get(self.head_names[i]).logits(
+          self.heads[name][...], pooled_BxD[rows], x_BxLxD[rows])
     return outputs
 
   def _halting_distribution(self, pooled_LxBxD):
@@ -330,54 +367,27 @@ def _block(block, x, mask, causal, task_ids, bias, deterministic):
 _remat_block = nnx.remat(_block, static_argnums=(6,))
 
 
-def routing_record(metrics, batch) -> dict:
-  """The routing record of one forward pass, as numpy: what the trainer's metrics and the
-  analysis tools read. Keys: 'task_id' [B], 'flops_per_example' [B], per MoE layer
-  'layer<l>' (its record: expert, gate and kept arrays), and with halting 'halting_p_LxB'
-  and 'halting_layer' [B]."""
-  out = {'task_id': np.asarray(batch['task_id']),
-         'flops_per_example': np.asarray(metrics['flops_per_example'])}
-  for key, value in metrics.items():
-    if key.endswith('/record'):
-      out[key[:-len('/record')]] = {k: np.asarray(v) for k, v in value.items()}
-  for key in ('halting_p_LxB', 'halting_layer'):
-    if key in metrics:
-      out[key] = np.asarray(metrics[key])
-  return out
-
-
 def _masked_mean(x_BxLxD, mask_BxL):
   m = mask_BxL.astype(x_BxLxD.dtype)[..., None]
   return jnp.sum(x_BxLxD * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
 
 
-def task_losses(model: Figure1Model, outputs, batch):
-  """Per-task mean cross-entropy and accuracy over the examples that count this step."""
+def task_losses(model: Figure1Model, out: ModelOutput, batch):
+  """Per-task mean loss (the task's registered loss) and accuracy over the examples (or
+  positions) that count this step. With halting, a pooled task's loss is the expected loss
+  under the halting distribution (PonderNet)."""
   losses, accuracy = {}, {}
-  weight = jnp.asarray(batch['weight'])
   for i, name in enumerate(model.task_names):
     rows = np.asarray(model.layout.task_rows(i))
-    logits = outputs[name].astype(jnp.float32)
-    if model.heads_kind[i] == 'classify':
-      labels = jnp.asarray(batch['label'])[rows]
-      w = weight[rows]
-    else:
-      local = np.searchsorted(model.layout.rows['bytes'], rows)
-      labels = jnp.asarray(batch['targets'])[local]
-      w = weight[rows][:, None] * (labels >= 0)
-    ce = _cross_entropy(logits, labels)
-    halting = outputs.get('_halting', {}).get(name)
-    if halting is not None:  # PonderNet: expected loss under the halting distribution
-      p_LxN, logits_LxNxC = halting
-      ce = jnp.sum(p_LxN * _cross_entropy(logits_LxNxC.astype(jnp.float32), labels[None]), 0)
+    labels, w = heads_lib.get(model.head_names[i]).targets(batch, rows, model.layout)
+    loss_fn = losses_lib.LOSSES.lookup(model.loss_names[i])
+    logits = out.logits[name].astype(jnp.float32)
+    ce = loss_fn(logits, labels)
+    if out.halting is not None and name in out.halting.logits:
+      p_LxN = out.halting.p_LxB[:, rows]
+      ce = jnp.sum(p_LxN * loss_fn(out.halting.logits[name].astype(jnp.float32), labels[None]), 0)
     correct = (jnp.argmax(logits, -1) == labels)
     denom = jnp.maximum(jnp.sum(w), 1.0)
     losses[name] = jnp.sum(ce * w) / denom
     accuracy[name] = jnp.sum(correct * w) / denom
   return losses, accuracy
-
-
-def _cross_entropy(logits, labels):
-  """Per-example (or per-position) cross-entropy; labels < 0 give 0 (masked by the caller)."""
-  picked = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(labels, 0)[..., None], -1)
-  return -picked[..., 0]

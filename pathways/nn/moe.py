@@ -9,36 +9,39 @@ Dimension vocabulary (tensor names carry their shape, e.g. `x_BxLxD`, `buf_ExCxD
   A  assignments per group, A = S * K, ordered choice-major (a = k * S + s)
   N  tasks
 
-One call: router(x) -> Routing; per group, capacity and dispatcher move tokens into
-[E, C, D] buffers, experts run, outputs are combined with the gate weights. Traced under a
-mesh of several devices (`jax.set_mesh`), the 'sorted' and 'ragged' dispatchers run expert
-parallel (`pathways.parallel.expert_parallel`): groups over the devices, experts over the
-'expert' axis, tokens exchanged by all-to-all. Tokens whose
+One call: router(x) -> a routing (`pathways.nn.routing`: token or expert choice), its
+metrics and weighted auxiliary loss; per group, capacity and dispatcher move tokens into
+[E, C, D] buffers, experts run, outputs are combined with the gate weights. The layer owns
+the list of routing metrics (`ROUTING_METRICS`) that the trainer logs and the analysis
+reads. Traced under a mesh of several devices (`jax.set_mesh`), the 'sorted' and 'ragged'
+dispatchers run expert parallel (`pathways.parallel.expert_parallel`): groups over the
+devices, experts over the 'expert' axis, tokens exchanged by all-to-all. Tokens whose
 assignments were all dropped, or that took only null experts, or that are inactive
 (padding, halted examples), get zero from this layer: the residual stream carries them.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 from flax import nnx
+from flax import struct
 
-from pathways import registry
-from pathways.nn import capacity as capacity_lib
 from pathways.nn import dispatch as dispatch_lib
 from pathways.nn import experts as experts_lib
 from pathways.nn import router as router_lib
 from pathways.parallel import expert_parallel
 
-ROUTERS = registry.Registry('router')
-ROUTERS.add('top_k', router_lib.TopKRouter)
-ROUTERS.add('expert_choice', router_lib.ExpertChoiceRouter)
-
-AUX_LOSSES = ('load_balance_loss', 'importance_load_loss', 'router_z_loss')
+# Every metric an MoE layer reports, in one list: the router's (its auxiliary losses among
+# them), then the dispatch's. 'router_load' and 'expert_load' are [E] vectors, the rest
+# scalars. The trainer logs the scalars' means over layers; the analysis reads the same list.
+ROUTING_METRICS = router_lib.ROUTER_METRICS + ('fraction_dropped', 'fraction_tokens_dropped',
+                                               'computed_experts_per_token', 'expert_load')
+VECTOR_METRICS = ('router_load', 'expert_load')
+SCALAR_METRICS = tuple(m for m in ROUTING_METRICS if m not in VECTOR_METRICS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +55,27 @@ def _check_capacity_factor(name, value):
     raise ValueError(f'{name}={value!r}: must be a number > 0, or None for dropless.')
 
 
+@struct.dataclass
+class MoEStats:
+  """What one MoE call reports besides its output.
+
+  Attributes:
+    aux_loss: the router's auxiliary loss, weighted by the layer's `loss_weights`.
+    metrics: {name: value} for every name in `ROUTING_METRICS`.
+    flops_BxL: forward FLOPs each token spent here (router + computed experts at their
+      real widths; null experts and dropped assignments cost nothing).
+    expected_flops_BxL: differentiable expected FLOPs (token choice: the router softmax
+      times each expert's FLOPs); the counted FLOPs, without gradient, for expert choice.
+    record: the token-major routing record: 'expert_BxLxK', 'weight_BxLxK', 'kept_BxLxK'
+      (expert choice: K = E, which experts took each token).
+  """
+  aux_loss: Any
+  metrics: dict
+  flops_BxL: Any
+  expected_flops_BxL: Any
+  record: dict
+
+
 class MoELayer(nnx.Module):
   """Routed feed-forward block: router + expert banks + dispatcher.
 
@@ -59,15 +83,14 @@ class MoELayer(nnx.Module):
     d_model: D.
     banks: one (num_experts, hidden) pair per expert bank, e.g. ((8, 256),) or
       ((4, 128), (4, 512)) for narrow and wide experts in one layer.
-    k: choices per token (token choice) or mean experts per token (expert choice).
-    router: 'top_k' or 'expert_choice'.
-    capacity_factor: training capacity factor (> 0), or None for dropless.
+    router: a router name or spec dict built through `pathways.nn.router.ROUTERS`, e.g.
+      {'name': 'top_k', 'k': 2, 'num_null_experts': 1, 'noisy': True, 'route_on': 'token'}
+      or {'name': 'expert_choice', 'k': 1}; see `TopKRouter` / `ExpertChoiceRouter`.
+    capacity_factor: training capacity factor (> 0), or None for dropless (token choice).
     eval_capacity_factor: capacity factor when deterministic; defaults to capacity_factor.
     dispatcher: 'sorted' (fast default), 'einsum' (reference) or 'ragged' (dropless,
       GPU/TPU).
     group_size: S, tokens per capacity group; None puts all T tokens in one group.
-    num_null_experts, top_p, noisy, renormalize: see `TopKRouter`.
-    route_on: 'token', 'example' (masked mean of the example) or 'task' (Task-MoE).
     num_tasks: N, for route_on='task'.
     causal: the layer serves per-position (causal) prediction; refuses expert choice.
     grown: experts added by the architecture search (`pathways.nn.grow`), each a
@@ -76,20 +99,20 @@ class MoELayer(nnx.Module):
       The router does not see them (its logits and every other task's routing are
       unchanged); they get global ids E, E+1, ... after the routed experts, and null experts
       move after them. Token choice only.
+    loss_weights: {router loss name: weight} (`router.AUX_LOSSES`): `MoEStats.aux_loss`.
     dtype: compute dtype of the experts (parameters and router stay float32).
     rngs: nnx.Rngs.
   """
 
-  def __init__(self, d_model: int, banks: Sequence[tuple[int, int]], k: int, *,
-               router: str = 'top_k', capacity_factor: float | None = 1.25,
-               eval_capacity_factor: float | None = -1.0, dispatcher: str = 'sorted',
-               group_size: int | None = None, num_null_experts: int = 0,
-               top_p: float | None = None, noisy: bool = False, renormalize: bool = True,
-               route_on: str = 'token', num_tasks: int = 0, causal: bool = False,
-               grown: Sequence[tuple[int, int, int]] = (), dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, banks: Sequence[tuple[int, int]],
+               router: str | Mapping[str, Any] = 'top_k', *,
+               capacity_factor: float | None = 1.25, eval_capacity_factor: float | None = -1.0,
+               dispatcher: str = 'sorted', group_size: int | None = None, num_tasks: int = 0,
+               causal: bool = False, grown: Sequence[tuple[int, int, int]] = (),
+               loss_weights: Mapping[str, float] | None = None, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if eval_capacity_factor == -1.0:
       eval_capacity_factor = capacity_factor
-    router_cls = ROUTERS.lookup(router)
     self.dispatch_fn = dispatch_lib.DISPATCHERS.lookup(dispatcher)
     _check_capacity_factor('capacity_factor', capacity_factor)
     _check_capacity_factor('eval_capacity_factor', eval_capacity_factor)
@@ -104,29 +127,22 @@ class MoELayer(nnx.Module):
       raise ValueError(f'dtype={dtype!r}: must be jnp.float32 or jnp.bfloat16.')
     self.banks = nnx.List([experts_lib.ExpertBank(d_model, e, f, rngs=rngs) for e, f in banks])
     self.num_experts = sum(e for e, _ in banks)
-    if router == 'top_k' and k == 1 and renormalize:
+    self.router = router_lib.build(router, d_model=d_model, num_experts=self.num_experts,
+                                   num_tasks=num_tasks, causal=causal,
+                                   loss_weights=loss_weights, rngs=rngs)
+    name = router_lib.parse(router)[0]
+    if self.router.fixed_capacity and (capacity_factor is None or eval_capacity_factor is None):
+      raise ValueError(f"router={name!r} has no dropless mode: capacity_factor and "
+                       f"eval_capacity_factor must be numbers > 0.")
+    if getattr(self.router, 'renormalize', False) and self.router.k == 1:
       _warn_once('MoELayer(k=1, renormalize=True): the gate is the top probability divided by '
                  'itself, always 1.0, so the router learns only from the auxiliary losses. '
                  'Pass renormalize=False for Switch-style gates (gate = router probability).')
-    if router == 'top_k':
-      self.router = router_cls(d_model, self.num_experts, k, num_null_experts=num_null_experts,
-                               top_p=top_p, renormalize=renormalize, noisy=noisy,
-                               route_on=route_on, num_tasks=num_tasks, rngs=rngs)
-    else:
-      if num_null_experts or top_p is not None or noisy:
-        raise ValueError(f"router='expert_choice' takes no num_null_experts ({num_null_experts!r}), "
-                         f"top_p ({top_p!r}) or noisy ({noisy!r}): those are token-choice options.")
-      if capacity_factor is None or eval_capacity_factor is None:
-        raise ValueError("router='expert_choice' has no dropless mode: capacity_factor and "
-                         "eval_capacity_factor must be numbers > 0.")
-      self.router = router_cls(d_model, self.num_experts, k, capacity_factor=capacity_factor,
-                               eval_capacity_factor=eval_capacity_factor, causal=causal,
-                               route_on=route_on, num_tasks=num_tasks, rngs=rngs)
     self.grown_spec = tuple(tuple(int(v) for v in g) for g in grown)
     for j, (task, source, hidden) in enumerate(self.grown_spec):
-      if router != 'top_k':
-        raise ValueError(f"grown={list(grown)!r}: grown experts need router='top_k' (they take "
-                         f"a task's token-choice assignments), not {router!r}.")
+      if not self.router.token_choice:
+        raise ValueError(f"grown={list(grown)!r}: grown experts need a token-choice router "
+                         f"(they take a task's assignments per token), not {name!r}.")
       if not 0 <= source < self.num_experts + j:
         raise ValueError(f'grown[{j}]={grown[j]!r}: source expert {source} must be a routed '
                          f'expert (0..{self.num_experts - 1}) or an earlier grown one.')
@@ -134,44 +150,47 @@ class MoELayer(nnx.Module):
       self.grown = nnx.List([experts_lib.ExpertBank(d_model, 1, h, rngs=rngs)
                              for _, _, h in self.grown_spec])
     self.d_model = d_model
-    self.k = k
+    self.causal = causal
     self.capacity_factor = capacity_factor
     self.eval_capacity_factor = eval_capacity_factor
     self.group_size = group_size
-    self.route_on = route_on
     self.dtype = dtype
 
-  def __call__(self, x_BxLxD, *, mask_BxL=None, task_ids_B=None, logit_bias_BxLxE=None,
-               deterministic: bool = True):
+  @property
+  def k(self) -> int:
+    """Choices per token (token choice) or mean experts per token (expert choice)."""
+    return self.router.k
+
+  @property
+  def route_on(self) -> str:
+    return self.router.route_on
+
+  def __call__(self, x_BxLxD, *, mask_BxL=None, task_ids_B=None, causal_B=None,
+               logit_bias_BxLxE=None, deterministic: bool = True):
     """Applies the layer.
 
     Args:
       x_BxLxD: input tokens.
       mask_BxL: active tokens (False: padding or halted; such tokens take no expert).
-      task_ids_B: task of each example (needed for route_on='task').
+      task_ids_B: task of each example (needed for route_on='task' and grown experts).
+      causal_B: rows of per-position (causal) tasks; route_on='example' routes them on the
+        mean of their tokens so far. None: every row is causal when the layer is.
       logit_bias_BxLxE: added to router logits (E' wide): per-task priors, -inf masks.
       deterministic: evaluation mode (eval capacity factor, no router noise).
 
     Returns:
-      y_BxLxD (zero for tokens that reached no expert) and a dict of scalar metrics, the
-      auxiliary losses among them ('fraction_dropped': share of assignments over capacity;
-      'fraction_tokens_dropped': share of active tokens that lost every assignment), plus
-      two (E,) vectors: 'router_load', the fraction of
-      the router's choices per expert (before capacity), and 'expert_load', the fraction of
-      computed (kept) assignments per expert; 'flops_BxL', the forward FLOPs each token spent
-      in this layer (router + computed experts at their real widths); 'expected_flops_BxL'
-      (token choice, differentiable; see `_expected_flops`); and 'record', the routing
-      record: token choice expert_BxLxK, weight_BxLxK, kept_BxLxK; expert choice
-      token_GxExC, weight_GxExC, kept_GxExC.
+      y_BxLxD (zero for tokens that reached no expert) and `MoEStats`.
     """
-    routing, metrics = self.route(x_BxLxD, mask_BxL=mask_BxL, task_ids_B=task_ids_B,
-                                  logit_bias_BxLxE=logit_bias_BxLxE, deterministic=deterministic)
+    b, l, _ = x_BxLxD.shape
+    if mask_BxL is None:
+      mask_BxL = jnp.ones((b, l), bool)
+    routing, router_metrics, aux_loss = self.route(
+        x_BxLxD, mask_BxL=mask_BxL, task_ids_B=task_ids_B, causal_B=causal_B,
+        logit_bias_BxLxE=logit_bias_BxLxE, deterministic=deterministic)
     cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-    s = routing.weight_SxK.shape[1] if routing.choice == 'token' else self._group_tokens(x_BxLxD)
-    c = capacity_lib.capacity(s, self.num_experts, self.k, cf)
-    y_BxLxD, expert_metrics = self.apply_experts(x_BxLxD, routing, mask_BxL, c)
-    metrics.update(expert_metrics)
-    return y_BxLxD, metrics
+    c = routing.capacity(self.num_experts, self.k, cf)
+    y_BxLxD, kept = self.apply_experts(x_BxLxD, routing, mask_BxL, c)
+    return y_BxLxD, self.stats(routing, kept, mask_BxL, router_metrics, aux_loss)
 
   def _group_tokens(self, x_BxLxD, num_groups=None):
     t = x_BxLxD.shape[0] * x_BxLxD.shape[1]
@@ -184,9 +203,10 @@ class MoELayer(nnx.Module):
       raise ValueError(f'group_size={s} must divide the number of tokens T = B * L = {t}.')
     return s
 
-  def route(self, x_BxLxD, *, mask_BxL=None, task_ids_B=None, logit_bias_BxLxE=None,
-            deterministic: bool = True, num_groups: int | None = None):
-    """The router half of the layer: (Routing with a leading G axis, router metrics).
+  def route(self, x_BxLxD, *, mask_BxL=None, task_ids_B=None, causal_B=None,
+            logit_bias_BxLxE=None, deterministic: bool = True, num_groups: int | None = None):
+    """The router half of the layer: (routing with a leading G axis, router metrics,
+    weighted auxiliary loss).
 
     `num_groups` overrides the layer's grouping (inference by buckets routes one group).
     """
@@ -204,30 +224,21 @@ class MoELayer(nnx.Module):
       if task_ids_B.shape != (b,):
         raise ValueError(f'task_ids_B.shape={task_ids_B.shape}: must be (B,) = {(b,)}.')
       task_ids_GxS = jnp.broadcast_to(task_ids_B[:, None], (b, l)).reshape(g, s)
-    signal_GxSxD = router_lib.routing_signal(x_BxLxD, mask_BxL, self.route_on).reshape(g, s, d)
+    if causal_B is None and self.causal:
+      causal_B = jnp.ones((b,), bool)
+    signal = router_lib.routing_signal(x_BxLxD, mask_BxL, self.route_on, causal_B)
     bias = None if logit_bias_BxLxE is None else logit_bias_BxLxE.reshape(g, s, -1)
-    routing, metrics = self.router(signal_GxSxD, active_GxS=mask_BxL.reshape(g, s),
-                                   task_ids_GxS=task_ids_GxS, logit_bias_GxSxE=bias,
-                                   deterministic=deterministic)
-    if routing.choice == 'token':
-      metrics['expected_flops_BxL'] = self._expected_flops(routing, mask_BxL).reshape(b, l)
+    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+    routing, metrics, aux_loss = self.router(
+        signal.reshape(g, s, d), active_GxS=mask_BxL.reshape(g, s), task_ids_GxS=task_ids_GxS,
+        logit_bias_GxSxE=bias, capacity_factor=cf, deterministic=deterministic)
     if self.grown_spec:
       if task_ids_GxS is None:
         raise ValueError('task_ids_B is required: this layer has grown experts, which serve '
                          'one task each.')
-      routing = self._redirect(routing, task_ids_GxS)
-    return routing, metrics
-
-  def _redirect(self, routing, task_ids_GxS):
-    """Null ids move after the grown experts; each grown expert takes its task's
-    assignments to its source (in order, so a clone of a clone follows the chain)."""
-    e, n = self.num_experts, len(self.grown_spec)
-    expert = routing.expert_SxK
-    expert = jnp.where(expert >= e, expert + n, expert)
-    for j, (task, source, _) in enumerate(self.grown_spec):
-      mine = (task_ids_GxS == task)[..., None] & (expert == source)
-      expert = jnp.where(mine, e + j, expert)
-    return routing.replace(expert_SxK=expert)
+      routing = routing.redirect(self.num_experts, [(t, src) for t, src, _ in self.grown_spec],
+                                 task_ids_GxS)
+    return routing, metrics, aux_loss
 
   def all_banks(self) -> list:
     """Routed banks, then the grown experts (one-expert banks), in global id order."""
@@ -238,31 +249,14 @@ class MoELayer(nnx.Module):
     """Routed plus grown experts: the global ids the dispatchers and records use."""
     return self.num_experts + len(self.grown_spec)
 
-  def _expected_flops(self, routing, mask_BxL):
-    """Differentiable per-token FLOPs for compute budgets: the router matmul plus
-    k * sum_e p_e * FLOPs_e over the softmax p (null experts cost 0). Its gradient moves
-    probability towards null experts and narrow banks when compute must fall."""
-    num_logits = self.num_experts + getattr(self.router, 'num_null_experts', 0)
-    f_E = jnp.asarray(self.flops_per_token_per_expert()[:self.num_experts]
-                      + [0] * (num_logits - self.num_experts), jnp.float32)
-    probs = routing.probs_SxE.reshape(-1, num_logits)
-    active = mask_BxL.reshape(-1).astype(jnp.float32)
-    return (2.0 * self.d_model * num_logits + self.k * (probs @ f_E)) * active
-
   def apply_experts(self, x_BxLxD, routing, mask_BxL, capacity: int):
     """The expert half: dispatch at `capacity` slots per expert per group, run, combine.
 
-    Returns y_BxLxD and the dispatch metrics, 'flops_BxL' and 'record'.
+    Returns y_BxLxD and the kept assignments (the routing's assignment shape).
     """
     b, l, d = x_BxLxD.shape
-    if mask_BxL is None:
-      mask_BxL = jnp.ones((b, l), bool)
-    if routing.choice == 'token':
-      g, s = routing.weight_SxK.shape[:2]
-    else:
-      g = routing.token_ExC.shape[0]
-      s = b * l // g
-    active_GxS = mask_BxL.reshape(g, s)
+    g = routing.num_groups
+    s = b * l // g
     weights = [bank.weights() for bank in self.all_banks()]
     dispatch_fn = self.dispatch_fn
     mesh = expert_parallel.context_mesh()
@@ -273,66 +267,43 @@ class MoELayer(nnx.Module):
       else:
         dispatch_fn = functools.partial(expert_parallel.PARALLEL[dispatch_fn], mesh=mesh)
     y_GxSxD, kept = dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity, self.dtype)
-    metrics = self._dispatch_metrics(routing, kept, active_GxS)
-    metrics['flops_BxL'] = self._flops(routing, kept, active_GxS).reshape(b, l)
-    if routing.choice == 'token':
-      metrics['record'] = {'expert_BxLxK': routing.expert_SxK.reshape(b, l, -1),
-                           'weight_BxLxK': routing.weight_SxK.reshape(b, l, -1),
-                           'kept_BxLxK': kept.reshape(b, l, -1)}
-    else:  # expert choice: per expert slot, the token (index within its group) it took
-      metrics['record'] = {'token_GxExC': routing.token_ExC, 'weight_GxExC': routing.weight_ExC,
-                           'kept_GxExC': kept}
-    return y_GxSxD.reshape(b, l, d), metrics
+    return y_GxSxD.reshape(b, l, d), kept
+
+  def flops(self, routing, kept, mask_BxL):
+    """Forward FLOPs [B, L] each token spent here: its router matmul and its computed
+    experts at their real widths (null experts and dropped assignments cost nothing)."""
+    b, l = mask_BxL.shape
+    router = 2.0 * self.d_model * self.router.num_logits * mask_BxL
+    expert_flops_E = jnp.asarray(self.flops_per_token_per_expert(), jnp.float32)
+    return router + routing.flops_GxS(kept, expert_flops_E).reshape(b, l)
+
+  def stats(self, routing, kept, mask_BxL, router_metrics, aux_loss) -> MoEStats:
+    """The call's `MoEStats` from its routing, the kept assignments and the router's part."""
+    b, l = mask_BxL.shape
+    active_GxS = mask_BxL.reshape(routing.num_groups, -1)
+    kept_count_E = routing.kept_per_expert(kept, self.num_total_experts)
+    dropped, tokens_dropped = routing.drops(kept, active_GxS)
+    metrics = dict(router_metrics,
+                   fraction_dropped=dropped, fraction_tokens_dropped=tokens_dropped,
+                   expert_load=kept_count_E / jnp.maximum(jnp.sum(kept_count_E), 1.0),
+                   computed_experts_per_token=jnp.sum(kept) / jnp.maximum(jnp.sum(active_GxS), 1))
+    flops_BxL = self.flops(routing, kept, mask_BxL)
+    num_logits = self.router.num_logits
+    f_E = jnp.asarray(self.flops_per_token_per_expert()[:self.num_experts]
+                      + [0] * (num_logits - self.num_experts), jnp.float32)
+    expected_GxS = routing.expected_flops_GxS(self.k, f_E)
+    if expected_GxS is None:
+      expected_BxL = jax.lax.stop_gradient(flops_BxL)
+    else:
+      expected_BxL = (2.0 * self.d_model * num_logits + expected_GxS.reshape(b, l)) * mask_BxL
+    record = {f'{k}_BxLxK': v.reshape(b, l, -1) for k, v in routing.record(kept).items()}
+    return MoEStats(aux_loss=aux_loss, metrics=metrics, flops_BxL=flops_BxL,
+                    expected_flops_BxL=expected_BxL, record=record)
 
   def max_expert_load(self, routing):
-    """Most valid assignments any real expert receives in any group: the smallest dropless
-    capacity for this routing (token choice)."""
-    if routing.choice != 'token':
-      raise ValueError('max_expert_load: expert-choice routing has a fixed capacity.')
-    counts_GxE = jax.vmap(lambda e, v: router_lib.per_expert_sum(
-        v.reshape(-1), e.reshape(-1), self.num_total_experts))(routing.expert_SxK,
-                                                               routing.valid_SxK)
-    return jnp.max(counts_GxE)
-
-  def _flops(self, routing, kept, active_GxS):
-    """Forward FLOPs each token spent here: its router matmul and its computed experts at
-    their real widths (null experts and dropped assignments cost nothing)."""
-    num_logits = self.num_experts + getattr(self.router, 'num_null_experts', 0)
-    router = 2.0 * self.d_model * num_logits * active_GxS
-    expert_flops_E = jnp.asarray(self.flops_per_token_per_expert(), jnp.float32)
-    if routing.choice == 'token':
-      safe = jnp.minimum(routing.expert_SxK, self.num_total_experts - 1)
-      return router + jnp.sum(kept * expert_flops_E[safe], axis=-1)
-    g, s = active_GxS.shape
-    per_slot_GxExC = kept * expert_flops_E[None, :, None]
-    flops_GxS = jax.vmap(lambda tok, f: jnp.zeros((s,)).at[tok.reshape(-1)].add(f.reshape(-1)))(
-        routing.token_ExC, per_slot_GxExC)
-    return router + flops_GxS
-
-  def _dispatch_metrics(self, routing, kept, active_GxS):
-    num_active = jnp.maximum(jnp.sum(active_GxS), 1)
-    if routing.choice == 'token':
-      valid = routing.valid_SxK
-      kept_count_E = router_lib.per_expert_sum(kept.reshape(-1), routing.expert_SxK.reshape(-1),
-                                               self.num_total_experts)
-      dropped = 1.0 - jnp.sum(kept) / jnp.maximum(jnp.sum(valid), 1)
-      lost_GxS = jnp.any(valid, -1) & ~jnp.any(kept, -1)  # wanted experts, got none
-      tokens_dropped = jnp.sum(lost_GxS & active_GxS) / num_active
-    else:
-      kept_count_E = jnp.sum(kept, axis=(0, 2)).astype(jnp.float32)
-      s = active_GxS.shape[1]
-      picked_GxS = jnp.zeros(active_GxS.shape, bool)
-      picked_GxS = jax.vmap(lambda p, tok, v: p.at[jnp.where(v, tok, s)].set(True, mode='drop'))(
-          picked_GxS, routing.token_ExC.reshape(active_GxS.shape[0], -1),
-          kept.reshape(active_GxS.shape[0], -1))
-      dropped = 1.0 - jnp.sum(picked_GxS & active_GxS) / num_active
-      tokens_dropped = dropped
-    return {
-        'fraction_dropped': dropped,
-        'fraction_tokens_dropped': tokens_dropped,
-        'expert_load': kept_count_E / jnp.maximum(jnp.sum(kept_count_E), 1.0),
-        'computed_experts_per_token': jnp.sum(kept) / num_active,
-    }
+    """Most valid assignments any expert receives in any group: the smallest dropless
+    capacity for this routing (expert choice: its fixed C)."""
+    return routing.max_expert_load(self.num_total_experts)
 
   def flops_per_token_per_expert(self) -> list[int]:
     """Forward FLOPs one token spends in each expert (global id order, grown experts

@@ -1,50 +1,44 @@
 """Learned, differentiable routers: which experts each token (or each expert) picks.
 
 A router maps a routing signal x_GxSxD (tokens, or a per-example or per-task signal) to a
-`Routing` and a dict of scalar metrics and auxiliary losses. Router math runs in float32
-whatever the layer's compute dtype (ST-MoE, Zoph et al. 2022, Sec. 3.2).
+routing (`pathways.nn.routing`), a dict of metrics (`ROUTER_METRICS`) and its auxiliary
+loss, already weighted by the `loss_weights` it was built with. Router math runs in
+float32 whatever the layer's compute dtype (ST-MoE, Zoph et al. 2022, Sec. 3.2).
 
-  * `TopKRouter`: token choice, top-k over a softmax (k=1 Switch, k=2 GShard, any k <= E),
-    optional noisy gating (Shazeer et al. 2017), optional top-p (Huang et al. 2024) and
-    null experts (AdaMoE, Zeng et al. 2024) so a token uses 0..k real experts.
-  * `ExpertChoiceRouter`: each expert takes its top-C tokens (Zhou et al. 2022). Non-causal.
+  * 'top_k' (`TopKRouter`): token choice, top-k over a softmax (k=1 Switch, k=2 GShard, any
+    k <= E), optional noisy gating (Shazeer et al. 2017), optional top-p (Huang et al.
+    2024) and null experts (AdaMoE, Zeng et al. 2024) so a token uses 0..k real experts.
+  * 'expert_choice' (`ExpertChoiceRouter`): each expert takes its top-C tokens (Zhou et al.
+    2022). Non-causal.
+
+Routers are built from config data through the `ROUTERS` registry (`build`): a name, or a
+dict such as `{'name': 'top_k', 'k': 2, 'noisy': True, 'num_null_experts': 1,
+'route_on': 'token'}`.
 
 Vocabulary as in `pathways.nn.moe`: G groups, S tokens per group, D model, E real experts,
 E' = E + null experts, K choices per token, C capacity, N tasks.
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax import struct
 
+from pathways import registry
 from pathways.nn import aux_losses
 from pathways.nn import capacity as capacity_lib
+from pathways.nn import routing as routing_lib
 
 ROUTE_ON = ('token', 'example', 'task')
+# The auxiliary losses every router computes, each weightable (config.aux) and logged.
+AUX_LOSSES = ('load_balance_loss', 'importance_load_loss', 'router_z_loss')
+# Everything a router reports: the losses, then diagnostics (router_load is an [E] vector).
+ROUTER_METRICS = AUX_LOSSES + ('router_entropy', 'experts_per_token', 'router_load')
 
-
-@struct.dataclass
-class Routing:
-  """Assignments of one MoE call.
-
-  Field names give the per-group shape; arrays made by a router carry a leading G axis,
-  and dispatchers see one group at a time (vmapped).
-  Token choice fills the *_SxK fields: `expert_SxK` is a global expert id over all banks,
-  `valid_SxK` is False for null experts, inactive tokens and top-p-pruned choices (before
-  capacity). Expert choice fills the *_ExC fields: the token each expert slot takes.
-  """
-  choice: str = struct.field(pytree_node=False)
-  expert_SxK: Any = None
-  weight_SxK: Any = None
-  valid_SxK: Any = None
-  token_ExC: Any = None
-  weight_ExC: Any = None
-  valid_ExC: Any = None
-  probs_SxE: Any = None  # token choice: the router's softmax over E' (compute budgets use it)
+ROUTERS = registry.Registry('router')
 
 
 def _check_positive_int(name, value, allowed):
@@ -64,15 +58,58 @@ def _masked_logits(logits_GxSxE, logit_bias_GxSxE):
   return logits_GxSxE + logit_bias_GxSxE.astype(jnp.float32)
 
 
-class _RouterBase(nnx.Module):
-  """Shared parameters: a [D, E'] projection, or a [N, E'] table for Task-MoE."""
+def _weighted(metrics, loss_weights):
+  """sum_name w_name * metrics[name] over the losses with a weight > 0."""
+  loss_weights = dict(loss_weights)
+  total = jnp.zeros((), jnp.float32)
+  for name in AUX_LOSSES:
+    w = loss_weights.get(name, 0.0)
+    if w:
+      total = total + w * metrics[name]
+  return total
 
-  def __init__(self, d_model, num_logits, *, route_on, num_tasks, rngs):
+
+def _router_metrics(probs_TxE, logits_TxE, count_E, importance_E, load_E, active_T,
+                    num_assignments):
+  """`probs_TxE` and `logits_TxE` over all E' choices; the balance losses see the E real
+  experts (the first E columns), the entropy every choice."""
+  e = count_E.shape[0]
+  return {
+      'load_balance_loss': aux_losses.load_balance_loss(probs_TxE[:, :e], count_E, active_T),
+      'importance_load_loss': aux_losses.importance_load_loss(importance_E, load_E),
+      'router_z_loss': aux_losses.router_z_loss(logits_TxE, active_T),
+      'router_entropy': aux_losses.router_entropy(probs_TxE, active_T),
+      'experts_per_token': num_assignments / jnp.maximum(jnp.sum(active_T), 1),
+      'router_load': count_E / jnp.maximum(jnp.sum(count_E), 1.0),
+  }
+
+
+class _RouterBase(nnx.Module):
+  """Shared parameters: a [D, E'] projection, or a [N, E'] table for Task-MoE; the loss
+  weights; the capabilities the layer checks (`fixed_capacity`: the router sets each
+  expert's slots, so there is no dropless mode; `token_choice`: assignments per token, which
+  grown experts and bucketed inference need)."""
+  fixed_capacity = False
+  token_choice = True
+
+  def __init__(self, d_model, num_experts, num_logits, k, *, route_on, num_tasks, loss_weights,
+               rngs):
+    _check_positive_int('num_experts', num_experts, '>= 1')
     if route_on not in ROUTE_ON:
       raise ValueError(f'route_on={route_on!r}: must be one of {ROUTE_ON}.')
     if route_on == 'task':
       _check_positive_int('num_tasks', num_tasks, '>= 1 when route_on="task"')
+    bad = sorted(set(loss_weights or {}) - set(AUX_LOSSES))
+    if bad:
+      raise ValueError(f'loss_weights names {bad}; the router losses are {AUX_LOSSES}.')
+    for name, w in (loss_weights or {}).items():
+      if not w >= 0:
+        raise ValueError(f'loss_weights[{name!r}]={w!r}: must be >= 0.')
     self.route_on = route_on
+    self.num_experts = num_experts
+    self.k = k
+    # (name, weight) pairs: static graph data must hash (compiled steps key on it).
+    self.loss_weights = tuple(sorted((n, float(w)) for n, w in (loss_weights or {}).items()))
     init = nnx.initializers.normal(stddev=0.1)
     if route_on == 'task':
       self.w_NxE = nnx.Param(init(rngs.params(), (num_tasks, num_logits), jnp.float32),
@@ -82,6 +119,11 @@ class _RouterBase(nnx.Module):
       self.w_DxE = nnx.Param(scale(rngs.params(), (d_model, num_logits), jnp.float32),
                              logical_axes=('embed', None))
 
+  @property
+  def num_logits(self) -> int:
+    """E': the router's choices (null experts included)."""
+    return self.num_experts
+
   def logits(self, x_GxSxD, task_ids_GxS):
     if self.route_on == 'task':
       if task_ids_GxS is None:
@@ -90,6 +132,7 @@ class _RouterBase(nnx.Module):
     return _flat_matmul(x_GxSxD, self.w_DxE[...])
 
 
+@ROUTERS.register('top_k')
 class TopKRouter(_RouterBase):
   """Token-choice top-k gating over a softmax.
 
@@ -107,12 +150,17 @@ class TopKRouter(_RouterBase):
       (Shazeer et al. 2017, eq. 3-5); the Importance+Load loss then uses the smooth load.
     route_on: 'token', 'example' or 'task' (Task-MoE, Kudugunta et al. 2021).
     num_tasks: N, needed for route_on='task'.
+    causal: the layer serves per-position prediction (token choice is causal).
+    loss_weights: {loss name in AUX_LOSSES: weight}; the router's auxiliary loss is
+      sum_name weight * loss (absent names weigh 0).
     rngs: nnx.Rngs with 'params' (and a 'router' stream when noisy).
   """
 
-  def __init__(self, d_model: int, num_experts: int, k: int, *, num_null_experts: int = 0,
+  def __init__(self, d_model: int, num_experts: int, k: int = 2, *, num_null_experts: int = 0,
                top_p: float | None = None, renormalize: bool = True, noisy: bool = False,
-               route_on: str = 'token', num_tasks: int = 0, rngs: nnx.Rngs):
+               route_on: str = 'token', num_tasks: int = 0, causal: bool = False,
+               loss_weights: Mapping[str, float] | None = None, rngs: nnx.Rngs):
+    del causal  # token choice never looks at other tokens
     _check_positive_int('num_experts', num_experts, '>= 1')
     if not isinstance(num_null_experts, int) or num_null_experts < 0:
       raise ValueError(f'num_null_experts={num_null_experts!r}: must be an int >= 0.')
@@ -122,10 +170,9 @@ class TopKRouter(_RouterBase):
                        f'= {num_choices}.')
     if top_p is not None and not 0.0 < top_p <= 1.0:
       raise ValueError(f'top_p={top_p!r}: must be in (0, 1] or None.')
-    super().__init__(d_model, num_choices, route_on=route_on, num_tasks=num_tasks, rngs=rngs)
-    self.num_experts = num_experts
+    super().__init__(d_model, num_experts, num_choices, k, route_on=route_on,
+                     num_tasks=num_tasks, loss_weights=loss_weights, rngs=rngs)
     self.num_null_experts = num_null_experts
-    self.k = k
     self.top_p = top_p
     self.renormalize = renormalize
     self.noisy = noisy
@@ -134,9 +181,17 @@ class TopKRouter(_RouterBase):
                                    logical_axes=('embed', None))
       self.rngs = rngs['router'].fork()
 
+  @property
+  def num_logits(self) -> int:
+    return self.num_experts + self.num_null_experts
+
   def __call__(self, x_GxSxD, *, active_GxS=None, task_ids_GxS=None, logit_bias_GxSxE=None,
-               deterministic: bool = True):
-    """Routes tokens. `logit_bias_GxSxE` (E' wide) adds priors or -inf masks to the logits."""
+               capacity_factor=None, deterministic: bool = True):
+    """Routes tokens: (TokenChoice, metrics, weighted auxiliary loss).
+
+    `logit_bias_GxSxE` (E' wide) adds priors or -inf masks to the logits; the capacity
+    factor is the dispatcher's business (token choice applies it after routing)."""
+    del capacity_factor
     g, s, _ = x_GxSxD.shape
     if active_GxS is None:
       active_GxS = jnp.ones((g, s), bool)
@@ -160,106 +215,144 @@ class TopKRouter(_RouterBase):
     valid_GxSxK = (keep_GxSxK & (expert_GxSxK < self.num_experts) & (top_GxSxK > 0)
                    & active_GxS[..., None])
     weight_GxSxK = weight_GxSxK * valid_GxSxK
-    routing = Routing(choice='token', expert_SxK=expert_GxSxK.astype(jnp.int32),
-                      weight_SxK=weight_GxSxK, valid_SxK=valid_GxSxK, probs_SxE=probs_GxSxE)
+    routing = routing_lib.TokenChoice(expert_GxSxK=expert_GxSxK.astype(jnp.int32),
+                                      weight_GxSxK=weight_GxSxK, valid_GxSxK=valid_GxSxK,
+                                      probs_GxSxE=probs_GxSxE)
     metrics = self._metrics(clean_GxSxE, logits_GxSxE, noise_std, probs_GxSxE, routing,
                             active_GxS)
-    return routing, metrics
+    return routing, metrics, _weighted(metrics, self.loss_weights)
 
   def _metrics(self, clean, noisy, noise_std, probs, routing, active_GxS):
-    e, num_choices = self.num_experts, self.num_experts + self.num_null_experts
+    e, num_choices = self.num_experts, self.num_logits
     active_T = active_GxS.reshape(-1)
     probs_TxE = probs.reshape(-1, num_choices)
-    expert_A = routing.expert_SxK.reshape(-1)
-    count_E = per_expert_sum(routing.valid_SxK.reshape(-1), expert_A, e)
-    importance_E = per_expert_sum(routing.weight_SxK.reshape(-1), expert_A, e)
+    expert_A = routing.expert_GxSxK.reshape(-1)
+    count_E = routing_lib.per_expert_sum(routing.valid_GxSxK.reshape(-1), expert_A, e)
+    importance_E = routing_lib.per_expert_sum(routing.weight_GxSxK.reshape(-1), expert_A, e)
     if noise_std is not None:
       load_E = aux_losses.noisy_load(clean.reshape(-1, num_choices), noisy.reshape(-1, num_choices),
                                      noise_std.reshape(-1, num_choices), self.k, active_T)[:e]
     else:
       load_E = count_E
-    return {
-        'load_balance_loss': aux_losses.load_balance_loss(probs_TxE[:, :e], count_E, active_T),
-        'importance_load_loss': aux_losses.importance_load_loss(importance_E, load_E),
-        'router_z_loss': aux_losses.router_z_loss(clean.reshape(-1, num_choices), active_T),
-        'router_entropy': aux_losses.router_entropy(probs_TxE, active_T),
-        'experts_per_token': jnp.sum(routing.valid_SxK) / jnp.maximum(jnp.sum(active_T), 1),
-        'router_load': count_E / jnp.maximum(jnp.sum(count_E), 1.0),
-    }
+    return _router_metrics(probs_TxE, clean.reshape(-1, num_choices), count_E, importance_E,
+                           load_E, active_T, jnp.sum(routing.valid_GxSxK))
 
 
-def per_expert_sum(values_A, expert_A, num_experts):
-  """Sums `values_A` by expert id; ids >= num_experts (null experts) are left out."""
-  return jnp.zeros((num_experts,), jnp.float32).at[expert_A].add(values_A.astype(jnp.float32),
-                                                                 mode='drop')
-
-
+@ROUTERS.register('expert_choice')
 class ExpertChoiceRouter(_RouterBase):
   """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of a group.
 
   Token-to-expert scores are a softmax over experts per token; expert e takes the C tokens
-  with the highest score for e, C = ceil(capacity_factor * S * k / E) (k: mean experts per
-  token). Which tokens an expert takes depends on later tokens, so it is refused for
-  causal (per-position language-modelling) use.
+  with the highest score for e, C = min(S, ceil(capacity_factor * S * k / E)) (k: mean
+  experts per token; the capacity factor is the layer's, passed at each call). Which tokens
+  an expert takes depends on later tokens, so it is refused for causal (per-position
+  language-modelling) use.
   """
+  fixed_capacity = True
+  token_choice = False
 
-  def __init__(self, d_model: int, num_experts: int, k: int = 1, *, capacity_factor: float = 1.0,
-               eval_capacity_factor: float | None = None, causal: bool = False,
-               route_on: str = 'token', num_tasks: int = 0, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_experts: int, k: int = 1, *, route_on: str = 'token',
+               num_tasks: int = 0, causal: bool = False,
+               loss_weights: Mapping[str, float] | None = None, rngs: nnx.Rngs):
     if causal:
       raise ValueError("router='expert_choice' is non-causal (an expert's choice depends on later "
                        "tokens), so it cannot serve causal=True (per-position language "
                        "modelling); use router='top_k'.")
     _check_positive_int('num_experts', num_experts, '>= 1')
     _check_positive_int('k', k, '>= 1 (mean experts per token)')
-    for name, cf in (('capacity_factor', capacity_factor),
-                     ('eval_capacity_factor', eval_capacity_factor)):
-      if cf is not None and not cf > 0:
-        raise ValueError(f'{name}={cf!r}: must be > 0 (expert choice has no dropless mode).')
-    super().__init__(d_model, num_experts, route_on=route_on, num_tasks=num_tasks, rngs=rngs)
-    self.num_experts = num_experts
-    self.k = k
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+    super().__init__(d_model, num_experts, num_experts, k, route_on=route_on,
+                     num_tasks=num_tasks, loss_weights=loss_weights, rngs=rngs)
 
   def __call__(self, x_GxSxD, *, active_GxS=None, task_ids_GxS=None, logit_bias_GxSxE=None,
-               deterministic: bool = True):
+               capacity_factor=1.0, deterministic: bool = True):
+    """Routes tokens: (ExpertChoice, metrics, weighted auxiliary loss)."""
+    del deterministic
+    if capacity_factor is None or not capacity_factor > 0:
+      raise ValueError(f'capacity_factor={capacity_factor!r}: expert choice needs a number > 0 '
+                       f'(it has no dropless mode).')
     g, s, _ = x_GxSxD.shape
     if active_GxS is None:
       active_GxS = jnp.ones((g, s), bool)
-    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-    c = min(s, capacity_lib.capacity(s, self.num_experts, self.k, cf))
+    c = min(s, capacity_lib.capacity(s, self.num_experts, self.k, capacity_factor))
     logits_GxSxE = _masked_logits(self.logits(x_GxSxD, task_ids_GxS), logit_bias_GxSxE)
     probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
     scores_GxExS = jnp.where(active_GxS[:, None, :], jnp.swapaxes(probs_GxSxE, 1, 2), -1.0)
     top_GxExC, token_GxExC = jax.lax.top_k(scores_GxExS, c)
     valid_GxExC = top_GxExC > 0
-    routing = Routing(choice='expert', token_ExC=token_GxExC.astype(jnp.int32),
-                      weight_ExC=jnp.maximum(top_GxExC, 0.0), valid_ExC=valid_GxExC)
-    active_T = active_GxS.reshape(-1)
+    routing = routing_lib.ExpertChoice(token_GxExC=token_GxExC.astype(jnp.int32),
+                                       weight_GxExC=jnp.maximum(top_GxExC, 0.0),
+                                       valid_GxExC=valid_GxExC, probs_GxSxE=probs_GxSxE,
+                                       group_size=s)
     e = self.num_experts
-    probs_TxE = probs_GxSxE.reshape(-1, e)
     count_E = jnp.sum(valid_GxExC, axis=(0, 2)).astype(jnp.float32)
-    importance_E = jnp.sum(routing.weight_ExC * valid_GxExC, axis=(0, 2))
-    metrics = {
-        'load_balance_loss': aux_losses.load_balance_loss(probs_TxE, count_E, active_T),
-        'importance_load_loss': aux_losses.importance_load_loss(importance_E, count_E),
-        'router_z_loss': aux_losses.router_z_loss(logits_GxSxE.reshape(-1, e), active_T),
-        'router_entropy': aux_losses.router_entropy(probs_TxE, active_T),
-        'experts_per_token': jnp.sum(valid_GxExC) / jnp.maximum(jnp.sum(active_T), 1),
-        'router_load': count_E / jnp.maximum(jnp.sum(count_E), 1.0),
-    }
-    return routing, metrics
+    importance_E = jnp.sum(routing.weight_GxExC * valid_GxExC, axis=(0, 2))
+    metrics = _router_metrics(probs_GxSxE.reshape(-1, e), logits_GxSxE.reshape(-1, e), count_E,
+                              importance_E, count_E, active_GxS.reshape(-1), jnp.sum(valid_GxExC))
+    return routing, metrics, _weighted(metrics, self.loss_weights)
 
 
+def parse(spec) -> tuple[str, dict]:
+  """(name, options) of a router spec: a registered name, or a mapping with 'name'."""
+  if isinstance(spec, str):
+    return spec, {}
+  if hasattr(spec, 'to_dict'):  # an ml_collections.ConfigDict
+    spec = spec.to_dict()
+  if not isinstance(spec, Mapping) or 'name' not in spec:
+    raise ValueError(f'router={spec!r}: must be a router name {ROUTERS.names()} or a dict with '
+                     f"'name' and the router's options, e.g. {{'name': 'top_k', 'k': 2}}.")
+  options = {k: v for k, v in dict(spec).items() if k != 'name'}
+  return spec['name'], options
 
-def routing_signal(x_BxLxD, mask_BxL, route_on: str):
-  """What the router sees: each token ('token'), or its example's masked mean ('example')."""
+
+LAYER_ARGS = ('d_model', 'num_experts', 'num_tasks', 'causal', 'loss_weights', 'rngs')
+
+
+def options_of(name: str) -> list[str]:
+  """The options a registered router takes from its config dict."""
+  params = inspect.signature(ROUTERS.lookup(name).__init__).parameters
+  return [p for p in params if p not in ('self',) + LAYER_ARGS]
+
+
+def resolved(spec) -> dict:
+  """The spec as a dict with every option of its router, defaults filled in."""
+  name, options = parse(spec)
+  params = inspect.signature(ROUTERS.lookup(name).__init__).parameters
+  out = {'name': name}
+  out.update({p: params[p].default for p in options_of(name)
+              if params[p].default is not inspect.Parameter.empty})
+  out.update(options)
+  return out
+
+
+def build(spec, *, d_model: int, num_experts: int, num_tasks: int = 0, causal: bool = False,
+          loss_weights: Mapping[str, float] | None = None, rngs: nnx.Rngs):
+  """A router from its spec (name or dict) through the registry; the layer supplies the
+  rest. Unknown options are refused naming the router and what it takes."""
+  name, options = parse(spec)
+  cls = ROUTERS.lookup(name)
+  allowed = options_of(name)
+  bad = sorted(set(options) - set(allowed))
+  if bad:
+    raise ValueError(f'router={spec!r}: {name!r} takes no option {bad}; its options are '
+                     f'{allowed}.')
+  return cls(d_model, num_experts, num_tasks=num_tasks, causal=causal, loss_weights=loss_weights,
+             rngs=rngs, **options)
+
+
+def routing_signal(x_BxLxD, mask_BxL, route_on: str, causal_B=None):
+  """What the router sees: each token ('token', 'task'), or its example's masked mean
+  ('example'). Rows of causal (per-position) tasks use the mean of the real tokens up to and
+  including each position, so no position is routed on tokens after it."""
   if route_on != 'example':
     return x_BxLxD
   w_BxL = jnp.ones(x_BxLxD.shape[:2], jnp.float32) if mask_BxL is None else mask_BxL.astype(
       jnp.float32)
-  mean_BxD = (jnp.einsum('bld,bl->bd', x_BxLxD.astype(jnp.float32), w_BxL)
+  x = x_BxLxD.astype(jnp.float32)
+  mean_BxD = (jnp.einsum('bld,bl->bd', x, w_BxL)
               / jnp.maximum(jnp.sum(w_BxL, -1, keepdims=True), 1.0))
-  return jnp.broadcast_to(mean_BxD[:, None, :], x_BxLxD.shape)
-
+  signal = jnp.broadcast_to(mean_BxD[:, None, :], x_BxLxD.shape)
+  if causal_B is None:
+    return signal
+  prefix_BxLxD = (jnp.cumsum(x * w_BxL[..., None], axis=1)
+                  / jnp.maximum(jnp.cumsum(w_BxL, axis=1), 1.0)[..., None])
+  return jnp.where(causal_B[:, None, None], prefix_BxLxD, signal)

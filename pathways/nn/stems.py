@@ -24,16 +24,21 @@ def _linear_init(rngs, shape):
 
 
 class ImageStem(nnx.Module):
-  """Patches of uint8 images [B, H, W, C] (H, W multiples of `patch`) to [B, L, D]."""
+  """Patches of uint8 images [B, H, W, C] (H, W multiples of `patch`) to [B, L, D].
+
+  `row_hw` (optional, [B, 2]): each batch row's own image size, kept for the caller to pass
+  back as `valid_hw_Bx2` (small images padded into a larger task's array).
+  """
 
   def __init__(self, d_model: int, *, image_shape: tuple[int, int, int], patch: int,
-               rngs: nnx.Rngs):
+               row_hw=None, rngs: nnx.Rngs):
     h, w, c = image_shape
     if h % patch or w % patch:
       raise ValueError(f'patch={patch}: must divide the image height and width {h}x{w}.')
     self.patch = patch
     self.image_shape = tuple(image_shape)
     self.num_patches = (h // patch) * (w // patch)
+    self.row_hw = nnx.data(None if row_hw is None else np.asarray(row_hw, np.int32))
     self.w_PxD = nnx.Param(_linear_init(rngs, (patch * patch * c, d_model)),
                            logical_axes=(None, 'embed'))
     self.pos_LxD = nnx.Param(0.02 * jax.random.normal(rngs.params(), (self.num_patches, d_model)),

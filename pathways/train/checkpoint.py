@@ -1,18 +1,20 @@
 """Checkpoints (orbax): train state, data iterator, task map; latest N plus the best.
 
-One step directory holds three items: `state` (model and optimizer state as a pure dict;
-random keys stored as their raw uint32 data), `data` (the pipeline's JSON state) and
+One step directory holds three items: `state` (the `TrainState` as a pure dict, keys
+'model' and 'opt'; random keys stored as their raw uint32 data), `data` (the pipeline's JSON state) and
 `meta` (step, the task name-to-id map, the model signature). Saves are asynchronous;
 orbax commits a step by renaming its temporary directory, so a kill during a save leaves
 the previous step intact. Restoring tries the newest step first and falls back to older
 ones when a step is corrupted, truncated or of another model shape, saying so; it never
-silently starts over.
+silently starts over. Checkpoints written before the train state was named (keys '0' and
+'1') restore by path into today's state.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import types
 
 import jax
 import numpy as np
@@ -45,6 +47,37 @@ def path_name(path) -> str:
 def flat_paths(tree) -> dict:
   """{'a/b/0/c': leaf} of a nested dict/list tree."""
   return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def copy_matching(saved_flat: dict, tree, *, copy_keys: bool = False):
+  """`tree` with every leaf whose path (`path_name`) and shape match an entry of
+  `saved_flat` replaced by that entry (cast to the leaf's dtype); random keys are replaced
+  only with `copy_keys`. Returns (tree, replaced paths, kept paths). Restoring parameters
+  into a grown or extended model (`restore_params`), reading an old checkpoint layout and
+  installing a searched model are this one function."""
+  replaced, kept = [], []
+
+  def pick(path, leaf):
+    name = path_name(path)
+    old = saved_flat.get(name)
+    if old is not None and np.shape(old) == np.shape(leaf) and (copy_keys or not _is_key(leaf)):
+      replaced.append(name)
+      return old if _is_key(leaf) else jax.numpy.asarray(old, leaf.dtype)
+    kept.append(name)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(pick, tree), replaced, kept
+
+
+LEGACY_KEYS = {'0': 'model', '1': 'opt'}  # the train state's keys before it was named
+
+
+def _variable_paths(state) -> set:
+  """Paths of the nnx Variables (parameters, optimizer state, multipliers) of a state: what
+  a checkpoint must hold (other leaves are constants the config rebuilds)."""
+  leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(
+      x, nnx.Variable))
+  return {path_name(p) for p, v in leaves if isinstance(v, nnx.Variable)}
 
 
 class Checkpointer:
@@ -109,9 +142,14 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
-        r = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        try:
+          r = self.latest.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+              meta=ocp.args.JsonRestore()))
+        except Exception:  # pylint: disable=broad-except
+          if not self._legacy(step):
+            raise
+          r = self._restore_legacy(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         msg = f'checkpoint step {step} in {self.latest.directory} cannot be restored ' \
               f'(corrupted, truncated, or saved by a model of another shape): ' \
@@ -129,6 +167,32 @@ class Checkpointer:
                          ' can be restored:\n' + '\n'.join(errors))
     return None
 
+  def _legacy(self, step) -> bool:
+    """Whether a step was saved with the train state's old keys '0' and '1'."""
+    try:
+      tree = self.latest.item_metadata(step)['state'].tree
+    except Exception:  # pylint: disable=broad-except  (unreadable: the restore says why)
+      return False
+    return set(tree) == set(LEGACY_KEYS)
+
+  def _restore_legacy(self, step, state):
+    """A step saved with keys '0'/'1': restored as saved, then copied by path into today's
+    (concrete) state; every Variable of today's state must be found with its shape, the
+    other leaves (constants the config rebuilds) keep today's values."""
+    r = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    saved = {LEGACY_KEYS[k.split('/', 1)[0]] + '/' + k.split('/', 1)[1]: v
+             for k, v in flat_paths(r.state).items()}
+    like = to_saveable(nnx.to_pure_dict(state))
+    tree, _, kept = copy_matching(saved, like)
+    missing = sorted(set(kept) & _variable_paths(state))
+    if missing:
+      raise ValueError(f'the checkpoint lacks {missing[:4]} (of {len(missing)}) of this model')
+    tree = jax.tree.map(lambda v, t: jax.device_put(v, t.sharding)
+                        if hasattr(t, 'sharding') else v, tree, like)
+    return types.SimpleNamespace(state=tree, data=r.data, meta=r.meta)
+
 
 def saved_model(workdir: str) -> dict:
   """{'path': array} of the model state in a workdir's latest checkpoint (host arrays)."""
@@ -140,8 +204,8 @@ def saved_model(workdir: str) -> dict:
                             f'{os.path.join(workdir, "checkpoints")}.')
   saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mngr.close()
-  tree = saved.state  # the pure dict of (model, optimizer): keys 0 and 1 (maybe as strings)
-  return flat_paths(tree[0] if 0 in tree else tree['0'])
+  tree = saved.state  # the pure dict of the train state: 'model' and 'opt' (or '0' and '1')
+  return flat_paths(tree['model'] if 'model' in tree else tree[0] if 0 in tree else tree['0'])
 
 
 def restore_params(workdir: str, model_state):
@@ -149,19 +213,6 @@ def restore_params(workdir: str, model_state):
   path and shape match (new tasks' parameters keep their initialization).
 
   Returns (state, restored paths, kept paths)."""
-  saved_flat = saved_model(workdir)
-  pure = nnx.to_pure_dict(model_state)
-  restored, kept = [], []
-
-  def pick(path, leaf):
-    name = path_name(path)
-    old = saved_flat.get(name)
-    if old is not None and not _is_key(leaf) and np.shape(old) == np.shape(leaf):
-      restored.append(name)
-      return jax.numpy.asarray(old, leaf.dtype)
-    kept.append(name)
-    return leaf
-
-  pure = jax.tree_util.tree_map_with_path(pick, pure)
+  pure, restored, kept = copy_matching(saved_model(workdir), nnx.to_pure_dict(model_state))
   nnx.replace_by_pure_dict(model_state, pure)
   return model_state, restored, kept

@@ -1,59 +1,90 @@
-"""Evaluation of a finished (or running) workdir from its config.json and latest checkpoint."""
+"""A finished (or running) workdir, loaded from its config.json and latest checkpoint, and
+its evaluation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
 
-from pathways.parallel import sharding as sharding_lib
+from pathways import registry
 from pathways.train import checkpoint as checkpoint_lib
 from pathways.train import evaluation
 from pathways.train import experiment
-from pathways.train import loop
 
 
-def load_workdir(workdir: str, mesh: dict | None = None):
-  """(config, tasks, graphdef, restored state, step) of a workdir's latest checkpoint.
-  The state is that of (model, optimizer); `nnx.merge(graphdef, state)[0]` is the model.
+@dataclasses.dataclass
+class Loaded:
+  """A workdir's experiment and the train state of its latest checkpoint."""
+  experiment: experiment.Experiment
+  state: Any
+  step: int
 
-  `mesh` ({'data': 1, 'expert': 2}) replaces the config's mesh: a checkpoint restores onto
-  any device count (orbax reshards each array to the new layout)."""
+  @property
+  def config(self):
+    return self.experiment.config
+
+  @property
+  def tasks(self):
+    return self.experiment.tasks
+
+  @property
+  def model_state(self):
+    return self.state['model']
+
+  def model(self):
+    return self.experiment.model(self.state)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """A workdir's config.json (upgraded to today's keys); names what is missing."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'--workdir={workdir!r}: no such folder.')
   if not os.path.exists(path):
     raise FileNotFoundError(f'--workdir={workdir!r}: no config.json (not a training workdir).')
   with open(path) as f:
-    config = experiment.upgrade(ml_collections.ConfigDict(json.load(f)))
+    return experiment.upgrade(ml_collections.ConfigDict(json.load(f)))
+
+
+def load_workdir(workdir: str, mesh: dict | None = None) -> Loaded:
+  """The latest checkpoint of a workdir, with its experiment. The config's task plugin
+  modules (`config.task_modules`) are imported; a task still unknown names the workdir.
+
+  `mesh` ({'data': 1, 'expert': 2}) replaces the config's mesh: a checkpoint restores onto
+  any device count (orbax reshards each array to the new layout)."""
+  config = read_config(workdir)
   if mesh is not None:
     config.mesh = dict(mesh)
-  tasks, _, graphdef, state, _, _ = loop.build(config)
+  registry.import_task_modules(experiment.comma_list(config.task_modules))
+  missing = [t for t in experiment.comma_list(config.tasks) if t not in registry.TASKS]
+  if missing:
+    raise ValueError(f'--workdir={workdir!r} was trained with tasks {missing}, which are not '
+                     f'registered here; registered: {registry.TASKS.names()}. Install or name '
+                     f'the plugin that registers them (--task_module=..., or task_modules in '
+                     f'the workdir config).')
+  exp = experiment.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt.keep)
   try:
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(exp.init_state())
   finally:
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(f'--workdir={workdir!r}: no checkpoint to load.')
-  return config, tasks, graphdef, restored[1], restored[0]
-
-
-def eval_pipeline(config, tasks):
-  """The evaluation pipeline of a workdir's config, split as its mesh splits batches here."""
-  mesh = sharding_lib.make_mesh(config.mesh)
-  return experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1,
-                                         **loop.data_kwargs(config, mesh))
+  return Loaded(exp, restored[1], restored[0])
 
 
 def evaluate_workdir(workdir: str, eval_batches: int | None = None,
                      mesh: dict | None = None) -> dict:
-  config, tasks, graphdef, state, step = load_workdir(workdir, mesh)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  eval_pipe = eval_pipeline(config, tasks)
-  n = eval_batches or config.train.eval_batches
-  with jax.set_mesh(mesh):
-    result = evaluation.evaluate(evaluation.make_eval_step(graphdef), state,
-                                 (next(eval_pipe) for _ in range(n)))
-  return dict(result, step=step)
+  loaded = load_workdir(workdir, mesh)
+  exp = loaded.experiment
+  eval_pipe = exp.eval_pipeline()
+  n = eval_batches or exp.config.train.eval_batches
+  with jax.set_mesh(exp.mesh):
+    result = evaluation.evaluate(evaluation.make_eval_step(exp.model_graphdef),
+                                 loaded.model_state, (next(eval_pipe) for _ in range(n)),
+                                 tasks=exp.tasks)
+  return dict(result, step=loaded.step)

@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pathways import losses as losses_lib
 from pathways.nn import model as model_lib
 
 
-def make_eval_step(graphdef):
-  """eval_step(state, batch) -> per-task sums; state of a model or of (model, optimizer)."""
+def make_eval_step(model_graphdef):
+  """eval_step(model_state, batch) -> per-task sums (the model alone: a train state's
+  `state['model']`)."""
   @jax.jit
-  def eval_step(state, batch):
-    model = nnx.merge(graphdef, state)
-    if isinstance(model, tuple):  # the train state (model, optimizer)
-      model = model[0]
-    out, metrics = model(batch, deterministic=True)
+  def eval_step(model_state, batch):
+    model = nnx.merge(model_graphdef, model_state)
+    out = model(batch, deterministic=True)
     losses, accuracy = model_lib.task_losses(model, out, batch)
     weight = jnp.asarray(batch['weight'])
     per_task = {}
@@ -26,19 +26,21 @@ def make_eval_step(graphdef):
       w = weight[rows]
       per_task[name] = {'loss': losses[name], 'accuracy': accuracy[name],
                         'count': jnp.sum(w),
-                        'flops': jnp.sum(metrics['flops_per_example'][rows] * w)}
-      if 'halting_layer' in metrics and model.heads_kind[i] == 'classify':
-        per_task[name]['depth'] = jnp.sum((metrics['halting_layer'][rows] + 1.0) * w)
+                        'flops': jnp.sum(out.flops_per_example[rows] * w)}
+      if out.halting is not None and model.pooled[i]:
+        per_task[name]['depth'] = jnp.sum((out.halting.layer_B[rows] + 1.0) * w)
     return per_task
   return eval_step
 
 
-def evaluate(eval_step, state, batches) -> dict:
-  """{'eval/<task>/accuracy|loss|flops_per_example|depth': value, 'eval/mean_accuracy'}.
-  Loss and accuracy are averaged over batches weighted by each batch's example count."""
+def evaluate(eval_step, model_state, batches, tasks=()) -> dict:
+  """{'eval/<task>/accuracy|loss|flops_per_example|depth': value, 'eval/mean_accuracy'},
+  plus each metric a task declares (`Task.metrics`, e.g. perplexity) from its loss and
+  accuracy. Loss and accuracy are averaged over batches weighted by each batch's example
+  count."""
   sums = {}
   for batch in batches:
-    out = jax.device_get(eval_step(state, batch))
+    out = jax.device_get(eval_step(model_state, batch))
     for name, m in out.items():
       s = sums.setdefault(name, {'loss': 0.0, 'accuracy': 0.0, 'count': 0.0, 'flops': 0.0,
                                  'depth': 0.0})
@@ -48,11 +50,16 @@ def evaluate(eval_step, state, batches) -> dict:
       s['count'] += c
       s['flops'] += float(m['flops'])
       s['depth'] += float(m.get('depth', 0.0))
+  declared = {t.name: t.metrics for t in tasks}
   result = {}
   for name, s in sums.items():
     c = max(s['count'], 1.0)
-    result[f'eval/{name}/loss'] = s['loss'] / c
-    result[f'eval/{name}/accuracy'] = s['accuracy'] / c
+    loss, accuracy = s['loss'] / c, s['accuracy'] / c
+    result[f'eval/{name}/loss'] = loss
+    result[f'eval/{name}/accuracy'] = accuracy
+    for metric in declared.get(name, ()):
+      if metric not in ('loss', 'accuracy'):
+        result[f'eval/{name}/{metric}'] = losses_lib.METRICS.lookup(metric)(loss, accuracy)
     result[f'eval/{name}/flops_per_example'] = s['flops'] / c
     if s['depth']:
       result[f'eval/{name}/depth'] = s['depth'] / c

@@ -1,29 +1,96 @@
-"""From an experiment config to tasks, a pipeline and a model (the only code that reads the
-config; layers take explicit arguments). Bad values are refused here, before compilation,
-with the key, the value and what is allowed."""
+"""From an experiment config to one `Experiment`: tasks, layout, mesh, rules, graph and
+shardings (the only code that reads the config; layers take explicit arguments).
+
+`build(config)` parses the config once (comma lists split, old workdir configs upgraded),
+imports the task plugin modules it names, validates it (bad values are refused before any
+compilation, naming the key, the value and what is allowed) and returns the `Experiment`.
+The train state is a `TrainState(model, opt)`.
+"""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from pathways import registry
+from pathways.data import layout as layout_lib
 from pathways.data import pipeline as pipeline_lib
 from pathways.nn import grow as grow_lib
 from pathways.nn import model as model_lib
+from pathways.nn import router as router_lib
 from pathways.parallel import sharding as sharding_lib
+from pathways.train import optimizer as optimizer_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# config.aux: the router losses (weights; every router loss is reachable), the ponder cost
+# weight and the budget multipliers' dual-ascent rate.
+AUX_KEYS = router_lib.AUX_LOSSES + ('ponder_cost', 'budget_rate')
+# Keys a user may give as one comma-separated string (--config.tasks=digits,parity).
+COMMA_LISTS = ('tasks', 'task_modules')
+
+
+class TrainState(NamedTuple):
+  """What training updates: the model and its optimizer (checkpointed together)."""
+  model: Any
+  opt: Any
 
 
 def _bad(key, value, allowed):
   raise ValueError(f'config.{key}={value!r}: {allowed}.')
 
 
-def validate(config) -> None:
-  """Checks the values the config's types cannot (unknown keys are refused by the flags)."""
+def comma_list(value) -> list[str]:
+  """['a', 'b'] from ['a', 'b'], ('a,b',) or 'a,b' (empty parts dropped)."""
+  items = [value] if isinstance(value, str) else list(value or ())
+  return [part.strip() for item in items for part in str(item).split(',') if part.strip()]
+
+
+def upgrade(config):
+  """A saved config.json from before today's keys, in today's form: mesh {'shape', 'axes'}
+  -> {axis: size}; missing sharding_rules, data.shards, task_modules, aux weights take their
+  defaults; the router's options (k, null experts, noise, top-p, route_on...) move into the
+  `model.moe.router` dict."""
+  if 'shape' in config.mesh and 'axes' in config.mesh:
+    config.mesh = dict(zip(config.mesh.axes, config.mesh.shape))
+  if 'sharding_rules' not in config:
+    config.sharding_rules = [[k, list(v) if isinstance(v, tuple) else v]
+                             for k, v in sharding_lib.DEFAULT_RULES[:2]]
+  if 'shards' not in config.data:
+    config.data.shards = 0
+  if 'task_modules' not in config:
+    config.task_modules = []
+  if 'aux' in config and 'importance_load_loss' not in config.aux:
+    config.aux.importance_load_loss = 0.0
+  moe = config.get('model', {}).get('moe')
+  if moe is not None and isinstance(moe.get('router', 'top_k'), str):
+    spec = {'name': moe.get('router', 'top_k')}
+    takes = router_lib.options_of(spec['name'])
+    for key in ('k', 'num_null_experts', 'top_p', 'noisy', 'renormalize', 'route_on'):
+      if key in moe:
+        if key in takes:
+          spec[key] = moe[key]
+        del moe[key]
+    moe.router = spec
+  return config
+
+
+def parse(config) -> ml_collections.ConfigDict:
+  """A normalized copy of `config`: comma lists split, lists as lists, old keys upgraded."""
+  d = config.to_dict()
+  for key in COMMA_LISTS:
+    d[key] = comma_list(d.get(key, ()))
+  d['freeze'] = list(d.get('freeze', ()))
+  return upgrade(ml_collections.ConfigDict(d))
+
+
+def validate(config, mesh=None, rules=None) -> None:
+  """Checks the values the config's types cannot (unknown keys are refused by the flags),
+  the mesh and batch split among them (`mesh`, `rules`: the ones the run uses; default the
+  config's)."""
   if not config.tasks:
     _bad('tasks', list(config.tasks), 'must name at least one task')
   if len(set(config.tasks)) != len(config.tasks):
@@ -46,6 +113,7 @@ def validate(config) -> None:
   grown_from_config(config)
   if config.model.dtype not in DTYPES:
     _bad('model.dtype', config.model.dtype, f'must be one of {sorted(DTYPES)}')
+  _validate_router(config.model.moe.router)
   for key in ('learning_rate', 'clip_norm'):
     if not config.optim[key] > 0:
       _bad(f'optim.{key}', config.optim[key], 'must be > 0')
@@ -55,16 +123,35 @@ def validate(config) -> None:
   for key in ('every', 'keep'):
     if not config.ckpt[key] >= 1:
       _bad(f'ckpt.{key}', config.ckpt[key], 'must be an int >= 1')
+  unknown = sorted(set(config.aux) - set(AUX_KEYS))
+  if unknown:
+    _bad('aux', dict(config.aux), f'{unknown} unknown; the keys are {list(AUX_KEYS)}')
   for key, value in config.aux.items():
     if value < 0:
       _bad(f'aux.{key}', value, 'must be >= 0')
   sharding_lib.mesh_shape(config.mesh, jax.device_count())
-  rules = sharding_lib.rules_from_config(config.sharding_rules)
+  rules = rules or sharding_lib.rules_from_config(config.sharding_rules)
   for axis in sharding_lib.rule_axes(rules):
     if axis not in config.mesh and axis not in ('data', 'expert'):
       _bad('sharding_rules', list(config.sharding_rules), f'name mesh axis {axis!r}, not in '
            f'config.mesh {dict(config.mesh)} (absent standard axes data/expert replicate)')
-  mesh = sharding_lib.make_mesh(config.mesh)
+  _validate_mesh(config, mesh or sharding_lib.make_mesh(config.mesh), rules)
+
+
+def _validate_router(spec) -> None:
+  spec = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec
+  try:
+    name, options = router_lib.parse(spec)
+    router_lib.ROUTERS.lookup(name)
+  except ValueError as e:
+    _bad('model.moe.router', spec, str(e))
+  allowed = router_lib.options_of(name)
+  bad = sorted(set(options) - set(allowed))
+  if bad:
+    _bad('model.moe.router', spec, f'{name!r} takes no option {bad}; its options are {allowed}')
+
+
+def _validate_mesh(config, mesh, rules) -> None:
   if jax.process_count() > 1 and mesh.size != jax.device_count():
     _bad('mesh', dict(config.mesh), f'must use all {jax.device_count()} devices of the '
          f'{jax.process_count()} processes')
@@ -78,19 +165,6 @@ def validate(config) -> None:
     _bad('data.batch_size', config.data.batch_size, f'must split into {shards} equal blocks '
          f'(data.shards, or the devices the batch is split over) of at least '
          f'{len(config.tasks)} rows, one per task')
-
-
-def upgrade(config):
-  """A saved config.json from before the scale-out keys: mesh {'shape', 'axes'} becomes
-  {axis: size}; missing sharding_rules and data.shards take their defaults."""
-  if 'shape' in config.mesh and 'axes' in config.mesh:
-    config.mesh = dict(zip(config.mesh.axes, config.mesh.shape))
-  if 'sharding_rules' not in config:
-    config.sharding_rules = [[k, list(v) if isinstance(v, tuple) else v]
-                             for k, v in sharding_lib.DEFAULT_RULES[:2]]
-  if 'shards' not in config.data:
-    config.data.shards = 0
-  return config
 
 
 def tasks_from_config(config):
@@ -111,6 +185,13 @@ def tasks_from_config(config):
   return tasks
 
 
+def data_kwargs(config, mesh, rules) -> dict:
+  """How this process's pipelines split the global batch (see `pipeline`)."""
+  shards = config.data.shards or sharding_lib.data_shards(mesh, rules)
+  return dict(num_shards=shards, process_index=jax.process_index(),
+              process_count=jax.process_count())
+
+
 def pipeline_from_config(config, tasks, split='train', seed_offset=0, **kwargs):
   d = config.data
   return pipeline_lib.MultitaskPipeline(
@@ -122,8 +203,10 @@ def model_from_config(config, tasks, layout, rngs: nnx.Rngs) -> model_lib.Figure
   m = config.model
   moe_kwargs = dict(m.moe)
   moe_kwargs['banks'] = [tuple(b) for b in moe_kwargs['banks']]
-  if 'num_tasks' not in moe_kwargs:
-    moe_kwargs['num_tasks'] = len(tasks)
+  router = moe_kwargs['router']
+  moe_kwargs['router'] = router.to_dict() if hasattr(router, 'to_dict') else dict(router)
+  moe_kwargs.setdefault('num_tasks', len(tasks))
+  moe_kwargs['loss_weights'] = {k: float(config.aux[k]) for k in router_lib.AUX_LOSSES}
   return model_lib.Figure1Model(
       tasks, layout, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
       mlp_hidden=m.mlp_hidden, moe_every=m.moe_every, moe_kwargs=moe_kwargs, patch=m.patch,
@@ -139,6 +222,98 @@ def grown_from_config(config) -> tuple[grow_lib.Grown, ...]:
 
 
 def model_signature(config) -> dict:
-  """What a checkpoint's shapes depend on: a workdir refuses a config that changes it."""
-  return {'tasks': list(config.tasks), 'model': config.model.to_dict(),
+  """What a checkpoint's shapes depend on: a workdir refuses a config that changes it. The
+  router spec counts with its defaults filled in (an option left out equals its default)."""
+  model = config.model.to_dict()
+  model['moe']['router'] = router_lib.resolved(model['moe']['router'])
+  return {'tasks': comma_list(config.tasks), 'model': model,
           'batch_size': config.data.batch_size}
+
+
+@dataclasses.dataclass
+class Experiment:
+  """One parsed, validated experiment.
+
+  Attributes:
+    config: the parsed config (lists as lists; what config.json holds).
+    tasks: the tasks in the config's order (ids are positions).
+    mesh, rules: the device mesh and logical-axis rules.
+    data: how this process's pipelines split the global batch (`pipeline` kwargs).
+    layout: the static batch layout.
+    pipeline: the training pipeline (None when built from a given layout).
+    graphdef, abstract_state, shardings: of the `TrainState` (shapes only, nothing
+      allocated) and the sharding of every leaf.
+    model_graphdef: the model's own graph (evaluation and analysis run the model alone on
+      `state['model']`).
+  """
+  config: ml_collections.ConfigDict
+  tasks: list
+  mesh: Any
+  rules: tuple
+  data: dict
+  layout: layout_lib.BatchLayout
+  pipeline: Any
+  graphdef: Any
+  abstract_state: Any
+  shardings: Any
+  model_graphdef: Any
+  _make: Callable = dataclasses.field(repr=False)
+
+  @property
+  def task_ids(self) -> dict[str, int]:
+    return {t.name: i for i, t in enumerate(self.tasks)}
+
+  @property
+  def batch_sharding(self):
+    return sharding_lib.batch_sharding(self.mesh, self.rules)
+
+  def init_state(self):
+    """The initial train state, created already sharded."""
+    return jax.jit(lambda: nnx.state(self._make()), out_shardings=self.shardings)()
+
+  def eval_pipeline(self):
+    """A fresh evaluation pipeline (the same batches every time)."""
+    return pipeline_from_config(self.config, self.tasks, split='eval', seed_offset=1,
+                                **self.data)
+
+  def put(self, batch):
+    """A host batch (this process's blocks) onto the mesh."""
+    return sharding_lib.put_batch(batch, self.batch_sharding)
+
+  def model(self, state):
+    """The model of a train state."""
+    return nnx.merge(self.model_graphdef, state['model'])
+
+
+def build(config, *, mesh=None, layout: layout_lib.BatchLayout | None = None) -> Experiment:
+  """Parses, validates and builds an experiment. `mesh` replaces the config's; `layout`
+  (e.g. an abstract one for ahead-of-time compilation) skips building the training data."""
+  config = parse(config)
+  registry.import_task_modules(config.task_modules)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_from_config(config.sharding_rules)
+  validate(config, mesh, rules)
+  tasks = tasks_from_config(config)
+  data = data_kwargs(config, mesh, rules)
+  pipeline = None
+  if layout is None:
+    pipeline = pipeline_from_config(config, tasks, **data)
+    layout = pipeline.layout
+  o = config.optim
+  tx = optimizer_lib.make_optimizer(
+      learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+      num_steps=config.train.num_steps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+      b1=o.b1, b2=o.b2, freeze=list(config.freeze))
+
+  def make():
+    model = model_from_config(config, tasks, layout,
+                              nnx.Rngs(params=config.seed, router=config.seed + 1))
+    return TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
+
+  abstract = nnx.eval_shape(make)
+  graphdef, state = nnx.split(abstract)
+  return Experiment(config=config, tasks=tasks, mesh=mesh, rules=rules, data=data,
+                    layout=layout, pipeline=pipeline, graphdef=graphdef, abstract_state=state,
+                    shardings=sharding_lib.state_shardings(state, mesh, rules),
+                    model_graphdef=nnx.graphdef(abstract.model), _make=make)
+

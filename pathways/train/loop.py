@@ -1,7 +1,7 @@
 """The train loop: `train_and_evaluate(config, workdir)`.
 
-Order of things: validate the config -> derive shardings from an abstract state
-(`nnx.eval_shape`, logical-axis rules) -> initialize already sharded -> resume (workdir
+Order of things: `experiment.build` (parse and validate the config once, derive shardings
+from an abstract `TrainState`) -> initialize already sharded -> resume (workdir
 checkpoint > config.init_from > scratch) -> steps: `train_step(state, batch) -> (state,
 scalars)` jitted with explicit shardings and donated state; the next step is dispatched
 before the last one's scalars are read; non-finite scalars stop the run naming the metric
@@ -12,7 +12,6 @@ Ctrl-C: save, wait, exit cleanly.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -34,10 +33,6 @@ from pathways.train import checkpoint as checkpoint_lib
 from pathways.train import evaluation
 from pathways.train import experiment
 from pathways.train import metric_writer
-from pathways.train import optimizer as optimizer_lib
-
-MOE_SCALARS = ('load_balance_loss', 'router_z_loss', 'fraction_dropped',
-               'computed_experts_per_token', 'router_entropy')
 
 
 def check_workdir_config(config, workdir) -> None:
@@ -47,7 +42,7 @@ def check_workdir_config(config, workdir) -> None:
   signature = experiment.model_signature(config)
   if os.path.exists(path):
     with open(path) as f:
-      saved = ml_collections.ConfigDict(json.load(f))
+      saved = experiment.upgrade(ml_collections.ConfigDict(json.load(f)))
     old = experiment.model_signature(saved)
     if old != signature:
       diff = {k: (old[k], signature[k]) for k in signature if old.get(k) != signature[k]}
@@ -61,50 +56,53 @@ def check_workdir_config(config, workdir) -> None:
     os.replace(path + '.tmp', path)
 
 
-def _loss_weights(config):
-  return {name: float(config.task_loss_weights.get(name, 1.0)) for name in config.tasks}
+def make_train_step(exp: experiment.Experiment):
+  """train_step(state, batch) -> (state, scalars) over `TrainState` states.
 
-
-def make_train_step(graphdef, config):
-  """train_step(state, batch) -> (state, scalars); state is nnx.state((model, optimizer))."""
-  weights = _loss_weights(config)
-  aux = config.aux
+  The loss: sum_task weight * task loss + the routers' weighted auxiliary loss
+  (`ModelOutput.aux_loss`) + aux.ponder_cost * ponder cost + the budget term. Scalars: the
+  loss, gradient norm, FLOPs per example, per-task train loss and accuracy, every scalar
+  routing metric (mean over MoE layers), mean depth, budgets."""
+  config = exp.config
+  weights = {name: float(config.task_loss_weights.get(name, 1.0)) for name in config.tasks}
+  ponder_weight, budget_rate = config.aux.ponder_cost, config.aux.budget_rate
+  graphdef = exp.graphdef
 
   def train_step(state, batch):
     model, opt = nnx.merge(graphdef, state)
 
     def loss_fn(model):
-      out, metrics = model(batch, deterministic=False)
+      out = model(batch, deterministic=False)
       losses, accuracy = model_lib.task_losses(model, out, batch)
-      total = sum(weights[n] * losses[n] for n in losses)
-      for key in ('load_balance_loss', 'router_z_loss'):
-        values = [v for k, v in metrics.items() if k.endswith('/' + key)]
-        if values:
-          total = total + aux[key] * jnp.mean(jnp.stack(values))
-      if 'ponder_cost' in metrics:
-        total = total + aux.ponder_cost * metrics['ponder_cost']
-      total = total + metrics['budget_loss']
-      return total, (losses, accuracy, metrics)
+      total = sum(weights[n] * losses[n] for n in losses) + out.aux_loss
+      if out.ponder_cost is not None:
+        total = total + ponder_weight * out.ponder_cost
+      total = total + out.budget_loss
+      return total, (losses, accuracy, out)
 
-    (loss, (losses, accuracy, metrics)), grads = nnx.value_and_grad(
+    (loss, (losses, accuracy, out)), grads = nnx.value_and_grad(
         loss_fn, has_aux=True)(model)
     opt.update(model, grads)
-    budget_lib.update_multipliers(model, metrics, aux.budget_rate)
+    budget_lib.update_multipliers(model, out.budget, budget_rate)
     scalars = {'loss': loss, 'grad_norm': _global_norm(grads),
-               'flops_per_example': jnp.mean(metrics['flops_per_example'])}
+               'flops_per_example': jnp.mean(out.flops_per_example)}
     for name in losses:
       scalars[f'train/{name}/loss'] = losses[name]
       scalars[f'train/{name}/accuracy'] = accuracy[name]
-    for key in MOE_SCALARS:
-      values = [v for k, v in metrics.items() if k.endswith('/' + key)]
-      if values:
-        scalars[key] = jnp.mean(jnp.stack(values))
-    if 'ponder_cost' in metrics:
-      scalars['mean_depth'] = metrics['ponder_cost']
-    scalars.update({k: v for k, v in metrics.items() if k.startswith('budget/')})
-    return nnx.state((model, opt)), scalars
+    scalars.update(out.routing_scalars())
+    if out.ponder_cost is not None:
+      scalars['mean_depth'] = out.ponder_cost
+    scalars.update({k: v for k, v in out.budget.items() if k.startswith('budget/')})
+    return nnx.state(experiment.TrainState(model, opt)), scalars
 
   return train_step
+
+
+def jit_train_step(exp: experiment.Experiment):
+  """The train step jitted with the experiment's shardings, the state donated."""
+  return jax.jit(make_train_step(exp), in_shardings=(exp.shardings, exp.batch_sharding),
+                 out_shardings=(exp.shardings, sharding_lib.replicated(exp.mesh)),
+                 donate_argnums=0)
 
 
 def _global_norm(grads):
@@ -172,97 +170,57 @@ class _Progress:
       self.bar.close()
 
 
-def data_kwargs(config, mesh) -> dict:
-  """How this process's pipelines split the global batch (see `pipeline`)."""
-  rules = sharding_lib.rules_from_config(config.sharding_rules)
-  shards = config.data.shards or sharding_lib.data_shards(mesh, rules)
-  return dict(num_shards=shards, process_index=jax.process_index(),
-              process_count=jax.process_count())
-
-
-def abstract_state(config, tasks, layout, mesh):
-  """(make, graphdef, abstract state, shardings): `make()` builds (model, optimizer); the
-  abstract state (shapes only, nothing allocated) and its shardings come from
-  `nnx.eval_shape` and the config's logical-axis rules."""
-  tx = optimizer_lib.make_optimizer(
-      learning_rate=config.optim.learning_rate, warmup_steps=config.optim.warmup_steps,
-      num_steps=config.train.num_steps, weight_decay=config.optim.weight_decay,
-      clip_norm=config.optim.clip_norm, b1=config.optim.b1, b2=config.optim.b2,
-      freeze=list(config.freeze))
-
-  def make():
-    model = experiment.model_from_config(
-        config, tasks, layout, nnx.Rngs(params=config.seed, router=config.seed + 1))
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  graphdef, state = nnx.split(nnx.eval_shape(make))
-  shardings = sharding_lib.state_shardings(
-      state, mesh, sharding_lib.rules_from_config(config.sharding_rules))
-  return make, graphdef, state, shardings
-
-
-def build(config, mesh=None):
-  """Tasks, train pipeline, graphdef, sharded initial state and shardings of a config."""
-  experiment.validate(config)
-  tasks = experiment.tasks_from_config(config)
-  mesh = mesh or sharding_lib.make_mesh(config.mesh)
-  pipe = experiment.pipeline_from_config(config, tasks, **data_kwargs(config, mesh))
-  make, graphdef, _, shardings = abstract_state(config, tasks, pipe.layout, mesh)
-  state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
-  return tasks, pipe, graphdef, state, shardings, mesh
+def _resume(exp, ckpt, state, workdir):
+  """Resume order: the workdir's checkpoint > config.init_from > the fresh state.
+  Returns (start step, state, restored meta or None)."""
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    start, state, data_state, meta = restored
+    if meta.get('task_ids') != exp.task_ids:
+      raise ValueError(f'checkpoint task map {meta.get("task_ids")} differs from the config\'s '
+                       f'{exp.task_ids}.')
+    exp.pipeline.set_state(data_state)
+    print(f'resumed from {workdir} step {start}', flush=True)
+    return start, state, meta
+  if exp.config.init_from:
+    model, opt = nnx.merge(exp.graphdef, state)
+    model_state, got, kept = checkpoint_lib.restore_params(exp.config.init_from,
+                                                           nnx.state(model))
+    nnx.update(model, model_state)
+    grow_lib.init_clones(model, kept)  # grown expert clones start as copies of their sources
+    state = nnx.state(experiment.TrainState(model, opt))
+    print(f'initialized from {exp.config.init_from}: {len(got)} arrays restored, {len(kept)} '
+          f'new (e.g. {kept[:3]})', flush=True)
+  return 0, state, None
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming when workdir holds a checkpoint) and evaluates; returns the last
   evaluation's metrics (plus 'stopped_by' when a signal ended the run early)."""
-  experiment.validate(config)
+  exp = experiment.build(config)
+  config = exp.config
   check_workdir_config(config, workdir)
-  tasks, pipe, graphdef, state, shardings, mesh = build(config)
-  task_ids = {t.name: i for i, t in enumerate(tasks)}
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt.keep,
                                      best_metric=config.ckpt.best_metric or None)
-  start = 0
-  restored = ckpt.restore_latest(state)
-  if restored is not None:
-    start, state, data_state, meta = restored
-    if meta.get('task_ids') != task_ids:
-      raise ValueError(f'checkpoint task map {meta.get("task_ids")} differs from the config\'s '
-                       f'{task_ids}.')
-    pipe.set_state(data_state)
-    print(f'resumed from {workdir} step {start}', flush=True)
-  elif config.init_from:
-    model, opt = nnx.merge(graphdef, state)
-    model_state, got, kept = checkpoint_lib.restore_params(config.init_from, nnx.state(model))
-    nnx.update(model, model_state)
-    grow_lib.init_clones(model, kept)  # grown expert clones start as copies of their sources
-    state = nnx.state((model, opt))
-    print(f'initialized from {config.init_from}: {len(got)} arrays restored, {len(kept)} '
-          f'new (e.g. {kept[:3]})', flush=True)
-  state = jax.device_put(state, shardings)
-  meta = {'task_ids': task_ids, 'signature': experiment.model_signature(config)}
-
-  batch_sharding = sharding_lib.batch_sharding(
-      mesh, sharding_lib.rules_from_config(config.sharding_rules))
-  put = lambda batch: sharding_lib.put_batch(batch, batch_sharding)  # noqa: E731
-  train_step = jax.jit(make_train_step(graphdef, config), in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                       donate_argnums=0)
-  eval_step = evaluation.make_eval_step(graphdef)
-  shard_kwargs = data_kwargs(config, mesh)
-
-  routing_forward = collect_lib.make_forward(graphdef)
+  start, state, _ = _resume(exp, ckpt, exp.init_state(), workdir)
+  state = jax.device_put(state, exp.shardings)
+  meta = {'task_ids': exp.task_ids, 'signature': experiment.model_signature(config)}
+  pipe = exp.pipeline
+  train_step = jit_train_step(exp)
+  eval_step = evaluation.make_eval_step(exp.model_graphdef)
+  routing_forward = collect_lib.make_forward(exp.model_graphdef)
 
   def run_eval(state, step):
-    eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1,
-                                                **shard_kwargs)
-    result = evaluation.evaluate(eval_step, state, (
-        put(next(eval_pipe)) for _ in range(config.train.eval_batches)))
+    model_state = state['model']
+    eval_pipe = exp.eval_pipeline()
+    result = evaluation.evaluate(eval_step, model_state, (
+        exp.put(next(eval_pipe)) for _ in range(config.train.eval_batches)), tasks=exp.tasks)
     # The routing report's scalars and heatmaps (one process: the records are per example).
     if config.train.get('routing_batches', 0) and jax.process_count() == 1:
-      eval_pipe = experiment.pipeline_from_config(config, tasks, split='eval', seed_offset=1,
-                                                  **shard_kwargs)
+      eval_pipe = exp.eval_pipeline()
       record = collect_lib.collect(
-          graphdef, state, (next(eval_pipe) for _ in range(config.train.routing_batches)),
+          exp.model_graphdef, model_state,
+          (next(eval_pipe) for _ in range(config.train.routing_batches)),
           forward=routing_forward)
       stats = summary_lib.summarize(record, shuffle_repeats=3)
       for layer, s in stats['layers'].items():
@@ -304,12 +262,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if row:
       writer.write(step, row)
 
-  mesh_context = jax.set_mesh(mesh)  # MoE layers trace expert parallel under it
+  mesh_context = jax.set_mesh(exp.mesh)  # MoE layers trace expert parallel under it
   mesh_context.__enter__()
   try:
     step = start
     for step in range(start + 1, total + 1):
-      batch = put(next(pipe))
+      batch = exp.put(next(pipe))
       boundary = (step % config.ckpt.every == 0 or step % config.train.eval_every == 0
                   or step == total)
       state, scalars = train_step(state, batch)

@@ -12,8 +12,9 @@ from pathways import registry
 from pathways.data import pipeline
 from pathways.nn import budget as budget_lib
 from pathways.nn import model as model_lib
+from tests.nn import synthetic
 
-MOE = dict(banks=[(4, 32)], k=2, capacity_factor=2.0)
+MOE = synthetic.moe_kwargs(banks=[(4, 32)], k=2, capacity_factor=2.0)
 
 
 def _setup(data_dir, names, batch_size=12, tasks=None, seed=0):
@@ -24,12 +25,12 @@ def _setup(data_dir, names, batch_size=12, tasks=None, seed=0):
   return p, m
 
 
-def _trainer(m, extra_loss=lambda metrics: 0.01 * metrics['layer1/load_balance_loss'],
+def _trainer(m, extra_loss=lambda out: 0.01 * out.moe[1].metrics['load_balance_loss'],
              lr=3e-3, budget_rate=0.0):
-  """A jitted train step: sum of task losses plus `extra_loss(metrics)`, Adam at `lr`, then
-  a dual-ascent step of the compute-budget multipliers at `budget_rate`.
+  """A jitted train step: sum of task losses plus `extra_loss(model output)`, Adam at `lr`,
+  then a dual-ascent step of the compute-budget multipliers at `budget_rate`.
 
-  Returns (graphdef, state, step); step(state, batch) -> (state, losses, metrics, grads).
+  Returns (graphdef, state, step); step(state, batch) -> (state, losses, output, grads).
   """
   opt = nnx.Optimizer(m, optax.adam(lr), wrt=nnx.Param)
   graphdef, state = nnx.split((m, opt))
@@ -39,26 +40,27 @@ def _trainer(m, extra_loss=lambda metrics: 0.01 * metrics['layer1/load_balance_l
     m, opt = nnx.merge(graphdef, state)
 
     def loss_fn(m):
-      out, metrics = m(batch, deterministic=False)
+      out = m(batch, deterministic=False)
       losses, _ = model_lib.task_losses(m, out, batch)
-      return sum(losses.values()) + extra_loss(metrics), (losses, metrics)
+      return sum(losses.values()) + extra_loss(out), (losses, out)
 
-    (_, (losses, metrics)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
+    (_, (losses, out)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
     opt.update(m, grads)
-    budget_lib.update_multipliers(m, metrics, budget_rate)
-    return nnx.state((m, opt)), losses, metrics, grads
+    budget_lib.update_multipliers(m, out.budget, budget_rate)
+    return nnx.state((m, opt)), losses, out, grads
 
   return graphdef, state, step
 
 
 def test_mixed_batch_of_two_modalities_in_one_call(data_dir):
   p, m = _setup(data_dir, ['digits', 'stdlib_package', 'addition'])
-  out, metrics = m(next(p))
+  res = m(next(p))
+  out = res.logits
   n = p.layout.slots
   assert out['digits'].shape == (n[0], 10)
   assert out['stdlib_package'].shape == (n[1], 8)
   assert out['addition'].shape == (n[2], 128, 256)
-  assert 'layer1/fraction_dropped' in metrics
+  assert 'fraction_dropped' in res.moe[1].metrics
 
 
 def test_three_tasks_of_two_modalities_all_learn(data_dir):
@@ -78,10 +80,10 @@ def test_task_masked_to_two_experts_never_routes_elsewhere(data_dir):
   digits = dataclasses.replace(registry.get_task('digits'), connectivity={1: (0, 1)})
   p, m = _setup(data_dir, [], tasks=[digits], batch_size=8)
   # The balance loss (weight 1.0) pushes towards experts 2, 3.
-  _, state, step = _trainer(m, lambda metrics: metrics['layer1/load_balance_loss'])
+  _, state, step = _trainer(m, lambda out: out.moe[1].metrics['load_balance_loss'])
   for _ in range(20):
-    state, _, metrics, _ = step(state, next(p))
-    load = np.asarray(metrics['layer1/router_load'])
+    state, _, out, _ = step(state, next(p))
+    load = np.asarray(out.moe[1].metrics['router_load'])
     assert load[2:].sum() == 0.0 and load[:2].sum() > 0.99
 
 
@@ -109,15 +111,16 @@ def test_flops_accounting_equals_an_independent_count(data_dir):
   tasks = [registry.get_task(n) for n in names]
   p = pipeline.MultitaskPipeline(tasks, 6, data_dir=data_dir, mixture='uniform')
   m = model_lib.Figure1Model(tasks, p.layout, d_model=16, num_layers=2, num_heads=2,
-                             mlp_hidden=24, moe_kwargs=dict(banks=[(2, 8), (2, 40)], k=2,
-                                                            capacity_factor=0.5,
-                                                            num_null_experts=1),
+                             mlp_hidden=24,
+                             moe_kwargs=synthetic.moe_kwargs(banks=[(2, 8), (2, 40)], k=2,
+                                                             capacity_factor=0.5,
+                                                             num_null_experts=1),
                              rngs=nnx.Rngs(0))
   batch = next(p)
-  _, metrics = m(batch)
+  res = m(batch)
   _, mask, task_ids = m.embed(batch)
   mask, task_ids = np.asarray(mask), np.asarray(task_ids)
-  record = {k: np.asarray(v) for k, v in metrics['layer1/record'].items()}
+  record = {k: np.asarray(v) for k, v in res.moe[1].record.items()}
   d = 16
   width = [8, 8, 40, 40]  # experts 0-1 narrow, 2-3 wide; 4 is the null expert
   for b in range(mask.shape[0]):
@@ -136,7 +139,7 @@ def test_flops_accounting_equals_an_independent_count(data_dir):
           for k in range(2):
             if record['kept_BxLxK'][b, pos, k]:
               total += 4 * d * width[record['expert_BxLxK'][b, pos, k]]
-    np.testing.assert_allclose(float(metrics['flops_per_example'][b]), total, rtol=1e-6)
+    np.testing.assert_allclose(float(res.flops_per_example[b]), total, rtol=1e-6)
   assert record['kept_BxLxK'].sum() < (record['expert_BxLxK'] < 4).sum()  # some were dropped
 
 
@@ -145,19 +148,18 @@ def _halting_run(data_dir, ponder_weight, steps=60):
   p = pipeline.MultitaskPipeline(tasks, 16, data_dir=data_dir)
   m = model_lib.Figure1Model(tasks, p.layout, d_model=32, num_layers=4, num_heads=2,
                              mlp_hidden=64, moe_every=0, halting=True, rngs=nnx.Rngs(0))
-  graphdef, state, step = _trainer(m, lambda metrics: ponder_weight * metrics['ponder_cost'],
-                                   lr=1e-2)
+  graphdef, state, step = _trainer(m, lambda out: ponder_weight * out.ponder_cost, lr=1e-2)
   eval_batch = next(p)
-  _, before = nnx.merge(graphdef, state)[0](eval_batch, deterministic=True)
+  before = nnx.merge(graphdef, state)[0](eval_batch, deterministic=True)
   depths = []
   for i in range(steps):
-    state, _, metrics, grads = step(state, next(p))
-    depths.append(float(metrics['ponder_cost']))
+    state, _, res, grads = step(state, next(p))
+    depths.append(float(res.ponder_cost))
     if i == 0:
       assert float(jnp.abs(grads['halt_w_LxD'][...]).sum()) > 0  # gradients reach halting
   model = nnx.merge(graphdef, state)[0]
-  out, after = model(eval_batch, deterministic=True)
-  return depths, before, after, out
+  after = model(eval_batch, deterministic=True)
+  return depths, before, after, after.logits
 
 
 def test_ponder_cost_lowers_depth_and_flops_and_zero_cost_does_not(data_dir):
@@ -168,13 +170,13 @@ def test_ponder_cost_lowers_depth_and_flops_and_zero_cost_does_not(data_dir):
   assert depths1[-1] < 0.6 * depths1[0], depths1[::10]
   assert depths1[-1] < 0.7 * depths0[-1], (depths0[::10], depths1[::10])
   # Evaluation stops at the halting layer: fewer layers run, fewer FLOPs counted.
-  assert float(np.mean(after1['halting_layer'])) < float(np.mean(before1['halting_layer']))
-  assert float(np.mean(after1['flops_per_example'])) < 0.8 * float(
-      np.mean(before1['flops_per_example']))
+  assert float(np.mean(after1.halting.layer_B)) < float(np.mean(before1.halting.layer_B))
+  assert float(np.mean(after1.flops_per_example)) < 0.8 * float(
+      np.mean(before1.flops_per_example))
   # FLOPs at evaluation are whole layers: (halting layer + 1) x one layer's FLOPs.
-  per_layer = np.asarray(before1['flops_per_example']) / 4
-  np.testing.assert_allclose(np.asarray(after1['flops_per_example']),
-                             per_layer * (np.asarray(after1['halting_layer']) + 1), rtol=1e-6)
+  per_layer = np.asarray(before1.flops_per_example) / 4
+  np.testing.assert_allclose(np.asarray(after1.flops_per_example),
+                             per_layer * (np.asarray(after1.halting.layer_B) + 1), rtol=1e-6)
   assert out['digits'].shape == (16, 10)
 
 
@@ -194,8 +196,8 @@ def test_evaluation_does_not_depend_on_batch_composition(data_dir, moe_kwargs=No
   mixed['tokens'], mixed['tokens_mask'] = b['tokens'].copy(), b['tokens_mask'].copy()
   for k in ('label', 'weight', 'difficulty'):
     mixed[k][rows] = b[k][rows]
-  out_a, _ = m(a, deterministic=True)
-  out_mixed, _ = m(mixed, deterministic=True)
+  out_a = m(a, deterministic=True).logits
+  out_mixed = m(mixed, deterministic=True).logits
   assert not np.allclose(out_a['stdlib_package'], out_mixed['stdlib_package'])
   np.testing.assert_allclose(out_a['digits'], out_mixed['digits'], rtol=1e-5, atol=1e-6)
 
@@ -215,16 +217,16 @@ def test_compute_budget_is_met_by_halting_and_null_experts(data_dir):
     p = pipeline.MultitaskPipeline([digits], 16, data_dir=data_dir)
     m = model_lib.Figure1Model([digits], p.layout, d_model=32, num_layers=4, num_heads=2,
                                mlp_hidden=64, halting=True,
-                               moe_kwargs=dict(banks=[(4, 64)], k=2, num_null_experts=2),
+                               moe_kwargs=synthetic.moe_kwargs(banks=[(4, 64)], k=2,
+                                                               num_null_experts=2),
                                rngs=nnx.Rngs(0))
-    _, state, step = _trainer(m, lambda metrics: metrics['budget_loss'], lr=1e-2,
-                              budget_rate=0.05)
+    _, state, step = _trainer(m, lambda out: out.budget_loss, lr=1e-2, budget_rate=0.05)
     flops, lambdas = [], []
     for _ in range(80):
-      state, _, metrics, _ = step(state, next(p))
-      flops.append(float(np.mean(metrics['flops_per_example'])))
-      lambdas.append(float(metrics.get('budget/digits/lambda', 0.0)))
-    return flops, lambdas, metrics
+      state, _, out, _ = step(state, next(p))
+      flops.append(float(np.mean(out.flops_per_example)))
+      lambdas.append(float(out.budget.get('budget/digits/lambda', 0.0)))
+    return flops, lambdas, out.budget
 
   free, free_lambdas, free_metrics = run(None)
   assert 'budget/digits/target' not in free_metrics and max(free_lambdas) == 0.0

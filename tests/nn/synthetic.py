@@ -37,3 +37,20 @@ def image_and_text(slots=(7, 5), seed=0, **model_kwargs):
            'targets': np.where(mask, np.roll(tokens * mask, -1, axis=1), -1).astype(np.int32),
            'weight': np.ones((sum(slots),), np.float32)}
   return m, batch
+
+
+ROUTER_OPTIONS = ('k', 'num_null_experts', 'top_p', 'renormalize', 'noisy', 'route_on')
+
+
+def moe_kwargs(**flat):
+  """MoE layer arguments from one flat dict: the router name ('router') and its options
+  (k, num_null_experts, top_p, renormalize, noisy, route_on) become the router spec dict."""
+  spec = {'name': flat.pop('router', 'top_k')}
+  spec.update({k: flat.pop(k) for k in ROUTER_OPTIONS if k in flat})
+  return dict(flat, router=spec)
+
+
+def moe_layer(d_model, banks, k, *, rngs=None, **flat):
+  """`MoELayer(d_model, banks, router={'name': ..., 'k': k, ...}, ...)` from flat options."""
+  from pathways.nn import moe  # pylint: disable=g-import-not-at-top
+  return moe.MoELayer(d_model, banks, rngs=rngs or nnx.Rngs(0), **moe_kwargs(k=k, **flat))

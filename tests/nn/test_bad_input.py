@@ -4,13 +4,13 @@ import pytest
 from flax import nnx
 
 from pathways.nn import moe
+from tests.nn import synthetic
 
 
 def _layer(**kw):
   args = dict(d_model=8, banks=[(4, 16)], k=2)
   args.update(kw)
-  return moe.MoELayer(args.pop('d_model'), args.pop('banks'), args.pop('k'), rngs=nnx.Rngs(0),
-                      **args)
+  return synthetic.moe_layer(args.pop('d_model'), args.pop('banks'), args.pop('k'), **args)
 
 
 @pytest.mark.parametrize('kw,pattern', [
@@ -56,11 +56,12 @@ def test_top1_with_renormalized_gates_warns_that_the_router_gets_no_gradient(cap
   from pathways.nn import moe as moe_lib
   moe_lib._warn_once.cache_clear()
   with caplog.at_level('WARNING'):
-    moe_lib.MoELayer(8, ((4, 16),), 1, rngs=nnx.Rngs(0))
+    moe_lib.MoELayer(8, ((4, 16),), dict(name='top_k', k=1), rngs=nnx.Rngs(0))
   assert 'k=1, renormalize=True' in caplog.text
   caplog.clear()
   moe_lib._warn_once.cache_clear()
   with caplog.at_level('WARNING'):
-    moe_lib.MoELayer(8, ((4, 16),), 1, renormalize=False, rngs=nnx.Rngs(0))
-    moe_lib.MoELayer(8, ((4, 16),), 2, rngs=nnx.Rngs(0))
+    moe_lib.MoELayer(8, ((4, 16),), dict(name='top_k', k=1, renormalize=False),
+                     rngs=nnx.Rngs(0))
+    moe_lib.MoELayer(8, ((4, 16),), dict(name='top_k', k=2), rngs=nnx.Rngs(0))
   assert 'renormalize' not in caplog.text

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathways.nn import moe
+from tests.nn import synthetic
 
 D = 16
 
 
 def _layer(dispatcher, **kw):
-  return moe.MoELayer(D, kw.pop('banks'), kw.pop('k'), dispatcher=dispatcher, rngs=nnx.Rngs(0),
-                      **kw)
+  return synthetic.moe_layer(D, kw.pop('banks'), kw.pop('k'), dispatcher=dispatcher, **kw)
 
 
 def _value_and_grads(layer, x, mask, *, deterministic=True):
@@ -27,8 +26,8 @@ def _value_and_grads(layer, x, mask, *, deterministic=True):
   @jax.jit
   def f(params, x):
     m = nnx.merge(graphdef, params, rest)
-    y, metrics = m(x, mask_BxL=mask, deterministic=deterministic)
-    return jnp.sum(y.astype(jnp.float32) * r), (y, metrics)
+    y, stats = m(x, mask_BxL=mask, deterministic=deterministic)
+    return jnp.sum(y.astype(jnp.float32) * r), (y, stats.metrics)
 
   (_, (y, metrics)), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
   return y, metrics, grads
@@ -120,8 +119,8 @@ def test_bfloat16_compute_matches_reference_and_router_stays_float32():
   _assert_close(y, y_ref, 2e-2)
   layer = _layer('sorted', **dict(kw))
   g = x.reshape(1, 16, D).astype(jnp.bfloat16)
-  routing, _ = layer.router(g)
-  assert routing.weight_SxK.dtype == jnp.float32
+  routing, _, _ = layer.router(g)
+  assert routing.weight_GxSxK.dtype == jnp.float32
   assert layer.router.logits(g, None).dtype == jnp.float32
 
 
@@ -138,12 +137,33 @@ def test_flops_per_token_count_kept_experts_at_their_widths(case):
   kw, b, l, with_mask = CASES[case]
   x, mask = _inputs(b, l, with_mask)
   layer = _layer('sorted', **dict(kw))
-  _, metrics = layer(x, mask_BxL=mask)
+  _, stats = layer(x, mask_BxL=mask)
+  metrics = stats.metrics
   widths = [f for e, f in kw['banks'] for _ in range(e)]
   active = np.ones((b, l), bool) if mask is None else np.asarray(mask)
   router = 2 * D * len(widths) * active.sum()
   load = np.asarray(metrics['expert_load']) * float(metrics['computed_experts_per_token']) * \
       active.sum()  # kept assignments per expert
   expected = router + sum(n * 4 * D * f for n, f in zip(load, widths))
-  np.testing.assert_allclose(float(metrics['flops_BxL'].sum()), expected, rtol=1e-5)
-  assert float(jnp.abs(metrics['flops_BxL'][~active]).max(initial=0.0)) == 0.0
+  np.testing.assert_allclose(float(stats.flops_BxL.sum()), expected, rtol=1e-5)
+  assert float(jnp.abs(stats.flops_BxL[~active]).max(initial=0.0)) == 0.0
+
+
+@pytest.mark.parametrize('group_size', [None, 4])
+def test_expert_choice_with_capacity_factor_times_k_above_experts(group_size):
+  """cf * k = 4 > E = 2 asks for more slots than a group has tokens: the router clamps C to
+  S and every dispatcher takes C from the routing (the one-hot reference crashed here)."""
+  kw = dict(banks=[(2, 8)], k=1, router='expert_choice', capacity_factor=4.0,
+            group_size=group_size)
+  x, _ = _inputs(2, 4, False)
+  y_ref, met_ref, g_ref = _value_and_grads(_layer('einsum', **dict(kw)), x, None)
+  y, met, g = _value_and_grads(_layer('sorted', **dict(kw)), x, None)
+  _assert_close(y, y_ref, 1e-5)
+  jax.tree.map(lambda a, b: _assert_close(a, b, 1e-5), g, g_ref)
+  for m in (met, met_ref):  # C = S: each expert takes every token of its group
+    assert float(m['fraction_dropped']) == 0.0
+    assert float(m['computed_experts_per_token']) == 2.0
+  with pytest.raises(ValueError, match="dispatcher='ragged' is dropless"):
+    _layer('ragged', **dict(kw))
+  with pytest.raises(ValueError, match='no dropless mode'):
+    _layer('ragged', **dict(kw, capacity_factor=None, eval_capacity_factor=None))

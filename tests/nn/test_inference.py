@@ -18,23 +18,26 @@ def _setup(moe_kwargs, halting=True):
   return m, batch
 
 
-MOE = dict(banks=[(2, 16), (2, 48)], k=2, num_null_experts=1, capacity_factor=1.0)
+FLAT = dict(banks=[(2, 16), (2, 48)], k=2, num_null_experts=1, capacity_factor=1.0)
+MOE = synthetic.moe_kwargs(**FLAT)
 
 
-@pytest.mark.parametrize('moe_kwargs', [MOE, dict(MOE, top_p=0.6, num_null_experts=0),
-                                        dict(MOE, dispatcher='einsum', group_size=8)])
+@pytest.mark.parametrize('moe_kwargs', [
+    MOE, synthetic.moe_kwargs(**dict(FLAT, top_p=0.6, num_null_experts=0)),
+    synthetic.moe_kwargs(**dict(FLAT, dispatcher='einsum', group_size=8))])
 def test_bucketed_path_equals_full_path(moe_kwargs):
   m, batch = _setup(moe_kwargs)
-  out, metrics = m(batch, deterministic=True)
+  res = m(batch, deterministic=True)
+  out = res.logits
   out_b, info = inference.BucketedInference(m)(batch)
   for name in ('images', 'text'):
     np.testing.assert_allclose(np.asarray(out_b[name]), np.asarray(out[name]), rtol=1e-4,
                                atol=1e-5)
-  halt = np.asarray(metrics['halting_layer'])[:7]
+  halt = np.asarray(res.halting.layer_B)[:7]
   np.testing.assert_array_equal(info['halting_layer'][:7], halt)
   assert (info['halting_layer'][7:] == -1).all()  # per-position rows never halt
   assert len(set(halt.tolist())) >= 2, halt  # the test exercises compaction
-  np.testing.assert_allclose(info['flops_per_example'], np.asarray(metrics['flops_per_example']),
+  np.testing.assert_allclose(info['flops_per_example'], np.asarray(res.flops_per_example),
                              rtol=1e-5)
   # Rows leave as they halt: later layers run on smaller row buckets.
   row_buckets = [nb for _, nb, _ in info['steps']]
@@ -46,12 +49,13 @@ def test_bucketed_path_equals_full_path(moe_kwargs):
 
 def test_without_halting_every_example_runs_every_layer():
   m, batch = _setup(MOE, halting=False)
-  out, metrics = m(batch, deterministic=True)
+  res = m(batch, deterministic=True)
+  out = res.logits
   out_b, info = inference.BucketedInference(m)(batch)
   np.testing.assert_allclose(np.asarray(out_b['images']), np.asarray(out['images']), rtol=1e-4,
                              atol=1e-5)
   assert [nb for _, nb, _ in info['steps']] == [16] * 4
-  np.testing.assert_allclose(info['flops_per_example'], np.asarray(metrics['flops_per_example']),
+  np.testing.assert_allclose(info['flops_per_example'], np.asarray(res.flops_per_example),
                              rtol=1e-5)
 
 
@@ -64,8 +68,9 @@ def test_expert_choice_is_refused():
   tasks = [synthetic.task('images', 'image', 'classify', (8, 8, 1), 10)]
   m = model_lib.Figure1Model(tasks, layout_lib.make_layout(tasks, [4]), d_model=32,
                              num_layers=2, num_heads=2, mlp_hidden=48,
-                             moe_kwargs=dict(banks=[(4, 16)], k=2, router='expert_choice',
-                                             capacity_factor=1.0, eval_capacity_factor=1.0),
+                             moe_kwargs=synthetic.moe_kwargs(
+                                 banks=[(4, 16)], k=2, router='expert_choice',
+                                 capacity_factor=1.0, eval_capacity_factor=1.0),
                              rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='expert choice'):
     inference.BucketedInference(m)

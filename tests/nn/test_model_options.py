@@ -9,14 +9,15 @@ from pathways.data import layout as layout_lib
 from pathways.nn import model as model_lib
 from tests.nn import synthetic
 
-MOE = dict(banks=[(2, 16), (2, 48)], k=2, num_null_experts=1, capacity_factor=1.0)
+MOE = synthetic.moe_kwargs(banks=[(2, 16), (2, 48)], k=2, num_null_experts=1,
+                           capacity_factor=1.0, loss_weights={'load_balance_loss': 0.01})
 
 
 def _loss_and_grads(m, batch):
   def loss_fn(m):
-    out, metrics = m(batch, deterministic=False)
+    out = m(batch, deterministic=False)
     losses, _ = model_lib.task_losses(m, out, batch)
-    return sum(losses.values()) + 0.01 * metrics['layer1/load_balance_loss']
+    return sum(losses.values()) + out.aux_loss  # 0.01 * load balance, one MoE layer
   return nnx.value_and_grad(loss_fn)(m)
 
 
@@ -39,23 +40,22 @@ def test_remat_gives_the_same_loss_and_gradients():
 def test_bfloat16_compute_float32_parameters_and_router():
   m32, batch = synthetic.image_and_text(moe_kwargs=MOE)
   m16, _ = synthetic.image_and_text(moe_kwargs=MOE, dtype=jnp.bfloat16)
-  out32, metrics32 = m32(batch)
-  out16, metrics16 = m16(batch)
+  res32, res16 = m32(batch), m16(batch)
+  out32, out16 = res32.logits, res16.logits
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(m16, nnx.Param)))
-  assert metrics16['layer1/record']['weight_BxLxK'].dtype == jnp.float32  # router in f32
+  assert res16.moe[1].record['weight_BxLxK'].dtype == jnp.float32  # router in f32
   for name in ('images', 'text'):
     a, b = np.asarray(out32[name], np.float32), np.asarray(out16[name], np.float32)
     assert np.isfinite(b).all()
     assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(a), name
-  jaxpr = str(jax.make_jaxpr(lambda: m16(batch)[0])())
+  jaxpr = str(jax.make_jaxpr(lambda: m16(batch).logits)())
   assert 'bf16' in jaxpr and 'dot_general' in jaxpr
-  assert 'bf16' not in str(jax.make_jaxpr(lambda: m32(batch)[0])())
+  assert 'bf16' not in str(jax.make_jaxpr(lambda: m32(batch).logits)())
 
 
 def test_routing_record_of_a_forward_pass():
   m, batch = synthetic.image_and_text(moe_kwargs=MOE, halting=True)
-  _, metrics = m(batch)
-  record = model_lib.routing_record(metrics, batch)
+  record = m(batch).routing_record(batch)
   assert set(record) >= {'task_id', 'flops_per_example', 'layer1', 'layer3', 'halting_p_LxB',
                          'halting_layer'}
   assert record['layer1']['expert_BxLxK'].shape == (12, 16, 2)
@@ -68,14 +68,16 @@ def test_expert_choice_model_records_its_slots():
   tasks = [synthetic.task('images', 'image', 'classify', (8, 8, 1), 10)]
   m = model_lib.Figure1Model(tasks, layout_lib.make_layout(tasks, [4]), d_model=32,
                              num_layers=2, num_heads=2, mlp_hidden=48, patch=2,
-                             moe_kwargs=dict(banks=[(4, 16)], k=2, router='expert_choice',
-                                             capacity_factor=1.0, eval_capacity_factor=1.0),
+                             moe_kwargs=synthetic.moe_kwargs(
+                                 banks=[(4, 16)], k=2, router='expert_choice',
+                                 capacity_factor=1.0, eval_capacity_factor=1.0),
                              rngs=nnx.Rngs(0))
   batch = {'task_id': np.zeros(4, np.int32), 'image': np.zeros((4, 8, 8, 1), np.uint8)}
-  _, metrics = m(batch)
-  rec = metrics['layer1/record']
-  assert rec['token_GxExC'].shape == rec['weight_GxExC'].shape == rec['kept_GxExC'].shape
-  assert rec['token_GxExC'].shape[:2] == (1, 4)
+  rec = m(batch).moe[1].record  # token-major: which of the 4 experts took each token
+  assert rec['expert_BxLxK'].shape == rec['weight_BxLxK'].shape == rec['kept_BxLxK'].shape
+  assert rec['expert_BxLxK'].shape == (4, 16, 4)
+  # Each expert filled its C = ceil(1.0 * 64 tokens * 2 / 4) = 32 slots with distinct tokens.
+  np.testing.assert_array_equal(rec['kept_BxLxK'].reshape(-1, 4).sum(0), [32] * 4)
 
 
 def test_modality_without_a_stem_is_refused_naming_the_task():
@@ -102,8 +104,66 @@ def test_forward_shapes_for_every_modality_and_head_in_one_call():
            'image': rng.integers(0, 256, (2, 8, 8, 1), dtype=np.uint8),
            'tokens': tokens, 'tokens_mask': tokens != 0,
            'vector': rng.standard_normal((4, 5)).astype(np.float32)}
-  out, metrics = m(batch)
+  res = m(batch)
+  out = res.logits
   assert out['img'].shape == (2, 10) and out['lm'].shape == (3, 12, 256)
   assert out['cls'].shape == (2, 4) and out['vec'].shape == (4, 3)
-  assert metrics['flops_per_example'].shape == (11,)
+  assert res.flops_per_example.shape == (11,)
   assert all(np.isfinite(np.asarray(v)).all() for v in out.values() if not isinstance(v, dict))
+
+
+def _routed(route_on, **kwargs):
+  return synthetic.image_and_text(moe_kwargs=synthetic.moe_kwargs(
+      banks=[(4, 16)], k=2, capacity_factor=None, route_on=route_on), **kwargs)
+
+
+def test_task_routing_through_the_model_depends_only_on_the_task():
+  m, batch = _routed('task')
+  rec = m(batch).moe[1].record
+  expert, kept = np.asarray(rec['expert_BxLxK']), np.asarray(rec['kept_BxLxK'])
+  for task in (0, 1):
+    rows = batch['task_id'] == task
+    chosen = {tuple(e) for e, k in zip(expert[rows].reshape(-1, 2), kept[rows].reshape(-1, 2))
+              if k.all()}
+    assert len(chosen) == 1, (task, chosen)  # every token of the task: the same two experts
+
+
+def test_example_routing_shares_experts_per_example_and_stays_causal_for_language_models():
+  m, batch = _routed('example')
+  out = m(batch)
+  rec = out.moe[1].record
+  expert, kept = np.asarray(rec['expert_BxLxK']), np.asarray(rec['kept_BxLxK'])
+  for b in np.nonzero(batch['task_id'] == 0)[0]:  # classification rows: the example's mean
+    chosen = {tuple(e) for e, k in zip(expert[b], kept[b]) if k.all()}
+    assert len(chosen) == 1, (b, chosen)
+  # A per-position row routes each position on its prefix: changing a later token changes
+  # no earlier position's output (dropless evaluation), and does change later ones.
+  row = 0  # the first text row
+  length = int(batch['tokens_mask'][row].sum())
+  assert length >= 6
+  cut = length - 2
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['tokens'][row, cut] = (changed['tokens'][row, cut] % 255) + 1
+  after = m(changed).logits['text'][row]
+  before = out.logits['text'][row]
+  np.testing.assert_allclose(np.asarray(after[:cut]), np.asarray(before[:cut]), atol=1e-6)
+  assert not np.allclose(np.asarray(after[cut:length]), np.asarray(before[cut:length]))
+  # The same layer without the causal prefix would route early positions on later tokens.
+  from pathways.nn import router as router_lib  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (1, 6, 4))
+  y = x.at[0, 5].add(1.0)
+  full = [router_lib.routing_signal(v, None, 'example') for v in (x, y)]
+  prefix = [router_lib.routing_signal(v, None, 'example', jnp.array([True])) for v in (x, y)]
+  assert not np.allclose(full[0][0, 0], full[1][0, 0])
+  np.testing.assert_array_equal(prefix[0][0, :5], prefix[1][0, :5])
+
+
+def test_importance_load_loss_weighted_from_the_model_reaches_its_gradient():
+  grads = {}
+  for w in (0.0, 1.0):
+    m, batch = synthetic.image_and_text(moe_kwargs=synthetic.moe_kwargs(
+        banks=[(4, 16)], k=2, capacity_factor=1.0, noisy=True,
+        loss_weights={'importance_load_loss': w}))
+    g = nnx.grad(lambda m: m(batch, deterministic=False).aux_loss)(m)
+    grads[w] = np.asarray(g['blocks'][1]['ffn']['router']['w_DxE'][...])
+  assert not grads[0.0].any() and grads[1.0].any()

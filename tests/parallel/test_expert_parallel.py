@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathways.nn import moe
 from pathways.parallel import expert_parallel
 from pathways.parallel import sharding
+from tests.nn import synthetic
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 
@@ -19,15 +19,15 @@ def _mesh(shape):
 
 def _layer(**kwargs):
   kwargs = dict(dict(banks=((8, 16), (8, 32)), k=2, capacity_factor=1.0, group_size=8), **kwargs)
-  return moe.MoELayer(16, rngs=nnx.Rngs(0), **kwargs)
+  return synthetic.moe_layer(16, kwargs.pop('banks'), kwargs.pop('k'), **kwargs)
 
 
 def _loss_and_grads(layer, x, mesh=None):
   graphdef, params = nnx.split(layer)
 
   def loss(params, x):
-    y, metrics = nnx.merge(graphdef, params)(x, deterministic=True)
-    return jnp.sum(jnp.sin(y)), (y, metrics['fraction_dropped'])
+    y, stats = nnx.merge(graphdef, params)(x, deterministic=True)
+    return jnp.sum(jnp.sin(y)), (y, stats.metrics['fraction_dropped'])
 
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
   if mesh is None:
@@ -109,7 +109,7 @@ def test_ragged_exchange_lowers_for_accelerators():
   layer = _dropless()
   graphdef, params = nnx.split(layer)
   x = _x()
-  routing, _ = layer.route(x)
+  routing, _, _ = layer.route(x)
   weights = [b.weights() for b in layer.banks]
   mesh = _mesh((2, 4))
 

@@ -29,7 +29,8 @@ def test_bad_meshes_are_refused(spec, match):
 
 def test_rules_shard_experts_over_expert_and_batches_over_data():
   mesh = sharding.make_mesh({'data': 2, 'expert': 4})
-  abstract = nnx.eval_shape(lambda: moe.MoELayer(16, ((8, 32),), 2, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: moe.MoELayer(16, ((8, 32),), dict(name='top_k', k=2),
+                                                  rngs=nnx.Rngs(0)))
   shardings = sharding.state_shardings(nnx.state(abstract), mesh)
   assert shardings['banks'][0]['w_in_ExDxF'].spec == P('expert', None, None)
   assert shardings['router']['w_DxE'].spec == P(None, None)

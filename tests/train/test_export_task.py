@@ -4,7 +4,7 @@ import os
 import pytest
 
 from pathways.train import evaluate_workdir
-from tools import export_task
+from pathways.search import export as export_task
 
 
 def test_export_keeps_accuracy_and_drops_parameters(reference_run, tmp_path):

@@ -18,7 +18,7 @@ def test_more_experts_configs_differ_only_in_the_expert_count():
   assert a['model']['moe'].pop('banks') == [[1, 256]]
   assert b['model']['moe'].pop('banks') == [[16, 256]]
   assert a == b  # same width, k=1: the same active FLOPs per token
-  assert not more_experts.get_config('experts=4').model.moe.renormalize  # the router learns
+  assert not more_experts.get_config('experts=4').model.moe.router.renormalize  # router learns
 
 
 def test_single_task_runs_match_the_shared_run_per_task():
@@ -28,7 +28,7 @@ def test_single_task_runs_match_the_shared_run_per_task():
   assert sorted(runs) == sorted(shared.tasks)
   for name, c in runs.items():
     experiment.validate(c)
-    assert c.tasks == [name]
+    assert list(c.tasks) == [name]
     assert c.data.batch_size * len(shared.tasks) == shared.data.batch_size
     assert c.train.eval_batches == shared.train.eval_batches
     assert c.model.to_dict() == shared.model.to_dict()
@@ -64,7 +64,7 @@ def test_new_task_transfer_trains_only_the_new_tasks_parameters():
   from experiments.configs import multitask
   from experiments.reference import new_task
   from pathways.train import optimizer
-  from tools import scale_report
+  from pathways.parallel import scale as scale_report
   registry.import_task_modules(['tasks'])
   task = new_task.register_few_shot(7)
   assert new_task.register_few_shot(7) == task == 'pycode_lm_7'  # registering twice: no-op

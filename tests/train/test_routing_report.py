@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from pathways.analysis import report
 from tools import routing_report
 
 
@@ -31,7 +32,7 @@ def test_report_writes_stats_figures_and_a_self_contained_page(reference_run, tm
 def test_task_names_are_escaped_in_the_page():
   stats = {'task_names': ['<b>&x'], 'num_layers': 1, 'layers': {},
            'tasks': {'<b>&x': {'examples': 1, 'flops_per_example': 1.0}}}
-  page = routing_report._html(stats, {}, 'w', 3)  # pylint: disable=protected-access
+  page = report.page(stats, {}, 'w', 3)
   assert '&lt;b&gt;&amp;x' in page and '<b>&x' not in page
 
 

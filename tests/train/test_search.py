@@ -12,10 +12,10 @@ import pytest
 
 from experiments.configs import multitask
 from pathways import registry
+from pathways.search import search
 from pathways.train import evaluate_workdir
 from pathways.train import loop
 from tools import routing_report
-from tools import search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULE = 'tests.train.search_task'
@@ -29,7 +29,8 @@ def _config():
   c.data.batch_size = 32
   c.mesh.data = 1
   c.model.update(d_model=16, num_layers=2, num_heads=2, mlp_hidden=2, halting=False)
-  c.model.moe.update(banks=[[2, 2]], num_null_experts=0, noisy=False)
+  c.model.moe.banks = [[2, 2]]
+  c.model.moe.router.update(num_null_experts=0, noisy=False)
   c.optim.update(learning_rate=1e-2, warmup_steps=10)
   c.train.update(num_steps=300, log_every=100, eval_every=300, eval_batches=16,
                  routing_batches=0)
@@ -51,42 +52,21 @@ def _workers_of(workdir):
   return out
 
 
-def test_search_finds_the_wider_expert_resumes_and_leaves_other_tasks_alone(tmp_path):
+def _run(tmp_path, steps):
   registry.discover(task_modules=[MODULE])
   workdir = str(tmp_path / 'run')
-  loop.train_and_evaluate(_config(), workdir)
-  # A search process killed (SIGKILL) once its first candidate has finished.
-  cmd = [sys.executable, '-m', 'tools.search', f'--workdir={workdir}', '--task=products',
-         '--steps=150', '--mutations=clone', '--widths=32', '--parallel=2',
-         f'--task_module={MODULE}']
-  log = open(tmp_path / 'search_log.txt', 'w')  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  results = os.path.join(workdir, 'search', 'candidates', '*', 'result.json')
-  deadline = time.time() + 600
-  while not glob.glob(results) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.5)
-  proc.kill()
-  proc.wait()
-  log.close()
-  finished = {p: os.path.getmtime(p) for p in glob.glob(results)}
-  assert finished, open(tmp_path / 'search_log.txt').read()[-3000:]
-  deadline = time.time() + 120  # the workers follow their search (SIGTERM: save, exit)
-  while _workers_of(workdir) and time.time() < deadline:
-    time.sleep(0.5)
-  assert not _workers_of(workdir)
-  state = json.load(open(os.path.join(workdir, 'search', 'state.json')))
-  assert state['round'] == 0 and 'final' not in state and not state['accepted']
+  c = _config()
+  c.train.update(num_steps=steps, log_every=steps, eval_every=steps)
+  c.ckpt.every = steps
+  loop.train_and_evaluate(c, workdir)
+  return workdir
 
-  cut = [os.path.dirname(p) for p in glob.glob(results.replace('result.json', 'spec.json'))
-         if not os.path.exists(p.replace('spec.json', 'result.json'))]
-  state = search.search(workdir, 'products', **ARGS)  # resumes
-  for path, mtime in finished.items():  # finished candidates were read back, not retrained
-    assert os.path.getmtime(path) == mtime, path
-  for folder in cut:  # a candidate cut after its SIGTERM save went on from that step
-    text = open(os.path.join(folder, 'log.txt')).read()
-    if 'SIGTERM: saved step' in text:
-      assert 'resumed from' in text.split('SIGTERM: saved step')[1], folder
+
+def test_search_finds_the_wider_expert_and_leaves_other_tasks_alone(tmp_path):
+  """The learning test: a clone 32x wider than the 2-unit experts beats the start and further
+  training alone, is installed, and the other task does not move."""
+  workdir = _run(tmp_path, 300)
+  state = search.search(workdir, 'products', **ARGS)
   history = json.load(open(os.path.join(workdir, 'search', 'history.json')))
   assert sorted(h['kind'] for h in history) == ['clone', 'none']
   by_kind = {h['kind']: h for h in history}
@@ -117,8 +97,50 @@ def test_search_finds_the_wider_expert_resumes_and_leaves_other_tasks_alone(tmp_
   assert grown['kind'] == 'clone' and grown['id'] == 2 and grown['assignments'] > 0
   assert 'Components grown by the architecture search' in open(
       os.path.join(workdir, 'report', 'index.html')).read()
+
+
+def test_killed_search_resumes_without_repeating_finished_candidates(tmp_path):
+  """The bookkeeping test (a few steps, nothing to learn): SIGKILL once the first candidate
+  has finished; its workers follow; the resumed search reads the finished candidate back,
+  the cut one goes on from its checkpoint, and a finished search changes nothing."""
+  workdir = _run(tmp_path, 8)
+  args = dict(ARGS, steps=8)
+  cmd = [sys.executable, '-m', 'tools.search', f'--workdir={workdir}', '--task=products',
+         '--steps=8', '--mutations=clone', '--widths=32', '--parallel=2',
+         f'--task_module={MODULE}']
+  log = open(tmp_path / 'search_log.txt', 'w')  # pylint: disable=consider-using-with
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  results = os.path.join(workdir, 'search', 'candidates', '*', 'result.json')
+  deadline = time.time() + 600
+  while not glob.glob(results) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  proc.kill()
+  proc.wait()
+  log.close()
+  finished = {p: os.path.getmtime(p) for p in glob.glob(results)}
+  assert finished, open(tmp_path / 'search_log.txt').read()[-3000:]
+  deadline = time.time() + 120  # the workers follow their search (SIGTERM: save, exit)
+  while _workers_of(workdir) and time.time() < deadline:
+    time.sleep(0.5)
+  assert not _workers_of(workdir)
+  state = json.load(open(os.path.join(workdir, 'search', 'state.json')))
+  assert state['round'] == 0 and 'final' not in state and not state['accepted']
+
+  cut = [os.path.dirname(p) for p in glob.glob(results.replace('result.json', 'spec.json'))
+         if not os.path.exists(p.replace('spec.json', 'result.json'))]
+  state = search.search(workdir, 'products', **args)  # resumes
+  for path, mtime in finished.items():  # finished candidates were read back, not retrained
+    assert os.path.getmtime(path) == mtime, path
+  for folder in cut:  # a candidate cut after its SIGTERM save went on from that step
+    text = open(os.path.join(folder, 'log.txt')).read()
+    if 'SIGTERM: saved step' in text:
+      assert 'resumed from' in text.split('SIGTERM: saved step')[1], folder
+  history = json.load(open(os.path.join(workdir, 'search', 'history.json')))
+  assert sorted(h['kind'] for h in history) == ['clone', 'none']
+  assert state['round'] == 1 and 'final' in state
   # A second call finds the search finished and changes nothing.
-  assert search.search(workdir, 'products', **ARGS)['accepted'] == state['accepted']
+  assert search.search(workdir, 'products', **args) == state
 
 
 @pytest.mark.parametrize('kwargs, match', [

@@ -11,7 +11,6 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from pathways import registry
 from pathways.train import checkpoint as checkpoint_lib
@@ -20,7 +19,7 @@ from pathways.train import experiment
 from pathways.train import loop
 from pathways.train import metric_writer
 from tests.train import tiny_config
-from tests.train.conftest import ROOT, cli
+from tests.train.conftest import ROOT, TIMEOUT, cli, run
 
 
 
@@ -39,7 +38,8 @@ def test_end_to_end_train_writes_metrics_checkpoints_and_evaluates(reference_run
   steps = [r['step'] for r in rows]
   assert steps == list(range(1, 13))  # each step once
   last = rows[-1]
-  for key in ('loss', 'train/digits/accuracy', 'load_balance_loss', 'fraction_dropped',
+  for key in ('loss', 'train/digits/accuracy', 'load_balance_loss', 'importance_load_loss',
+              'router_z_loss', 'experts_per_token', 'fraction_tokens_dropped', 'fraction_dropped',
               'computed_experts_per_token', 'mean_depth', 'flops_per_example',
               'eval/digits/accuracy', 'eval/parity/accuracy', 'eval/mean_accuracy',
               'routing/layer1/nmi', 'routing/layer1/nmi_shuffled', 'routing/layer1/load_cv'):
@@ -58,13 +58,13 @@ def test_sigkill_then_resume_reproduces_every_loss_bitwise(reference_run, data_d
   cmd, env = cli(workdir, data_dir)
   proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
+  deadline = time.time() + TIMEOUT
   while not os.path.exists(os.path.join(workdir, 'checkpoints', '6')):
     assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)  # somewhere after step 6 committed: maybe mid-save of 9
   proc.wait()
-  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  out = run(cmd, env)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'resumed from' in out.stdout
   reference, resumed = _losses(reference_run), _losses(workdir)
@@ -78,13 +78,14 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
   cmd, env = cli(workdir, data_dir, '--config.train.num_steps=1000', '--config.ckpt.every=500')
   proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
+  deadline = time.time() + TIMEOUT
   while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or os.path.getsize(
       os.path.join(workdir, 'metrics.jsonl')) == 0:
-    assert time.time() < deadline and proc.poll() is None
+    assert time.time() < deadline and proc.poll() is None, (
+        proc.stdout.read()[-3000:] if proc.poll() is not None else "still starting")
     time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
-  output, _ = proc.communicate(timeout=120)
+  output, _ = proc.communicate(timeout=TIMEOUT)
   assert proc.returncode == 0, output[-3000:]
   assert 'SIGTERM: saved step' in output
   saved = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints',
@@ -103,7 +104,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(reference_run, t
       with open(path, 'r+b') as f:
         f.truncate(os.path.getsize(path) // 2)
   config = experiment_config(reference_run)
-  _, _, _, state, _, _ = loop.build(config)
+  state = experiment.build(config).init_state()
   ckpt = checkpoint_lib.Checkpointer(workdir)
   step, *_ = ckpt.restore_latest(state)
   ckpt.close()
@@ -126,17 +127,8 @@ def test_more_tasks_start_from_fewer_and_frozen_parameters_stay(reference_run, d
   c.freeze = ['blocks/1/ffn/banks']
   workdir = str(tmp_path / 'more')
   loop.train_and_evaluate(c, workdir)
-  _, _, graphdef, state, _, _ = loop.build(c)
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  _, state, _, _ = ckpt.restore_latest(state)
-  ckpt.close()
-  model = nnx.merge(graphdef, state)[0]
-  ref_config = experiment_config(reference_run)
-  _, _, ref_graphdef, ref_state, _, _ = loop.build(ref_config)
-  ckpt = checkpoint_lib.Checkpointer(reference_run)
-  _, ref_state, _, _ = ckpt.restore_latest(ref_state)
-  ckpt.close()
-  ref = nnx.merge(ref_graphdef, ref_state)[0]
+  model = evaluate_workdir.load_workdir(workdir).model()
+  ref = evaluate_workdir.load_workdir(reference_run).model()
   frozen = model.blocks[1].ffn.banks[0].w_in_ExDxF[...]
   np.testing.assert_array_equal(frozen, ref.blocks[1].ffn.banks[0].w_in_ExDxF[...])
   assert not np.array_equal(model.blocks[0].attn.w_qkv_Dx3D[...],
@@ -172,7 +164,7 @@ def test_bad_config_values_are_refused_by_name(data_dir, key, value, message):
 
 def test_unknown_config_key_is_refused_by_the_launcher(data_dir, tmp_path):
   cmd, env = cli(str(tmp_path / 'x'), data_dir, '--config.optim.learnin_rate=0.1')
-  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  out = run(cmd, env)
   assert out.returncode != 0 and 'learnin_rate' in out.stderr
 
 
@@ -194,7 +186,7 @@ def test_freeze_pattern_that_matches_nothing_is_refused(data_dir):
   c = _config(data_dir)
   c.freeze = ['blocks/9/nothing']
   with pytest.raises(ValueError, match=r"\['blocks/9/nothing'\] match no parameter"):
-    loop.build(c)
+    experiment.build(c)
 
 
 def test_connectivity_from_the_config_reaches_the_task(data_dir):
