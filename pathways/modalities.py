@@ -43,6 +43,13 @@ class Modality:
     """(tokens [B_m, L_m, D], mask [B_m, L_m]) of this modality's rows."""
     raise NotImplementedError
 
+  def tokens(self, shape, patch: int) -> int:
+    """Tokens one example of this padded array shape takes in the stack."""
+    raise NotImplementedError
+
+  def finish(self, batch) -> None:
+    """Fills the arrays derived from this modality's rows once a numpy batch is written."""
+
   def write_input(self, batch, modality_row: int, x) -> None:
     """Writes one example into its row of a numpy batch (zero padding stays)."""
     x = np.asarray(x).reshape(self.example_shape(np.shape(x)))
@@ -70,6 +77,9 @@ class Image(Modality):
   def embed(self, stem, batch):
     return stem(jnp.asarray(batch['image']), jnp.asarray(stem.row_hw))
 
+  def tokens(self, shape, patch):
+    return (shape[0] // patch) * (shape[1] // patch)
+
 
 class Bytes(Modality):
   array, dtype = 'tokens', np.int32
@@ -81,6 +91,12 @@ class Bytes(Modality):
   def embed(self, stem, batch):
     return stem(jnp.asarray(batch['tokens']), jnp.asarray(batch['tokens_mask']))
 
+  def tokens(self, shape, patch):
+    return shape[0]
+
+  def finish(self, batch):
+    batch['tokens_mask'] = batch['tokens'] != 0
+
 
 class Vector(Modality):
   array, dtype = 'vector', np.float32
@@ -90,6 +106,9 @@ class Vector(Modality):
 
   def embed(self, stem, batch):
     return stem(jnp.asarray(batch['vector']))
+
+  def tokens(self, shape, patch):
+    return 1
 
 
 MODALITIES.add('image', Image())

@@ -37,27 +37,19 @@ is per variant.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
-import math
-import statistics
 import sys
-import time
 
-import jax
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
-from flax import nnx
 
 from pathways import registry
 from pathways.nn import experts as experts_lib
-from pathways.train import experiment
-from pathways.train import loop
+from pathways.train import benchmark as benchmark_lib
 
 FLAGS = flags.FLAGS
-VARIANTS = ('sorted', 'ragged', 'einsum', 'dense')
+VARIANTS = benchmark_lib.VARIANTS
 
 
 def define_flags():
@@ -75,150 +67,6 @@ def define_flags():
   flags.mark_flags_as_required(['config'])
 
 
-def variant_config(config, variant: str):
-  """A copy of `config` for one variant (see the module docstring)."""
-  if variant not in VARIANTS:
-    raise ValueError(f'variant {variant!r}: must be one of {VARIANTS}.')
-  c = config.copy_and_resolve_references()
-  if variant == 'dense':
-    c.model.moe_every = 0
-  else:
-    c.model.moe.dispatcher = variant
-  if variant == 'ragged':  # dropless: no capacity in training or evaluation
-    c.model.moe.capacity_factor = None
-    if 'eval_capacity_factor' in c.model.moe:
-      c.model.moe.eval_capacity_factor = None
-  return c
-
-
-def matmul_flops(jaxpr) -> float:
-  """2 x the multiply-adds of every matrix product (dot_general, ragged_dot) in a jaxpr,
-  nested jaxprs included: scan bodies times their length, the costliest branch of a cond,
-  while-loop bodies once. A ragged product counts every row once (against its group)."""
-  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ('dot_general', 'ragged_dot_general'):
-      ragged = eqn.params.get('ragged_dot_dimension_numbers')
-      numbers = ragged.dot_dimension_numbers if ragged else eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-          lhs[d] for d in numbers[0][0])
-      if ragged and not ragged.rhs_group_dimensions:
-        # A ragged contraction (a weight gradient) has one output block per group, and
-        # each row feeds only its own group's block.
-        flops /= eqn.invars[2].aval.shape[-1]
-      total += flops
-    subs = [v for v in eqn.params.values() if hasattr(v, 'eqns') or hasattr(v, 'jaxpr')]
-    branches = eqn.params.get('branches', ())
-    total += eqn.params.get('length', 1) * sum(matmul_flops(j) for j in subs)
-    total += max((matmul_flops(j) for j in branches), default=0.0)
-  return total
-
-
-def _token_counts(model_graphdef, state, batches):
-  """(padded tokens per step, mean real tokens per step, mean counted examples per step):
-  the stems' mask over rows whose weight is 1."""
-  @jax.jit
-  def count(state, batch):
-    model = nnx.merge(model_graphdef, state['model'])
-    _, mask_BxL, _ = model.embed(batch)
-    real_B = batch['weight'] > 0
-    return mask_BxL.size, (mask_BxL * real_B[:, None]).sum(), real_B.sum()
-
-  counts = [jax.device_get(count(state, b)) for b in batches]
-  return int(counts[0][0]), float(np.mean([c[1] for c in counts])), float(
-      np.mean([c[2] for c in counts]))
-
-
-def _bytes(stats, key):
-  return int(stats[key]) if stats and key in stats else None
-
-
-def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
-              num_batches: int) -> dict:
-  """Times `steps` train steps `repeats` times for one variant; returns the JSON row."""
-  config = variant_config(config, variant)
-  exp = experiment.build(config)
-  config, pipe, mesh, state = exp.config, exp.pipeline, exp.mesh, exp.init_state()
-  t0 = time.perf_counter()
-  host = [next(pipe) for _ in range(num_batches)]
-  pipeline_ms = 1e3 * (time.perf_counter() - t0) / num_batches
-  batches = [exp.put(b) for b in host]
-  padded_tokens, real_tokens, examples = _token_counts(exp.model_graphdef, state, batches)
-  step = loop.jit_train_step(exp)
-  with jax.set_mesh(mesh):  # MoE layers trace expert parallel under it
-    t0 = time.perf_counter()
-    traced = step.trace(state, batches[0])
-    compiled = traced.lower().compile()
-    compile_s = time.perf_counter() - t0
-    executed_flops = matmul_flops(traced.jaxpr)
-    i = 0
-    for _ in range(warmup):
-      state, scalars = compiled(state, batches[i % num_batches])
-      i += 1
-    jax.block_until_ready((state, scalars) if warmup else state)
-    first_loss = float(scalars['loss']) if warmup else float('nan')
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        state, scalars = compiled(state, batches[i % num_batches])
-        i += 1
-      jax.block_until_ready((state, scalars))
-      times.append((time.perf_counter() - t0) / steps)
-  scalars = jax.device_get(scalars)
-  memory = compiled.memory_analysis()
-  stats = jax.devices()[0].memory_stats()
-  step_s = statistics.median(times)
-  model_flops = 3.0 * float(scalars['flops_per_example']) * pipe.layout.batch_size
-  moe = config.model.moe
-  row = {
-      'device': jax.devices()[0].device_kind,
-      'backend': jax.default_backend(),
-      'jax': jax.__version__,
-      'mesh': {k: int(v) for k, v in mesh.shape.items()},
-      'variant': variant,
-      'dispatcher': None if variant == 'dense' else moe.dispatcher,
-      'capacity_factor': None if variant == 'dense' else moe.capacity_factor,
-      'bank_ffn': None if variant == 'dense' else (
-          experts_lib._default_impl  # pylint: disable=protected-access
-          or ('loop' if jax.default_backend() == 'cpu' else 'batched')),
-      'dtype': config.model.dtype,
-      'd_model': config.model.d_model,
-      'layers': config.model.num_layers,
-      'moe_layers': 0 if variant == 'dense' else config.model.num_layers // config.model.moe_every,
-      'banks': None if variant == 'dense' else [list(b) for b in moe.banks],
-      'batch_rows': pipe.layout.batch_size,
-      'examples_per_step': examples,
-      'padded_tokens_per_step': padded_tokens,
-      'tokens_per_step': real_tokens,
-      'compile_s': round(compile_s, 2),
-      'step_ms_median': 1e3 * step_s,
-      'step_ms_min': 1e3 * min(times),
-      'step_ms_max': 1e3 * max(times),
-      'examples_per_s': examples / step_s,
-      'tokens_per_s': real_tokens / step_s,
-      'padded_tokens_per_s': padded_tokens / step_s,
-      'pipeline_ms_per_batch': pipeline_ms,
-      'matmul_flops_per_step': executed_flops,
-      'matmul_tflops_per_s': executed_flops / step_s / 1e12,
-      'model_flops_per_step': model_flops,
-      'model_tflops_per_s': model_flops / step_s / 1e12,
-      'compiled_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
-      'compiled_temp_bytes': int(memory.temp_size_in_bytes),
-      'device_peak_bytes': _bytes(stats, 'peak_bytes_in_use'),
-      'device_limit_bytes': _bytes(stats, 'bytes_limit'),
-      'loss_after_warmup': first_loss,
-      'loss_last': float(scalars['loss']),
-      'steps': steps, 'repeats': repeats, 'warmup': warmup, 'batches': num_batches,
-  }
-  del state, batches, compiled
-  gc.collect()
-  return row
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -231,7 +79,7 @@ def main(argv):
            'overrides': config_flags.get_override_values(FLAGS['config'])}
   with open(FLAGS.out, 'w') if FLAGS.out else contextlib.nullcontext() as out:
     for variant in FLAGS.variants:  # each row written as it comes: a crash keeps the earlier
-      line = json.dumps(dict(named, **benchmark(
+      line = json.dumps(dict(named, **benchmark_lib.benchmark(
           FLAGS.config, variant, steps=FLAGS.steps, repeats=FLAGS.repeats,
           warmup=FLAGS.warmup, num_batches=FLAGS.batches)))
       for stream in [sys.stdout] + ([out] if out else []):

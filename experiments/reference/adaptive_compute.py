@@ -29,6 +29,7 @@ from absl import logging
 import numpy as np
 
 from experiments.reference import common
+from pathways import heads
 from pathways import registry
 
 FLAGS = flags.FLAGS
@@ -189,7 +190,7 @@ def sweep(workdir, tasks, seeds, ponder_costs, steps=0, overrides=None) -> dict:
   start = time.time()
   runs = []
   for task in tasks:
-    halts = registry.get_task(task).head == 'classify'
+    halts = heads.get(registry.get_task(task).head).pooled
     for seed in seeds:
       for ponder in [None] + list(ponder_costs if halts else ponder_costs[:1]):
         name = (f'{task}_fixed_seed{seed}' if ponder is None else
@@ -214,7 +215,7 @@ def sweep(workdir, tasks, seeds, ponder_costs, steps=0, overrides=None) -> dict:
     by_ponder = {str(p): compare(task, [r for r in mine if r['ponder_cost'] == p], fixed)
                  for p in dict.fromkeys(r['ponder_cost'] for r in mine if r['halting'])}
     result['tasks'][task] = {
-        'halts': registry.get_task(task).head == 'classify',
+        'halts': heads.get(registry.get_task(task).head).pooled,
         'by_ponder_cost': by_ponder, 'claim': any(c['claim'] for c in by_ponder.values())}
   result['wall_seconds'] = time.time() - start
   return result

@@ -150,7 +150,7 @@ class MultitaskPipeline:
                                        self.seed)
     fill = {'label': -1, 'difficulty': np.nan, 'targets': -1}
     batch = {k: np.full(shape, fill.get(k, 0), dtype)
-             for k, (shape, dtype) in batch_spec(layout).items() if k != 'tokens_mask'}
+             for k, (shape, dtype) in batch_spec(layout).items()}
     for i, t in enumerate(self.tasks):
       batch['task_id'][layout.task_rows(i)] = i
       for block, shard in enumerate(self._shards):
@@ -158,8 +158,8 @@ class MultitaskPipeline:
         for j in range(int(counts[i])):
           self._fill(batch, t, first + j, self._example(t.name, self._next[t.name] + j, shard))
       self._next[t.name] += int(counts[i])
-    if 'tokens' in batch:
-      batch['tokens_mask'] = batch['tokens'] != 0
+    for modality in layout.rows:
+      modalities_lib.get(modality).finish(batch)
     self._step += 1
     return batch
 

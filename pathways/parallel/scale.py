@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from pathways import modalities as modalities_lib
 from pathways import registry
 from pathways.data import layout as layout_lib
 from pathways.data import mixture as mixture_lib
@@ -111,15 +112,9 @@ def analytic_all_to_all(config, layout, mesh, num_moe_layers) -> int:
 
 
 def _sequence_length(config, layout):
-  lengths = []
-  if 'tokens' in layout.shapes:
-    lengths.append(layout.shapes['tokens'][0])
-  if 'image' in layout.shapes:
-    h, w = layout.shapes['image'][:2]
-    lengths.append((h // config.model.patch) * (w // config.model.patch))
-  if 'vector' in layout.shapes:
-    lengths.append(1)
-  return max(lengths)
+  """L_max: the most tokens any modality's examples take."""
+  return max(modalities_lib.get(m).tokens(layout.shapes[modalities_lib.get(m).array],
+                                          config.model.patch) for m in layout.rows)
 
 
 def report(config, mesh_shape=None) -> dict:

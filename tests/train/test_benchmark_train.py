@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from tests.train import tiny_config
-from tools import benchmark_train
+from pathways.train import benchmark as benchmark_train
 
 
 def test_row_is_consistent(data_dir):
