@@ -54,3 +54,9 @@ def moe_layer(d_model, banks, k, *, rngs=None, **flat):
   """`MoELayer(d_model, banks, router={'name': ..., 'k': k, ...}, ...)` from flat options."""
   from pathways.nn import moe  # pylint: disable=g-import-not-at-top
   return moe.MoELayer(d_model, banks, rngs=rngs or nnx.Rngs(0), **moe_kwargs(k=k, **flat))
+
+
+@nnx.jit(static_argnames='deterministic')
+def forward(m, batch, deterministic=True):
+  """One compiled forward pass (eager op-by-op execution compiles every small op: slow)."""
+  return m(batch, deterministic=deterministic)

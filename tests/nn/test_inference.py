@@ -27,7 +27,7 @@ MOE = synthetic.moe_kwargs(**FLAT)
     synthetic.moe_kwargs(**dict(FLAT, dispatcher='einsum', group_size=8))])
 def test_bucketed_path_equals_full_path(moe_kwargs):
   m, batch = _setup(moe_kwargs)
-  res = m(batch, deterministic=True)
+  res = synthetic.forward(m, batch)
   out = res.logits
   out_b, info = inference.BucketedInference(m)(batch)
   for name in ('images', 'text'):
@@ -49,7 +49,7 @@ def test_bucketed_path_equals_full_path(moe_kwargs):
 
 def test_without_halting_every_example_runs_every_layer():
   m, batch = _setup(MOE, halting=False)
-  res = m(batch, deterministic=True)
+  res = synthetic.forward(m, batch)
   out = res.logits
   out_b, info = inference.BucketedInference(m)(batch)
   np.testing.assert_allclose(np.asarray(out_b['images']), np.asarray(out['images']), rtol=1e-4,

@@ -18,7 +18,7 @@ def _loss_and_grads(m, batch):
     out = m(batch, deterministic=False)
     losses, _ = model_lib.task_losses(m, out, batch)
     return sum(losses.values()) + out.aux_loss  # 0.01 * load balance, one MoE layer
-  return nnx.value_and_grad(loss_fn)(m)
+  return nnx.jit(nnx.value_and_grad(loss_fn))(m)
 
 
 def test_remat_gives_the_same_loss_and_gradients():
@@ -40,7 +40,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 def test_bfloat16_compute_float32_parameters_and_router():
   m32, batch = synthetic.image_and_text(moe_kwargs=MOE)
   m16, _ = synthetic.image_and_text(moe_kwargs=MOE, dtype=jnp.bfloat16)
-  res32, res16 = m32(batch), m16(batch)
+  res32, res16 = synthetic.forward(m32, batch), synthetic.forward(m16, batch)
   out32, out16 = res32.logits, res16.logits
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(m16, nnx.Param)))
   assert res16.moe[1].record['weight_BxLxK'].dtype == jnp.float32  # router in f32
@@ -55,7 +55,7 @@ def test_bfloat16_compute_float32_parameters_and_router():
 
 def test_routing_record_of_a_forward_pass():
   m, batch = synthetic.image_and_text(moe_kwargs=MOE, halting=True)
-  record = m(batch).routing_record(batch)
+  record = synthetic.forward(m, batch).routing_record(batch)
   assert set(record) >= {'task_id', 'flops_per_example', 'layer1', 'layer3', 'halting_p_LxB',
                          'halting_layer'}
   assert record['layer1']['expert_BxLxK'].shape == (12, 16, 2)
@@ -73,7 +73,7 @@ def test_expert_choice_model_records_its_slots():
                                  capacity_factor=1.0, eval_capacity_factor=1.0),
                              rngs=nnx.Rngs(0))
   batch = {'task_id': np.zeros(4, np.int32), 'image': np.zeros((4, 8, 8, 1), np.uint8)}
-  rec = m(batch).moe[1].record  # token-major: which of the 4 experts took each token
+  rec = synthetic.forward(m, batch).moe[1].record  # token-major: which of the 4 experts took each token
   assert rec['expert_BxLxK'].shape == rec['weight_BxLxK'].shape == rec['kept_BxLxK'].shape
   assert rec['expert_BxLxK'].shape == (4, 16, 4)
   # Each expert filled its C = ceil(1.0 * 64 tokens * 2 / 4) = 32 slots with distinct tokens.
@@ -104,7 +104,7 @@ def test_forward_shapes_for_every_modality_and_head_in_one_call():
            'image': rng.integers(0, 256, (2, 8, 8, 1), dtype=np.uint8),
            'tokens': tokens, 'tokens_mask': tokens != 0,
            'vector': rng.standard_normal((4, 5)).astype(np.float32)}
-  res = m(batch)
+  res = synthetic.forward(m, batch)
   out = res.logits
   assert out['img'].shape == (2, 10) and out['lm'].shape == (3, 12, 256)
   assert out['cls'].shape == (2, 4) and out['vec'].shape == (4, 3)
@@ -119,7 +119,7 @@ def _routed(route_on, **kwargs):
 
 def test_task_routing_through_the_model_depends_only_on_the_task():
   m, batch = _routed('task')
-  rec = m(batch).moe[1].record
+  rec = synthetic.forward(m, batch).moe[1].record
   expert, kept = np.asarray(rec['expert_BxLxK']), np.asarray(rec['kept_BxLxK'])
   for task in (0, 1):
     rows = batch['task_id'] == task
@@ -130,7 +130,7 @@ def test_task_routing_through_the_model_depends_only_on_the_task():
 
 def test_example_routing_shares_experts_per_example_and_stays_causal_for_language_models():
   m, batch = _routed('example')
-  out = m(batch)
+  out = synthetic.forward(m, batch)
   rec = out.moe[1].record
   expert, kept = np.asarray(rec['expert_BxLxK']), np.asarray(rec['kept_BxLxK'])
   for b in np.nonzero(batch['task_id'] == 0)[0]:  # classification rows: the example's mean
@@ -144,7 +144,7 @@ def test_example_routing_shares_experts_per_example_and_stays_causal_for_languag
   cut = length - 2
   changed = {k: v.copy() for k, v in batch.items()}
   changed['tokens'][row, cut] = (changed['tokens'][row, cut] % 255) + 1
-  after = m(changed).logits['text'][row]
+  after = synthetic.forward(m, changed).logits['text'][row]
   before = out.logits['text'][row]
   np.testing.assert_allclose(np.asarray(after[:cut]), np.asarray(before[:cut]), atol=1e-6)
   assert not np.allclose(np.asarray(after[cut:length]), np.asarray(before[cut:length]))
@@ -164,6 +164,6 @@ def test_importance_load_loss_weighted_from_the_model_reaches_its_gradient():
     m, batch = synthetic.image_and_text(moe_kwargs=synthetic.moe_kwargs(
         banks=[(4, 16)], k=2, capacity_factor=1.0, noisy=True,
         loss_weights={'importance_load_loss': w}))
-    g = nnx.grad(lambda m: m(batch, deterministic=False).aux_loss)(m)
+    g = nnx.jit(nnx.grad(lambda m: m(batch, deterministic=False).aux_loss))(m)
     grads[w] = np.asarray(g['blocks'][1]['ffn']['router']['w_DxE'][...])
   assert not grads[0.0].any() and grads[1.0].any()
