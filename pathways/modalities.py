@@ -1,4 +1,4 @@
-"""Input modalities as a registry: how each kind of input sits in a batch and is embedded.
+"""Input modalities as a registry: how each kind of input sits in a batch.
 
   * 'image': uint8 [H, W] or [H, W, C] in the batch array 'image' (zero-padded to the
     largest image task; a small image's patches outside its own size are masked).
@@ -7,17 +7,16 @@
   * 'vector': float [V] in 'vector', one token.
 
 A modality states its batch array and dtype, the arrays that travel with it, how one
-example sits in its array, and builds the stem that embeds its rows. The layout, the
-pipeline and the model ask the modality; none compares modality names. Registration order
-is the order stems are built (it fixes their initialization).
+example sits in its array and how many tokens it takes. The layout and the pipeline ask the
+modality; none compares modality names. The stem that embeds a modality's rows is registered
+under the same name in `pathways.nn.stems.STEMS`. Registration order is the order stems are
+built (it fixes their initialization).
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from pathways import registry
-from pathways.nn import stems
 
 MODALITIES = registry.Registry('modality')
 
@@ -35,13 +34,6 @@ class Modality:
 
   def check(self, task_name: str, feature: str, x) -> None:
     """Refuses an example this modality cannot hold (beyond the task's declared shape)."""
-
-  def make_stem(self, d_model: int, *, tasks, layout, patch: int, rngs):
-    raise NotImplementedError
-
-  def embed(self, stem, batch):
-    """(tokens [B_m, L_m, D], mask [B_m, L_m]) of this modality's rows."""
-    raise NotImplementedError
 
   def tokens(self, shape, patch: int) -> int:
     """Tokens one example of this padded array shape takes in the stack."""
@@ -67,15 +59,6 @@ class Image(Modality):
       raise ValueError(f'task {task_name!r}: image feature {feature!r} has shape '
                        f'{np.shape(x)}; images must be [H, W] or [H, W, C].')
 
-  def make_stem(self, d_model, *, tasks, layout, patch, rngs):
-    # Each image row's own size (static per task), for patch masks.
-    hw = {i: t.input_shape[:2] for i, t in enumerate(tasks) if t.modality == 'image'}
-    owner = [next(i for i in hw if r in layout.task_rows(i)) for r in layout.rows['image']]
-    return stems.ImageStem(d_model, image_shape=layout.shapes['image'], patch=patch,
-                           row_hw=np.array([hw[i] for i in owner], np.int32), rngs=rngs)
-
-  def embed(self, stem, batch):
-    return stem(jnp.asarray(batch['image']), jnp.asarray(stem.row_hw))
 
   def tokens(self, shape, patch):
     return (shape[0] // patch) * (shape[1] // patch)
@@ -85,11 +68,6 @@ class Bytes(Modality):
   array, dtype = 'tokens', np.int32
   extra = {'targets': np.int32, 'tokens_mask': np.bool_}
 
-  def make_stem(self, d_model, *, tasks, layout, patch, rngs):
-    return stems.BytesStem(d_model, max_len=layout.shapes['tokens'][0], rngs=rngs)
-
-  def embed(self, stem, batch):
-    return stem(jnp.asarray(batch['tokens']), jnp.asarray(batch['tokens_mask']))
 
   def tokens(self, shape, patch):
     return shape[0]
@@ -101,11 +79,6 @@ class Bytes(Modality):
 class Vector(Modality):
   array, dtype = 'vector', np.float32
 
-  def make_stem(self, d_model, *, tasks, layout, patch, rngs):
-    return stems.VectorStem(d_model, in_dim=layout.shapes['vector'][0], rngs=rngs)
-
-  def embed(self, stem, batch):
-    return stem(jnp.asarray(batch['vector']))
 
   def tokens(self, shape, patch):
     return 1

@@ -26,6 +26,7 @@ class Registry:
 
   def __init__(self, kind: str):
     self.kind = kind
+    self.entry_type = None  # the class entries must be, when the kind's module has said so
     self._entries: dict[str, Any] = {}
     self._sources: dict[str, str] = {}
 
@@ -87,10 +88,11 @@ def register_task(task):
 
   Returns what it was given, so `@register_task` leaves the factory usable.
   """
-  from pathways import task as task_lib  # pylint: disable=g-import-not-at-top
+  def is_task(obj):  # TASKS.entry_type is pathways.task.Task once that module is imported
+    return TASKS.entry_type is not None and isinstance(obj, TASKS.entry_type)
 
-  built = task() if callable(task) and not isinstance(task, task_lib.Task) else task
-  if not isinstance(built, task_lib.Task):
+  built = task if is_task(task) else task() if callable(task) else task
+  if not is_task(built):
     raise ValueError(f'register_task got {type(built).__name__}; expected a pathways.task.Task '
                      f'or a factory returning one.')
   TASKS.add(built.name, built, source=_source(task))

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 from pathways import heads as heads_lib
 from pathways import losses as losses_lib
 from pathways import modalities as modalities_lib
+from pathways import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,3 +100,6 @@ class Task:
       if not experts:
         bad('connectivity', dict(self.connectivity),
             f'layer {layer} leaves the task no expert')
+
+
+registry.TASKS.entry_type = Task  # register_task accepts Task objects (or factories of them)

@@ -1,4 +1,4 @@
-"""Ahead-of-time scale report (`pathways.parallel.scale`): compile a config's train step for a
+"""Ahead-of-time scale report (`pathways.train.scale`): compile a config's train step for a
 mesh of simulated devices, without running it or allocating its arrays, and report per
 device what it would need.
 
@@ -47,7 +47,7 @@ from absl import flags  # noqa: E402
 
 from pathways import registry  # noqa: E402
 from pathways.nn import experts as experts_lib  # noqa: E402
-from pathways.parallel import scale  # noqa: E402
+from pathways.train import scale  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -151,17 +151,16 @@ class Figure1Model(nnx.Module):
                halting: bool = False, remat: bool = False,
                grown: Sequence[grow_lib.Grown] = (), dtype=jnp.float32, rngs: nnx.Rngs):
     for t in tasks:
-      if t.modality not in modalities_lib.MODALITIES:
+      if t.modality not in stems.STEMS:
         raise ValueError(f'task {t.name!r}: modality {t.modality!r} has no stem; stems exist '
-                         f'for {modalities_lib.in_order()}.')
+                         f'for {tuple(stems.STEMS.names(sort=False))}.')
     self.remat = remat
     self.task_names = tuple(t.name for t in tasks)
     self.head_names = tuple(t.head for t in tasks)
     self.loss_names = tuple(t.loss for t in tasks)
     self.layout = layout
     self.stems = nnx.Dict({
-        m: modalities_lib.get(m).make_stem(d_model, tasks=tasks, layout=layout, patch=patch,
-                                           rngs=rngs)
+        m: stems.STEMS.lookup(m)(d_model, tasks=tasks, layout=layout, patch=patch, rngs=rngs)
         for m in modalities_lib.in_order() if m in layout.rows})
     heads = [heads_lib.get(t.head) for t in tasks]
     self.causal = nnx.data(np.array([h.causal for h in heads], bool))
@@ -240,7 +239,7 @@ class Figure1Model(nnx.Module):
 
   def embed(self, batch):
     """Stems + task embedding: tokens [B, L_max, D], mask [B, L_max], task ids [B]."""
-    parts = {m: modalities_lib.get(m).embed(stem, batch) for m, stem in self.stems.items()}
+    parts = {m: stem.embed_batch(batch) for m, stem in self.stems.items()}
     x, mask = stems.assemble(parts, self.layout.rows, self.layout.batch_size)
     task_ids = jnp.asarray(batch['task_id'])
     n = len(self.task_names)

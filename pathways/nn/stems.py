@@ -7,6 +7,8 @@ One stem per modality, shared by every task of that modality:
   * `BytesStem`: int tokens [B, L] (0 = padding) -> embedding + learned positions.
   * `VectorStem`: float [B, V] -> one token.
 `assemble` puts the stems' outputs back into batch row order, padded to [B, L_max, D].
+`STEMS` maps a modality name (`pathways.modalities`) to the function that builds its stem
+for a task list and layout; every stem has `embed_batch(batch) -> (tokens, mask)`.
 
 Matmuls are written 2-D ([rows, in] @ [in, D]): XLA:CPU runs the backward of a 3-D einsum
 about 1.5x slower.
@@ -17,6 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from pathways import registry
+
+STEMS = registry.Registry('stem')
 
 
 def _linear_init(rngs, shape):
@@ -43,6 +49,11 @@ class ImageStem(nnx.Module):
                            logical_axes=(None, 'embed'))
     self.pos_LxD = nnx.Param(0.02 * jax.random.normal(rngs.params(), (self.num_patches, d_model)),
                              logical_axes=(None, 'embed'))
+
+  def embed_batch(self, batch):
+    """This stem's rows of a pipeline batch: the 'image' array and each row's own size."""
+    return self(jnp.asarray(batch['image']), None if self.row_hw is None else jnp.asarray(
+        self.row_hw))
 
   def __call__(self, image_BxHxWxC, valid_hw_Bx2=None):
     """Returns tokens [B, L, D] and mask [B, L]; `valid_hw_Bx2` is each image's own size."""
@@ -74,6 +85,10 @@ class BytesStem(nnx.Module):
     self.pos_LxD = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)),
                              logical_axes=(None, 'embed'))
 
+  def embed_batch(self, batch):
+    """This stem's rows of a pipeline batch: 'tokens' with 'tokens_mask'."""
+    return self(jnp.asarray(batch['tokens']), jnp.asarray(batch['tokens_mask']))
+
   def __call__(self, tokens_BxL, mask_BxL=None):
     b, l = tokens_BxL.shape
     if l > self.max_len:
@@ -89,9 +104,34 @@ class VectorStem(nnx.Module):
     self.w_VxD = nnx.Param(_linear_init(rngs, (in_dim, d_model)), logical_axes=(None, 'embed'))
     self.b_D = nnx.Param(jnp.zeros((d_model,)), logical_axes=('embed',))
 
+  def embed_batch(self, batch):
+    """This stem's rows of a pipeline batch: the 'vector' array."""
+    return self(jnp.asarray(batch['vector']))
+
   def __call__(self, vector_BxV):
     x = vector_BxV.astype(jnp.float32) @ self.w_VxD[...] + self.b_D[...]
     return x[:, None, :], jnp.ones((vector_BxV.shape[0], 1), bool)
+
+
+@STEMS.register('image')
+def image_stem(d_model, *, tasks, layout, patch, rngs):
+  """Patches of the image tasks' rows, each row masked to its own task's image size."""
+  hw = {i: t.input_shape[:2] for i, t in enumerate(tasks) if t.modality == 'image'}
+  owner = [next(i for i in hw if r in layout.task_rows(i)) for r in layout.rows['image']]
+  return ImageStem(d_model, image_shape=layout.shapes['image'], patch=patch,
+                   row_hw=np.array([hw[i] for i in owner], np.int32), rngs=rngs)
+
+
+@STEMS.register('bytes')
+def bytes_stem(d_model, *, tasks, layout, patch, rngs):
+  del tasks, patch
+  return BytesStem(d_model, max_len=layout.shapes['tokens'][0], rngs=rngs)
+
+
+@STEMS.register('vector')
+def vector_stem(d_model, *, tasks, layout, patch, rngs):
+  del tasks, patch
+  return VectorStem(d_model, in_dim=layout.shapes['vector'][0], rngs=rngs)
 
 
 def assemble(parts, rows, batch_size: int):

@@ -3,7 +3,7 @@ the compiled program equal the ones computed from the model's shapes, and expert
 divides the expert parameters over the devices."""
 from pathways import registry
 from tests.train import tiny_config
-from pathways.parallel import scale as scale_report
+from pathways.train import scale as scale_report
 
 registry.import_task_modules(['tasks'])
 

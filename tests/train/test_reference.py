@@ -64,7 +64,7 @@ def test_new_task_transfer_trains_only_the_new_tasks_parameters():
   from experiments.configs import multitask
   from experiments.reference import new_task
   from pathways.train import optimizer
-  from pathways.parallel import scale as scale_report
+  from pathways.train import scale as scale_report
   registry.import_task_modules(['tasks'])
   task = new_task.register_few_shot(7)
   assert new_task.register_few_shot(7) == task == 'pycode_lm_7'  # registering twice: no-op
