@@ -2,7 +2,8 @@
 
   python -m experiments.evaluate --workdir=/tmp/multitask [--eval_batches=20] [--mesh=data=1,expert=2]
 
-Prints the metrics as JSON and writes them to workdir/eval.json.
+Prints the metrics as JSON and writes them to workdir/eval.json. The plugin modules the
+workdir was trained with (`config.task_modules` in its config.json) are imported.
 """
 import json
 import os

@@ -3,7 +3,9 @@
   python -m experiments.train --config=experiments/configs/multitask.py:runlocal \
       --workdir=/tmp/multitask [--config.optim.learning_rate=1e-3] [--task_module=my.tasks]
 
-Re-running with the same workdir resumes from its last checkpoint.
+Re-running with the same workdir resumes from its last checkpoint. Lists from the command
+line: `--config.tasks=digits,parity`, `--config.task_modules=my.tasks` (comma strings) or
+ml_collections' tuple syntax (`--config.freeze="('blocks/1/ffn/banks',)"`).
 
 Many hosts (the same command on every host; see the README's launch section):
   --distributed=auto                          Cloud TPU pods, SLURM (srun)
