@@ -10,14 +10,23 @@ ml_collections' tuple syntax (`--config.freeze="('blocks/1/ffn/banks',)"`).
 Many hosts (the same command on every host; see the README's launch section):
   --distributed=auto                          Cloud TPU pods, SLURM (srun)
   --distributed=explicit --coordinator_address=host0:1234 --num_processes=N --process_id=i
-"""
-import jax
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
-from pathways import registry
+A resume whose config changes the model, the batch size or the learning-rate schedule is
+refused; --allow_config_changes accepts such a change (every config a run was started or
+resumed with is kept under WORKDIR/configs/).
+"""
+from pathways.train import signals  # first: SIGTERM during start-up exits cleanly
+
+if __name__ == '__main__':
+  signals.exit_cleanly_on_signal()
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from pathways import registry  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:args]).',
@@ -29,6 +38,8 @@ flags.DEFINE_enum('distributed', 'off', ['off', 'auto', 'explicit'],
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (explicit mode).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (explicit mode).')
 flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes) (explicit mode).')
+flags.DEFINE_bool('allow_config_changes', False, 'Resume with another batch size or '
+                  'learning-rate schedule than the run was started with.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -43,7 +54,8 @@ def main(argv):
   registry.discover(task_modules=FLAGS.task_module)
   from pathways.train import loop  # pylint: disable=g-import-not-at-top
   try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                            allow_config_changes=FLAGS.allow_config_changes)
   finally:
     if FLAGS.distributed != 'off':
       jax.distributed.shutdown()

@@ -105,6 +105,7 @@ class MultitaskPipeline:
                        f'blocks (the data axis of the mesh).')
     self.tasks = list(tasks)
     self.seed = seed
+    self.split, self.data_dir = split, data_dir
     self.batch_size = batch_size
     self._sources = {}
     for t in self.tasks:
@@ -138,7 +139,14 @@ class MultitaskPipeline:
     return {t.name: i for i, t in enumerate(self.tasks)}
 
   def _example(self, name: str, position: int, shard: int):
-    return self._datasets[name][position * self.num_shards + shard]
+    index = position * self.num_shards + shard
+    try:
+      return self._datasets[name][index]
+    except Exception as e:  # pylint: disable=broad-except  (corrupt files, I/O errors)
+      raise RuntimeError(
+          f'task {name!r}: reading example {index} of its {self.split!r} split failed '
+          f'({type(e).__name__}: {e}); its data (data_dir {self.data_dir!r}) may be corrupt: '
+          f'delete the task\'s folder there to prepare it again.') from e
 
   def __iter__(self):
     return self
@@ -177,14 +185,27 @@ class MultitaskPipeline:
                        'tasks': [t.name for t in self.tasks],
                        'num_shards': self.num_shards}).encode()
 
-  def set_state(self, state: bytes) -> None:
-    s = json.loads(state)
-    if s['tasks'] != [t.name for t in self.tasks] or s['seed'] != self.seed:
+  def check_state(self, s: dict) -> None:
+    """Raises unless `s` (a `get_state` dict) is a state this pipeline can take: every key
+    present with the right type, the same tasks, seed and shard count."""
+    names = [t.name for t in self.tasks]
+    ok = (isinstance(s, dict) and isinstance(s.get('step'), int) and s['step'] >= 0
+          and isinstance(s.get('next'), dict) and sorted(s['next']) == sorted(names)
+          and all(isinstance(v, int) and v >= 0 for v in s['next'].values())
+          and 'tasks' in s and 'seed' in s)
+    if not ok:
+      raise ValueError(f'pipeline state {str(s)[:200]!r} is malformed: expected step, next (a '
+                       f'position per task of {names}), tasks, seed, num_shards.')
+    if s['tasks'] != names or s['seed'] != self.seed:
       raise ValueError(f"pipeline state is for tasks {s['tasks']} with seed {s['seed']}; this "
                        f"pipeline has tasks {[t.name for t in self.tasks]} with seed {self.seed}.")
     if s.get('num_shards', 1) != self.num_shards:
       raise ValueError(f"pipeline state is for num_shards={s.get('num_shards', 1)}; this pipeline "
                        f'has num_shards={self.num_shards} (another device count). Resume with '
                        f"--config.data.shards={s.get('num_shards', 1)} to read the same examples.")
+
+  def set_state(self, state: bytes) -> None:
+    s = json.loads(state)
+    self.check_state(s)
     self._step = s['step']
     self._next = dict(s['next'])

@@ -30,7 +30,7 @@ from pathways.nn import router as router_lib
 from pathways.train import checkpoint as checkpoint_lib
 from pathways.train import evaluate_workdir
 from pathways.train import experiment
-from pathways.train import loop
+from pathways.train import workdir as workdir_lib
 
 
 def param_count(model) -> int:
@@ -227,7 +227,7 @@ def export_task(workdir, task, output, threshold=0.01, eval_batches=None,
       break
   result['thresholds_tried'] = tried
   os.makedirs(output, exist_ok=True)
-  loop.check_workdir_config(experiment.parse(new_config), output)
+  workdir_lib.record_config(experiment.parse(new_config), output, step, has_checkpoint=False)
   ckpt = checkpoint_lib.Checkpointer(output, keep=1)
   ckpt.save(step, nnx.state(experiment.TrainState(new_model, new_opt)), new_pipe.get_state(),
             {'task_ids': {task: 0}, 'step': step, 'exported_from': os.path.abspath(workdir),

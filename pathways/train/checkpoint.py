@@ -6,14 +6,21 @@ One step directory holds three items: `state` (the `TrainState` as a pure dict, 
 orbax commits a step by renaming its temporary directory, so a kill during a save leaves
 the previous step intact. Restoring tries the newest step first and falls back to older
 ones when a step is corrupted, truncated or of another model shape, saying so; it never
-silently starts over. Checkpoints written before the train state was named (keys '0' and
-'1') restore by path into today's state.
+silently starts over. A step that cannot be restored is moved aside (to
+workdir/corrupt/), so the run that resumes from an older step can save that step number
+again. Every step records a checksum of each array (`meta['checksums']`, computed on the
+devices before the save); restoring recomputes them, so bytes corrupted on disk (same size,
+readable) are found and the step is treated as unreadable. Checkpoints written before the
+train state was named (keys '0' and '1') restore by path into today's state.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import shutil
+import time
 import types
 
 import jax
@@ -72,6 +79,35 @@ def copy_matching(saved_flat: dict, tree, *, copy_keys: bool = False):
 LEGACY_KEYS = {'0': 'model', '1': 'opt'}  # the train state's keys before it was named
 
 
+def _words(x):
+  """The bits of an array as uint32 words (one per element; narrower types widened)."""
+  if x.dtype == jax.numpy.bool_:
+    return x.astype(jax.numpy.uint32)
+  width = jax.numpy.dtype(x.dtype).itemsize
+  if width == 4:
+    return jax.lax.bitcast_convert_type(x, jax.numpy.uint32)
+  if width == 2:
+    return jax.lax.bitcast_convert_type(x, jax.numpy.uint16).astype(jax.numpy.uint32)
+  if width == 1:
+    return jax.lax.bitcast_convert_type(x, jax.numpy.uint8).astype(jax.numpy.uint32)
+  return jax.lax.bitcast_convert_type(x, jax.numpy.uint32).reshape(-1)  # 8 bytes: 2 words
+
+
+@jax.jit
+def _sums(tree):
+  def one(x):
+    w = _words(x).reshape(-1)
+    i = jax.numpy.arange(w.shape[0], dtype=jax.numpy.uint32)
+    return jax.numpy.stack([jax.numpy.sum(w), jax.numpy.sum(w * (i % 65521 + 1))])
+  return jax.tree.map(one, tree)
+
+
+def checksums(saveable) -> dict:
+  """{path: [sum of the words, position-weighted sum]} (uint32 arithmetic) of every array of
+  a saveable tree: any changed bit, and any swap of words, changes them."""
+  return {k: [int(a), int(b)] for k, (a, b) in flat_paths(jax.device_get(_sums(saveable))).items()}
+
+
 def _variable_paths(state) -> set:
   """Paths of the nnx Variables (parameters, optimizer state, multipliers) of a state: what
   a checkpoint must hold (other leaves are constants the config rebuilds)."""
@@ -85,6 +121,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, best_metric: str | None = None):
     self.workdir = workdir
+    if jax.process_index() == 0:
+      _remove_unfinished(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True)
     self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
@@ -105,23 +143,33 @@ class Checkpointer:
 
   @staticmethod
   def _args(state, data_state: bytes, meta: dict):
+    saveable = to_saveable(nnx.to_pure_dict(state))
     return ocp.args.Composite(
-        state=ocp.args.StandardSave(to_saveable(nnx.to_pure_dict(state))),
+        state=ocp.args.StandardSave(saveable),
         data=ocp.args.JsonSave(json.loads(data_state)),
-        meta=ocp.args.JsonSave(meta))
+        meta=ocp.args.JsonSave(dict(meta, checksums=checksums(saveable))))
+
+  def _guard(self, fn, *args, **kwargs):
+    """Runs a save or wait; an OSError (an async save's failure surfaces here) is re-raised
+    naming the checkpoint folder, the cause and the free space."""
+    try:
+      return fn(*args, **kwargs)
+    except OSError as e:
+      from pathways.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+      raise workdir_lib.explain_os_error(e, os.path.join(self.workdir, 'checkpoints')) from e
 
   def save(self, step: int, state, data_state: bytes, meta: dict, *, force=False) -> None:
-    self.latest.save(step, args=self._args(state, data_state, meta), force=force)
+    self._guard(self.latest.save, step, args=self._args(state, data_state, meta), force=force)
 
   def save_best(self, step: int, state, data_state: bytes, meta: dict, metrics: dict) -> None:
     if self.best is not None and self.best_metric in metrics:
-      self.best.save(step, args=self._args(state, data_state, meta),
-                     metrics={k: float(v) for k, v in metrics.items()})
+      self._guard(self.best.save, step, args=self._args(state, data_state, meta),
+                  metrics={k: float(v) for k, v in metrics.items()})
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
+    self._guard(self.latest.wait_until_finished)
     if self.best is not None:
-      self.best.wait_until_finished()
+      self._guard(self.best.wait_until_finished)
 
   def close(self) -> None:
     self.latest.close()
@@ -131,9 +179,13 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.latest.all_steps())
 
-  def restore_latest(self, abstract_state):
+  def restore_latest(self, abstract_state, check=None):
     """(step, state, data_state bytes, meta) from the newest restorable step, or None when
-    there is no checkpoint. Raises if steps exist but none can be restored."""
+    there is no checkpoint. Raises if steps exist but none can be restored.
+
+    A step is restorable when orbax reads it, its arrays match their recorded checksums and
+    `check(data_state_dict, meta)` (if given) does not raise. Newer unrestorable steps are
+    moved to workdir/corrupt/ once an older one restores."""
     steps = self.steps()
     target = to_saveable(nnx.to_pure_dict(abstract_state))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -150,22 +202,42 @@ class Checkpointer:
           if not self._legacy(step):
             raise
           r = self._restore_legacy(step, abstract_state)
+        _verify(r.state, r.meta)
+        if check is not None:
+          check(r.data, r.meta)
       except Exception as e:  # pylint: disable=broad-except
         msg = f'checkpoint step {step} in {self.latest.directory} cannot be restored ' \
               f'(corrupted, truncated, or saved by a model of another shape): ' \
               f'{type(e).__name__}: {str(e)[:300]}'
         log.warning(msg + '; trying an older step.')
         print('WARNING: ' + msg + '; trying an older step.', flush=True)
-        errors.append(msg)
+        errors.append((step, msg))
         continue
+      self._move_aside([s for s, _ in errors])
       pure = from_saveable(r.state, nnx.to_pure_dict(abstract_state))
       state = abstract_state
       nnx.replace_by_pure_dict(state, pure)
       return step, state, json.dumps(r.data).encode(), r.meta
     if steps:
       raise RuntimeError('no checkpoint in ' + str(self.latest.directory) +
-                         ' can be restored:\n' + '\n'.join(errors))
+                         ' can be restored:\n' + '\n'.join(m for _, m in errors))
     return None
+
+  def _move_aside(self, steps) -> None:
+    """Moves unrestorable step folders to workdir/corrupt/ (kept for inspection), so their
+    step numbers can be saved again."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      corrupt = os.path.join(os.path.abspath(self.workdir), 'corrupt')
+      os.makedirs(corrupt, exist_ok=True)
+      for step in steps:
+        src = os.path.join(str(self.latest.directory), str(step))
+        if os.path.exists(src):
+          dst = os.path.join(corrupt, f'checkpoints.{step}.{time.strftime("%Y%m%d-%H%M%S")}')
+          shutil.move(src, dst)
+          print(f'moved the unreadable checkpoint step {step} to {dst}', flush=True)
+    self.latest.reload()
 
   def _legacy(self, step) -> bool:
     """Whether a step was saved with the train state's old keys '0' and '1'."""
@@ -192,6 +264,27 @@ class Checkpointer:
     tree = jax.tree.map(lambda v, t: jax.device_put(v, t.sharding)
                         if hasattr(t, 'sharding') else v, tree, like)
     return types.SimpleNamespace(state=tree, data=r.data, meta=r.meta)
+
+
+def _remove_unfinished(workdir: str) -> None:
+  """Deletes the temporary folders of saves that never committed (a kill, a full disk):
+  orbax renames a step's temporary folder only when the step is complete."""
+  for folder in ('checkpoints', 'best'):
+    for path in glob.glob(os.path.join(workdir, folder, '*.orbax-checkpoint-tmp*')):
+      shutil.rmtree(path, ignore_errors=True)
+      print(f'removed the unfinished save {path}', flush=True)
+
+
+def _verify(saveable, meta) -> None:
+  """Raises if a restored tree's arrays differ from the checksums saved with them."""
+  want = (meta or {}).get('checksums')
+  if not want:
+    return  # saved before checksums were recorded
+  got = checksums(saveable)
+  bad = sorted(k for k in want if got.get(k) != want[k])
+  if bad or set(got) != set(want):
+    raise ValueError(f'checksum mismatch in {bad[:4]} (of {len(bad)} arrays): the files were '
+                     f'changed after they were written')
 
 
 def saved_model(workdir: str) -> dict:

@@ -3,7 +3,6 @@ its evaluation."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -14,6 +13,7 @@ from pathways import registry
 from pathways.train import checkpoint as checkpoint_lib
 from pathways.train import evaluation
 from pathways.train import experiment
+from pathways.train import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -46,8 +46,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'--workdir={workdir!r}: no such folder.')
   if not os.path.exists(path):
     raise FileNotFoundError(f'--workdir={workdir!r}: no config.json (not a training workdir).')
-  with open(path) as f:
-    return experiment.upgrade(ml_collections.ConfigDict(json.load(f)))
+  return experiment.upgrade(ml_collections.ConfigDict(
+      workdir_lib.read_json(path, 'workdir config')))
 
 
 def load_workdir(workdir: str, mesh: dict | None = None) -> Loaded:
@@ -69,7 +69,8 @@ def load_workdir(workdir: str, mesh: dict | None = None) -> Loaded:
   exp = experiment.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt.keep)
   try:
-    restored = ckpt.restore_latest(exp.init_state())
+    restored = ckpt.restore_latest(
+        exp.init_state(), check=lambda data, meta: exp.pipeline.check_state(data))
   finally:
     ckpt.close()
   if restored is None:

@@ -9,15 +9,19 @@ The train state is a `TrainState(model, opt)`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from pathways import registry
 from pathways.data import layout as layout_lib
+from pathways.data import mixture as mixture_lib
 from pathways.data import pipeline as pipeline_lib
 from pathways.nn import grow as grow_lib
 from pathways.nn import model as model_lib
@@ -113,24 +117,44 @@ def validate(config, mesh=None, rules=None) -> None:
   grown_from_config(config)
   if config.model.dtype not in DTYPES:
     _bad('model.dtype', config.model.dtype, f'must be one of {sorted(DTYPES)}')
-  _validate_router(config.model.moe.router)
-  for key in ('learning_rate', 'clip_norm'):
-    if not config.optim[key] > 0:
-      _bad(f'optim.{key}', config.optim[key], 'must be > 0')
+  _validate_model(config.model)
+  _validate_router(config.model.moe.router, config.model.moe.banks)
+  for i, pattern in enumerate(config.freeze):
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      _bad(f'freeze[{i}]', pattern, f'must be a regular expression ({e})')
+  _validate_optim(config.optim)
+  _validate_data(config.data)
+  if not _int(config.seed, 0):
+    _bad('seed', config.seed, 'must be an int >= 0')
   for key in ('num_steps', 'log_every', 'eval_every', 'eval_batches'):
-    if not config.train[key] >= 1:
+    if not _int(config.train[key], 1):
       _bad(f'train.{key}', config.train[key], 'must be an int >= 1')
+  if not _int(config.train.get('routing_batches', 0), 0):
+    _bad('train.routing_batches', config.train.routing_batches, 'must be an int >= 0')
   for key in ('every', 'keep'):
-    if not config.ckpt[key] >= 1:
+    if not _int(config.ckpt[key], 1):
       _bad(f'ckpt.{key}', config.ckpt[key], 'must be an int >= 1')
+  best = config.ckpt.get('best_metric', '')
+  reported = ['eval/mean_accuracy'] + [f'eval/{t}/{m}' for t in config.tasks
+                                       for m in ('accuracy', 'loss')]
+  if best and best not in reported:
+    _bad('ckpt.best_metric', best, f"must be '' (no best checkpoint) or a metric the "
+         f'evaluation reports, e.g. {reported[:4]}')
   unknown = sorted(set(config.aux) - set(AUX_KEYS))
   if unknown:
     _bad('aux', dict(config.aux), f'{unknown} unknown; the keys are {list(AUX_KEYS)}')
   for key, value in config.aux.items():
-    if value < 0:
-      _bad(f'aux.{key}', value, 'must be >= 0')
-  sharding_lib.mesh_shape(config.mesh, jax.device_count())
+    if not _finite(value, 0.0):
+      _bad(f'aux.{key}', value, 'must be a finite number >= 0')
   rules = rules or sharding_lib.rules_from_config(config.sharding_rules)
+  allowed_axes = {'data', 'expert'} | sharding_lib.rule_axes(rules)
+  for axis in config.mesh:
+    if axis not in allowed_axes:
+      _bad('mesh', dict(config.mesh), f'axis {axis!r} is used by no sharding rule; axes are '
+           f"'data', 'expert' or one a rule in config.sharding_rules names")
+  sharding_lib.mesh_shape(config.mesh, jax.device_count())
   for axis in sharding_lib.rule_axes(rules):
     if axis not in config.mesh and axis not in ('data', 'expert'):
       _bad('sharding_rules', list(config.sharding_rules), f'name mesh axis {axis!r}, not in '
@@ -138,7 +162,36 @@ def validate(config, mesh=None, rules=None) -> None:
   _validate_mesh(config, mesh or sharding_lib.make_mesh(config.mesh), rules)
 
 
-def _validate_router(spec) -> None:
+def _int(value, least) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _finite(value, least, below=math.inf) -> bool:
+  """A real number in [least, below) that float32 holds as a finite value."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and least <= value < below
+          and math.isfinite(np.float32(value)))
+
+
+def _validate_model(m) -> None:
+  for key in ('d_model', 'num_layers', 'num_heads', 'mlp_hidden', 'patch'):
+    if not _int(m[key], 1):
+      _bad(f'model.{key}', m[key], 'must be an int >= 1')
+  if m.d_model % m.num_heads:
+    _bad('model.num_heads', m.num_heads, f'must divide model.d_model={m.d_model}')
+  if not _int(m.moe_every, 0):
+    _bad('model.moe_every', m.moe_every, 'must be an int >= 0 (0: no MoE layer)')
+  banks = m.moe.banks
+  if not banks or not all(len(b) == 2 and _int(b[0], 1) and _int(b[1], 1) for b in banks):
+    _bad('model.moe.banks', [list(b) for b in banks or []], 'must be a non-empty list of '
+         '[num_experts >= 1, hidden >= 1]')
+  for key in ('capacity_factor', 'eval_capacity_factor'):
+    value = m.moe.get(key)
+    if value is not None and not _finite(value, 1e-9):
+      _bad(f'model.moe.{key}', value, 'must be a finite number > 0, or None (dropless)')
+
+
+def _validate_router(spec, banks) -> None:
   spec = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec
   try:
     name, options = router_lib.parse(spec)
@@ -149,6 +202,39 @@ def _validate_router(spec) -> None:
   bad = sorted(set(options) - set(allowed))
   if bad:
     _bad('model.moe.router', spec, f'{name!r} takes no option {bad}; its options are {allowed}')
+  full = router_lib.resolved(spec)
+  experts = sum(b[0] for b in banks)
+  choices = experts + full.get('num_null_experts', 0)
+  if not router_lib.ROUTERS.lookup(name).fixed_capacity and not (
+      _int(full['k'], 1) and full['k'] <= choices):
+    _bad('model.moe.router.k', full['k'], f'must be an int with 1 <= k <= experts + null '
+         f'experts = {experts} + {full.get("num_null_experts", 0)} = {choices}')
+  if not _int(full['k'], 1):
+    _bad('model.moe.router.k', full['k'], 'must be an int >= 1')
+  if full.get('route_on') not in router_lib.ROUTE_ON:
+    _bad('model.moe.router.route_on', full.get('route_on'), f'must be one of '
+         f'{router_lib.ROUTE_ON}')
+
+
+def _validate_optim(o) -> None:
+  if not _finite(o.learning_rate, 1e-30, 1e3):
+    _bad('optim.learning_rate', o.learning_rate, 'must be > 0, finite and below 1000')
+  if not _finite(o.clip_norm, 1e-30):
+    _bad('optim.clip_norm', o.clip_norm, 'must be > 0 and finite')
+  if not _int(o.warmup_steps, 0):
+    _bad('optim.warmup_steps', o.warmup_steps, 'must be an int >= 0')
+  if not _finite(o.weight_decay, 0.0):
+    _bad('optim.weight_decay', o.weight_decay, 'must be a finite number >= 0')
+  for key in ('b1', 'b2'):
+    if not _finite(o[key], 0.0, 1.0):
+      _bad(f'optim.{key}', o[key], 'must be a number in [0, 1)')
+
+
+def _validate_data(d) -> None:
+  if d.mixture not in mixture_lib.SCHEMES:
+    _bad('data.mixture', d.mixture, f'must be one of {mixture_lib.SCHEMES}')
+  if not _finite(d.temperature, 1e-9):
+    _bad('data.temperature', d.temperature, 'must be a finite number > 0')
 
 
 def _validate_mesh(config, mesh, rules) -> None:
@@ -226,8 +312,7 @@ def model_signature(config) -> dict:
   router spec counts with its defaults filled in (an option left out equals its default)."""
   model = config.model.to_dict()
   model['moe']['router'] = router_lib.resolved(model['moe']['router'])
-  return {'tasks': comma_list(config.tasks), 'model': model,
-          'batch_size': config.data.batch_size}
+  return {'tasks': comma_list(config.tasks), 'model': model}
 
 
 @dataclasses.dataclass

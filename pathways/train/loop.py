@@ -11,15 +11,11 @@ Ctrl-C: save, wait, exit cleanly.
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -33,27 +29,8 @@ from pathways.train import checkpoint as checkpoint_lib
 from pathways.train import evaluation
 from pathways.train import experiment
 from pathways.train import metric_writer
-
-
-def check_workdir_config(config, workdir) -> None:
-  """Writes workdir/config.json, or refuses a config whose model shape differs from the one
-  already there (its checkpoints would not fit)."""
-  path = os.path.join(workdir, 'config.json')
-  signature = experiment.model_signature(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = experiment.upgrade(ml_collections.ConfigDict(json.load(f)))
-    old = experiment.model_signature(saved)
-    if old != signature:
-      diff = {k: (old[k], signature[k]) for k in signature if old.get(k) != signature[k]}
-      raise ValueError(f'workdir {workdir!r} holds a run of a different model: {diff} '
-                       f'(saved, requested). Use a new workdir, or config.init_from to start '
-                       f'from this one.')
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json(indent=1))
-    os.replace(path + '.tmp', path)
+from pathways.train import signals
+from pathways.train import workdir as workdir_lib
 
 
 def make_train_step(exp: experiment.Experiment):
@@ -111,38 +88,6 @@ def _global_norm(grads):
   return jnp.sqrt(sum(leaves))
 
 
-class _Stop:
-  """SIGTERM / Ctrl-C: finish the step in flight, save, exit."""
-
-  def __init__(self):
-    self.requested = None
-    self._old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-
-  def _handle(self, signum, frame):
-    del frame
-    self.requested = signal.Signals(signum).name
-
-  def agreed(self):
-    """The stop request, agreed by every process (signals reach hosts at different steps;
-    a process that saves while another steps would wait on it forever)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
-    if np.any(flags):
-      self.requested = self.requested or 'SIGTERM (another process)'
-    return self.requested
-
-  def restore(self):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
 class _Progress:
   """A progress bar on a terminal; plain log lines every `every` steps otherwise."""
 
@@ -173,7 +118,7 @@ class _Progress:
 def _resume(exp, ckpt, state, workdir):
   """Resume order: the workdir's checkpoint > config.init_from > the fresh state.
   Returns (start step, state, restored meta or None)."""
-  restored = ckpt.restore_latest(state)
+  restored = ckpt.restore_latest(state, check=lambda data, meta: exp.pipeline.check_state(data))
   if restored is not None:
     start, state, data_state, meta = restored
     if meta.get('task_ids') != exp.task_ids:
@@ -194,15 +139,59 @@ def _resume(exp, ckpt, state, workdir):
   return 0, state, None
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+@jax.jit
+def _finite(state):
+  """{path: all finite} of every floating array of a state."""
+  return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(
+      x.dtype, jnp.floating) else jnp.asarray(True), nnx.to_pure_dict(state))
+
+
+def check_finite(state, step: int, ckpt, workdir: str) -> None:
+  """Stops before a non-finite state is saved, naming the arrays and the last good step."""
+  flags = checkpoint_lib.flat_paths(jax.device_get(_finite(state)))
+  bad = sorted(k for k, ok in flags.items() if not ok)
+  if bad:
+    ckpt.wait()
+    last = max(ckpt.steps(), default=None)
+    raise FloatingPointError(
+        f'the state after step {step} holds non-finite values in {len(bad)} arrays (e.g. '
+        f'{bad[:3]}); not saved. ' + (f'The last good checkpoint is step {last} in {workdir}.'
+                                     if last else 'No checkpoint was saved yet.'))
+
+
+def train_and_evaluate(config, workdir: str, *, allow_config_changes: bool = False) -> dict:
   """Trains (resuming when workdir holds a checkpoint) and evaluates; returns the last
-  evaluation's metrics (plus 'stopped_by' when a signal ended the run early)."""
+  evaluation's metrics (plus 'stopped_by' when a signal ended the run early).
+
+  One trainer per workdir (a lock, process 0); a folder that cannot be written is refused
+  before training; a resume that changes the model, batch size or schedule is refused unless
+  `allow_config_changes` (see `pathways.train.workdir`)."""
+  stop = signals.Stop()  # from here a signal is a clean stop, also during start-up
+  lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+  try:
+    return _train(config, workdir, stop, allow_config_changes)
+  finally:
+    stop.restore()
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir, stop, allow_config_changes):
+  if jax.process_index() == 0:
+    workdir_lib.check_writable(workdir)
   exp = experiment.build(config)
   config = exp.config
-  check_workdir_config(config, workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt.keep,
                                      best_metric=config.ckpt.best_metric or None)
-  start, state, _ = _resume(exp, ckpt, exp.init_state(), workdir)
+  try:
+    steps = ckpt.steps()
+    if jax.process_index() == 0:
+      workdir_lib.record_config(config, workdir, max(steps, default=0), bool(steps),
+                                allow_changes=allow_config_changes)
+    start, state, _ = _resume(exp, ckpt, exp.init_state(), workdir)
+  except BaseException:
+    ckpt.close()
+    raise
   state = jax.device_put(state, exp.shardings)
   meta = {'task_ids': exp.task_ids, 'signature': experiment.model_signature(config)}
   pipe = exp.pipeline
@@ -234,7 +223,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start,
                                       enabled=jax.process_index() == 0)
-  stop = _Stop()
   progress = _Progress(start, config.train.num_steps, config.train.log_every)
   total = config.train.num_steps
   last_eval, pending = {}, None
@@ -264,7 +252,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   mesh_context = jax.set_mesh(exp.mesh)  # MoE layers trace expert parallel under it
   mesh_context.__enter__()
+  failed = True
   try:
+    if stop.agreed():
+      print(f'{stop.requested} during start-up: nothing trained; exiting.', flush=True)
+      failed = False
+      return {'stopped_by': stop.requested}
     step = start
     for step in range(start + 1, total + 1):
       batch = exp.put(next(pipe))
@@ -278,6 +271,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if boundary or stopping:
         finish(step, scalars, state)  # checked before it is saved
         if step % config.ckpt.every == 0 or step == total or stopping:
+          check_finite(state, step, ckpt, workdir)
+          writer.flush()  # what is logged up to a committed step survives a kill
           ckpt.save(step, state, pipe.get_state(), dict(meta, step=step), force=True)
           if last_eval and step % config.train.eval_every == 0:
             ckpt.save_best(step, state, pipe.get_state(), dict(meta, step=step), last_eval)
@@ -289,11 +284,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         break
     if pending is not None:
       finish(*pending, None)
+    failed = False
   finally:
     mesh_context.__exit__(None, None, None)
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    progress.close()
-    stop.restore()
+    # Cleanup never hides the error that ended the run, and never hangs on a second one.
+    for close in (ckpt.wait, ckpt.close, writer.close, progress.close):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not failed:
+          raise
+        print(f'WARNING: while stopping after an error: {type(e).__name__}: {e}', flush=True)
   return last_eval

@@ -35,6 +35,12 @@ class MetricWriter:
         f.writelines(keep)
       os.replace(self.path + '.tmp', self.path)
     self._file = open(self.path, 'a')
+    events = os.path.join(workdir, 'tensorboard')
+    if os.path.isdir(events):  # files of starts killed before their first flush hold nothing
+      for name in os.listdir(events):
+        path = os.path.join(events, name)
+        if name.startswith('events.out') and os.path.getsize(path) == 0:
+          os.remove(path)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1)
 
@@ -58,6 +64,14 @@ class MetricWriter:
     values = np.clip(np.asarray(values_HxW, np.float32), 0.0, 1.0)
     pixels = np.kron(values, np.ones((8, 8), np.float32))
     self._tb.add_image(name, (255 * pixels).astype(np.uint8), step, dataformats='HW')
+
+  def flush(self) -> None:
+    """Puts everything written so far on disk (called before each checkpoint is saved, so a
+    kill loses no point of a committed step)."""
+    if not self.enabled:
+      return
+    self._file.flush()
+    self._tb.flush()
 
   def close(self) -> None:
     if not self.enabled:

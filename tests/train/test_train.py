@@ -18,6 +18,7 @@ from pathways.train import evaluate_workdir
 from pathways.train import experiment
 from pathways.train import loop
 from pathways.train import metric_writer
+from pathways.train import workdir
 from tests.train import tiny_config
 from tests.train.conftest import ROOT, TIMEOUT, cli, run
 
@@ -31,6 +32,24 @@ def _config(data_dir, **train):
 
 def _losses(workdir):
   return {r['step']: r['loss'] for r in metric_writer.read_metrics(workdir) if 'loss' in r}
+
+
+def _tensorboard_steps(workdir, tag):
+  """The steps of `tag` TensorBoard shows: event files read in order, a 'purge' (a START
+  session log at step P) dropping the points at P and after that earlier files hold."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  steps = []
+  for path in sorted(glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.*'))):
+    data = open(path, 'rb').read()
+    pos = 0
+    while pos + 12 <= len(data):  # TFRecord: length, crc, payload, crc
+      n = int.from_bytes(data[pos:pos + 8], 'little')
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      if event.HasField('session_log') and event.session_log.status == 1:  # START
+        steps = [s for s in steps if s < event.step]
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return steps
 
 
 def test_end_to_end_train_writes_metrics_checkpoints_and_evaluates(reference_run):
@@ -71,6 +90,9 @@ def test_sigkill_then_resume_reproduces_every_loss_bitwise(reference_run, data_d
   assert sorted(resumed) == list(range(1, 13))  # each step once in metrics.jsonl
   for step in range(1, 13):
     assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+  # TensorBoard too: every step once; the points up to the committed step were on disk.
+  assert _tensorboard_steps(reference_run, 'loss') == list(range(1, 13))
+  assert sorted(_tensorboard_steps(workdir, 'loss')) == list(range(1, 13))
 
 
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
@@ -172,7 +194,7 @@ def test_workdir_of_another_model_shape_is_refused(reference_run, data_dir):
   c = _config(data_dir)
   c.model.d_model = 32
   with pytest.raises(ValueError, match='holds a run of a different model'):
-    loop.check_workdir_config(c, reference_run)
+    workdir.record_config(experiment.parse(c), reference_run, 12, has_checkpoint=True)
 
 
 def test_non_finite_loss_stops_naming_metric_and_step(data_dir, tmp_path):
