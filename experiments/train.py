@@ -20,6 +20,10 @@ from pathways.train import signals  # first: SIGTERM during start-up exits clean
 if __name__ == '__main__':
   signals.exit_cleanly_on_signal()
 
+import os  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -56,9 +60,15 @@ def main(argv):
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                             allow_config_changes=FLAGS.allow_config_changes)
-  finally:
-    if FLAGS.distributed != 'off':
-      jax.distributed.shutdown()
+  except Exception:  # pylint: disable=broad-except
+    # A failed asynchronous save can leave orbax threads waiting forever for the rest of the
+    # save, and the interpreter would wait for them at exit: report, then leave at once.
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+  if FLAGS.distributed != 'off':
+    jax.distributed.shutdown()
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import types
@@ -122,7 +123,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, best_metric: str | None = None):
     self.workdir = workdir
     if jax.process_index() == 0:
-      _remove_unfinished(workdir)
+      remove_unfinished(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True)
     self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
@@ -150,13 +151,18 @@ class Checkpointer:
         meta=ocp.args.JsonSave(dict(meta, checksums=checksums(saveable))))
 
   def _guard(self, fn, *args, **kwargs):
-    """Runs a save or wait; an OSError (an async save's failure surfaces here) is re-raised
-    naming the checkpoint folder, the cause and the free space."""
+    """Runs a save or wait; a write failure (an async save's surfaces at the next save or
+    wait: orbax re-raises TensorStore's 'RESOURCE_EXHAUSTED ... [os_error_code=28]' as a
+    ValueError) is re-raised as an OSError naming the folder, the cause and the free space."""
     try:
       return fn(*args, **kwargs)
-    except OSError as e:
+    except Exception as e:  # pylint: disable=broad-except
+      code = e.errno if isinstance(e, OSError) else _os_error_code(str(e))
+      if code is None:
+        raise
       from pathways.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-      raise workdir_lib.explain_os_error(e, os.path.join(self.workdir, 'checkpoints')) from e
+      err = OSError(code, os.strerror(code))
+      raise workdir_lib.explain_os_error(err, os.path.join(self.workdir, 'checkpoints')) from e
 
   def save(self, step: int, state, data_state: bytes, meta: dict, *, force=False) -> None:
     self._guard(self.latest.save, step, args=self._args(state, data_state, meta), force=force)
@@ -266,7 +272,13 @@ class Checkpointer:
     return types.SimpleNamespace(state=tree, data=r.data, meta=r.meta)
 
 
-def _remove_unfinished(workdir: str) -> None:
+def _os_error_code(message: str) -> int | None:
+  """The errno in a TensorStore error message ("... [os_error_code='28']"), or None."""
+  match = re.search(r"os_error_code='?(\d+)", message)
+  return int(match.group(1)) if match else None
+
+
+def remove_unfinished(workdir: str) -> None:
   """Deletes the temporary folders of saves that never committed (a kill, a full disk):
   orbax renames a step's temporary folder only when the step is complete."""
   for folder in ('checkpoints', 'best'):

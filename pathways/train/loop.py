@@ -178,6 +178,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_changes: bool = Fal
 
 def _train(config, workdir, stop, allow_config_changes):
   if jax.process_index() == 0:
+    checkpoint_lib.remove_unfinished(workdir)  # frees what a failed save took first
     workdir_lib.check_writable(workdir)
   exp = experiment.build(config)
   config = exp.config

@@ -44,9 +44,20 @@ class MetricWriter:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1)
 
+  def _explained(self, fn, *args, path=None):
+    """Runs a write; an OSError (a full disk) is re-raised naming the file or folder."""
+    try:
+      return fn(*args)
+    except OSError as e:
+      from pathways.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+      raise workdir_lib.explain_os_error(e, path or self.path) from e
+
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
+    self._explained(self._write, step, metrics)
+
+  def _write(self, step: int, metrics: dict) -> None:
     row = {'step': int(step)}
     for key, value in metrics.items():
       value = np.asarray(value)
@@ -70,8 +81,8 @@ class MetricWriter:
     kill loses no point of a committed step)."""
     if not self.enabled:
       return
-    self._file.flush()
-    self._tb.flush()
+    self._explained(self._file.flush)
+    self._explained(self._tb.flush, path=os.path.join(os.path.dirname(self.path), 'tensorboard'))
 
   def close(self) -> None:
     if not self.enabled:

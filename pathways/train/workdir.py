@@ -52,10 +52,13 @@ class Lock:
       self._file.close()
       raise WorkdirBusy(f'workdir {workdir!r} is in use by another trainer ({holder}); wait for '
                         f'it to finish, stop it, or use another workdir.') from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')
-    self._file.flush()
+    try:  # naming the holder is a courtesy: a full disk must not stop the lock
+      self._file.seek(0)
+      self._file.truncate()
+      self._file.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')
+      self._file.flush()
+    except OSError:
+      pass
 
   def release(self) -> None:
     if self._file.closed:
