@@ -20,6 +20,7 @@ flags.DEFINE_integer('eval_batches', None, 'Batches per evaluation (default: the
 flags.DEFINE_string('mesh', None, "Another mesh than the training config's, e.g. "
                     "'data=-1,expert=2' (the checkpoint is resharded onto it).")
 flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+flags.DEFINE_multi_string('skip_plugin', [], 'Installed task plugins (entry points) not to load.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -27,7 +28,7 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # orbax and TFDS log every step at INFO
     logging.set_verbosity(logging.WARNING)
   del argv
-  registry.discover(task_modules=FLAGS.task_module)
+  registry.discover(task_modules=FLAGS.task_module, skip_plugins=FLAGS.skip_plugin)
   from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
   from pathways.parallel import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.parse_mesh_flag(FLAGS.mesh) if FLAGS.mesh else None

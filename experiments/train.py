@@ -37,6 +37,7 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:a
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for config.json, checkpoints and metrics.')
 flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+flags.DEFINE_multi_string('skip_plugin', [], 'Installed task plugins (entry points) not to load.')
 flags.DEFINE_enum('distributed', 'off', ['off', 'auto', 'explicit'],
                   'jax.distributed: off (one process), auto (TPU pods, SLURM), explicit.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (explicit mode).')
@@ -55,7 +56,7 @@ def main(argv):
   from pathways.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
-  registry.discover(task_modules=FLAGS.task_module)
+  registry.discover(task_modules=FLAGS.task_module, skip_plugins=FLAGS.skip_plugin)
   from pathways.train import loop  # pylint: disable=g-import-not-at-top
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,

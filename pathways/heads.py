@@ -31,6 +31,10 @@ class Head:
     """Shape of one example's target feature."""
     raise NotImplementedError
 
+  def label_range(self, num_classes: int) -> tuple[int, int]:
+    """[low, high) of the target values a task's data may hold."""
+    return 0, num_classes
+
   def logits(self, w_DxC, pooled_NxD, x_NxLxD):
     """Logits of the task's rows from their pooled [N, D] or per-token [N, L, D] states."""
     raise NotImplementedError
@@ -71,6 +75,9 @@ class PerPosition(Head):
 
   def target_shape(self, input_shape):
     return tuple(input_shape)
+
+  def label_range(self, num_classes):
+    return -1, num_classes  # -1: no target at this position
 
   def logits(self, w_DxC, pooled_NxD, x_NxLxD):
     n, l, d = x_NxLxD.shape

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from pathways import heads as heads_lib
 from pathways import losses as losses_lib
 from pathways import modalities as modalities_lib
@@ -82,6 +84,15 @@ class Task:
           f'{" or ".join(repr(m) for m in readable)}')
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
       bad('num_classes', self.num_classes, 'must be an int >= 2')
+    shape = self.input_shape
+    if not isinstance(shape, (tuple, list)) or not shape or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+      bad('input_shape', shape, 'must be a non-empty tuple of ints >= 1')
+    try:
+      np.dtype(self.input_dtype)
+    except TypeError:
+      bad('input_dtype', self.input_dtype, "must be a numpy dtype name, e.g. 'uint8', 'int32', "
+          "'float32'")
     if not callable(self.data):
       bad('data', self.data, 'must be a callable (split, data_dir) -> data source')
     for role in ('train', 'eval'):

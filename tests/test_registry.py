@@ -1,4 +1,5 @@
 """The registry: lookup errors list known names, duplicates name both sources, plugins load."""
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,72 @@ def test_duplicate_task_names_name_both_modules(tmp_path, monkeypatch):
       registry.import_task_modules(['dup_plugin_b'])
   finally:
     registry.TASKS.remove('dup_toy')
+
+
+def _distribution(root, name, entry_point, body):
+  src = root / name
+  (src / name.replace('-', '_')).mkdir(parents=True)
+  (src / name.replace('-', '_') / '__init__.py').write_text(textwrap.dedent(body))
+  (src / 'pyproject.toml').write_text(textwrap.dedent(f'''
+      [build-system]
+      requires = ["setuptools>=68"]
+      build-backend = "setuptools.build_meta"
+      [project]
+      name = "{name}"
+      version = "0.0.1"
+      [project.entry-points."pathways.tasks"]
+      {entry_point}
+      '''))
+  return str(src)
+
+
+_TOY = '''
+    import numpy as np
+    from pathways import task as task_lib
+
+    def tasks():
+      return [task_lib.Task(
+          name='plugin_ok', modality='vector', head='classify', num_classes=2,
+          data=lambda split, data_dir: [{'x': np.zeros(3, np.float32), 'y': 0}] * 4,
+          splits={'train': 'train', 'eval': 'train'}, input_feature='x', target_feature='y',
+          input_shape=(3,), input_dtype='float32')]
+    '''
+
+
+def test_a_broken_or_clashing_plugin_fails_alone_and_names_its_source(tmp_path):
+  target = tmp_path / 'site'
+  sources = [_distribution(tmp_path, 'toy-ok', 'ok = "toy_ok:tasks"', _TOY),
+             _distribution(tmp_path, 'toy-dup', 'dup = "toy_dup:tasks"', _TOY),
+             _distribution(tmp_path, 'toy-broken', 'broken = "toy_broken:tasks"',
+                           'raise ImportError("a dependency is missing")\n')]
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+                  '--target', str(target), *sources], check=True, capture_output=True)
+  probe = textwrap.dedent('''
+      import json
+      from pathways import registry
+      first = registry.load_entry_point_tasks()
+      second = registry.load_entry_point_tasks()  # a second discovery changes nothing
+      out = {'first': sorted(first), 'second': sorted(second),
+             'ok': registry.get_task('plugin_ok').name, 'broken': registry.broken_plugins()}
+      try:
+        registry.get_task('plugin_broken_task')
+      except ValueError as e:
+        out['missing'] = str(e)
+      out['skipped'] = sorted(registry.load_entry_point_tasks(skip=['ok']))
+      print(json.dumps(out))
+      ''')
+  env = dict(os.environ, PYTHONPATH=str(target))
+  run = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert out['ok'] == 'plugin_ok' and out['first'] == out['second']
+  assert len(out['first']) == 1 and out['first'][0] in ('ok', 'dup')  # one of the clashing two
+  broken = ' '.join(out['broken'])
+  assert "entry point 'broken' = 'toy_broken:tasks' (distribution 'toy-broken') failed to " \
+         "load: ImportError: a dependency is missing" in broken
+  # The clash names both distributions.
+  assert "task 'plugin_ok' is registered twice: first by entry point" in broken
+  assert "(distribution 'toy-ok')" in broken and "(distribution 'toy-dup')" in broken
+  assert 'Plugins that failed to load' in out['missing'] and 'toy-broken' in out['missing']
+  assert 'failed to load' in run.stderr  # one warning each, and the probe went on
+  assert 'ok' not in out['skipped']  # --skip_plugin leaves an entry point out

@@ -44,25 +44,48 @@ from pathways import task as task_lib
 from pathways.data import mixture as mixture_lib
 from pathways.data.layout import BatchLayout, batch_spec, make_layout  # noqa: F401  (the contract)
 
-def check_example(t: task_lib.Task, example) -> None:
-  """Stops on data whose shapes or dtypes differ from what the task declares (before any
-  compilation), naming the task, the feature and both shapes."""
+def check_example(t: task_lib.Task, example, where: str = 'its data') -> None:
+  """Stops on an example whose features, shapes, dtypes or labels differ from what the task
+  declares (before any compilation), naming the task, `where` (split and index), the
+  feature, what it holds and what is allowed."""
   for feature in (t.input_feature, t.target_feature) + (
       (t.difficulty_feature,) if t.difficulty_feature else ()):
     if feature not in example:
-      raise ValueError(f'task {t.name!r}: feature {feature!r} missing from its data; the '
-                       f'examples have {sorted(example)}.')
+      raise ValueError(f'task {t.name!r}, {where}: feature {feature!r} missing; the example '
+                       f'has {sorted(example)}.')
   x = np.asarray(example[t.input_feature])
   if tuple(x.shape) != tuple(t.input_shape) or x.dtype != np.dtype(t.input_dtype):
-    raise ValueError(f'task {t.name!r}: feature {t.input_feature!r} has shape {tuple(x.shape)} '
-                     f'dtype {x.dtype}; the task declares shape {tuple(t.input_shape)} dtype '
-                     f'{t.input_dtype} for modality {t.modality!r}.')
+    raise ValueError(f'task {t.name!r}, {where}: feature {t.input_feature!r} has shape '
+                     f'{tuple(x.shape)} dtype {x.dtype}; the task declares shape '
+                     f'{tuple(t.input_shape)} dtype {t.input_dtype} for modality '
+                     f'{t.modality!r}.')
   modalities_lib.get(t.modality).check(t.name, t.input_feature, x)
   y = np.asarray(example[t.target_feature])
-  want = heads_lib.get(t.head).target_shape(t.input_shape)
+  head = heads_lib.get(t.head)
+  want = head.target_shape(t.input_shape)
   if tuple(y.shape) != want:
-    raise ValueError(f'task {t.name!r}: target {t.target_feature!r} has shape {tuple(y.shape)}; '
-                     f'a {t.head!r} head needs shape {want}.')
+    raise ValueError(f'task {t.name!r}, {where}: target {t.target_feature!r} has shape '
+                     f'{tuple(y.shape)}; a {t.head!r} head needs shape {want}.')
+  low, high = head.label_range(t.num_classes)
+  if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < low or y.max() >= high):
+    raise ValueError(f'task {t.name!r}, {where}: target {t.target_feature!r} holds '
+                     f'{y.min() if y.size else None}..{y.max() if y.size else None} '
+                     f'(dtype {y.dtype}); a {t.head!r} head with num_classes={t.num_classes} '
+                     f'takes integers in [{low}, {high}).')
+
+
+# (task, split name, data dir, examples) already checked in this process
+_CHECKED: set = set()
+
+
+def check_source(t: task_lib.Task, src, split: str, data_dir=None) -> None:
+  """Checks every example of a task's split once per process (`check_example`)."""
+  key = (t.name, split, data_dir, len(src), t.input_shape, t.num_classes)
+  if key in _CHECKED:
+    return
+  for i in range(len(src)):
+    check_example(t, src[i], f'split {split!r} example {i}')
+  _CHECKED.add(key)
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -109,11 +132,11 @@ class MultitaskPipeline:
     self.batch_size = batch_size
     self._sources = {}
     for t in self.tasks:
-      src = (sources or {}).get(t.name) or t.data(t.splits[split], data_dir)
+      src = (sources or {}).get(t.name) or self._open(t, split, data_dir)
       if len(src) < num_shards:
         raise ValueError(f'task {t.name!r}: split {t.splits[split]!r} has {len(src)} examples, '
                          f'fewer than num_shards={num_shards}.')
-      check_example(t, src[0])
+      check_source(t, src, t.splits[split], data_dir)
       self._sources[t.name] = src
     sizes = [len(self._sources[t.name]) for t in self.tasks]
     self.weights = mixture_lib.mixture_weights(sizes, [t.sampling_weight for t in self.tasks],
@@ -133,6 +156,14 @@ class MultitaskPipeline:
                        for m, rows in self.local_layout.rows.items()}
     self._step = 0
     self._next = {t.name: 0 for t in self.tasks}
+
+  @staticmethod
+  def _open(t, role, data_dir):
+    try:
+      return t.data(t.splits[role], data_dir)
+    except Exception as e:  # pylint: disable=broad-except  (a missing split, unprepared data)
+      raise ValueError(f'task {t.name!r}: its {role!r} split {t.splits[role]!r} cannot be '
+                       f'opened: {type(e).__name__}: {e}') from e
 
   def task_ids(self) -> dict[str, int]:
     """Name -> id: positions in the config's task list (saved with every checkpoint)."""
