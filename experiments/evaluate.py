@@ -1,6 +1,7 @@
 """Evaluate a workdir's latest checkpoint on every task's evaluation split.
 
-  python -m experiments.evaluate --workdir=/tmp/multitask [--eval_batches=20] [--mesh=data=1,expert=2]
+  python -m experiments.evaluate --workdir=/tmp/multitask [--checkpoint=latest|best|STEP] \
+      [--eval_batches=20] [--mesh=data=1,expert=2]
 
 Prints the metrics as JSON and writes them to workdir/eval.json. The plugin modules the
 workdir was trained with (`config.task_modules` in its config.json) are imported.
@@ -17,6 +18,8 @@ from pathways import registry
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training workdir (holds config.json and checkpoints).')
 flags.DEFINE_integer('eval_batches', None, 'Batches per evaluation (default: the config\'s).')
+flags.DEFINE_string('checkpoint', 'latest', "Which checkpoint: 'latest', 'best' (the step kept "
+                    "by config.ckpt.best_metric) or a step number.")
 flags.DEFINE_string('mesh', None, "Another mesh than the training config's, e.g. "
                     "'data=-1,expert=2' (the checkpoint is resharded onto it).")
 flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
@@ -33,7 +36,7 @@ def main(argv):
   from pathways.parallel import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.parse_mesh_flag(FLAGS.mesh) if FLAGS.mesh else None
   result = evaluate_workdir.evaluate_workdir(FLAGS.workdir, eval_batches=FLAGS.eval_batches,
-                                             mesh=mesh)
+                                             mesh=mesh, checkpoint=FLAGS.checkpoint)
   print(json.dumps(result, indent=1))
   with open(os.path.join(FLAGS.workdir, 'eval.json'), 'w') as f:
     json.dump(result, f, indent=1)

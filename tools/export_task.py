@@ -31,6 +31,7 @@ def define_flags():
   flags.DEFINE_float('max_accuracy_drop', 0.5, 'Accuracy points the export may lose; lower '
                      'thresholds are tried until it holds.')
   flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+  flags.DEFINE_string('checkpoint', 'latest', "Which checkpoint: 'latest', 'best' or a step.")
 
 
 def main(argv):
@@ -43,7 +44,7 @@ def main(argv):
   registry.discover(task_modules=FLAGS.task_module)
   from pathways.search import export  # pylint: disable=g-import-not-at-top
   result = export.export_task(FLAGS.workdir, FLAGS.task, FLAGS.output, FLAGS.threshold,
-                       FLAGS.eval_batches, FLAGS.max_accuracy_drop)
+                              FLAGS.eval_batches, FLAGS.max_accuracy_drop, FLAGS.checkpoint)
   print(json.dumps(result, indent=1))
 
 

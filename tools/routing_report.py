@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -25,26 +26,41 @@ from pathways import registry
 FLAGS = flags.FLAGS
 
 
-def workdir_stats(workdir: str, eval_batches: int | None = None) -> dict:
-  """The report's statistics of a workdir's latest checkpoint on its evaluation data."""
+def _say(message):
+  print(message, file=sys.stderr, flush=True)
+
+
+def workdir_stats(workdir: str, eval_batches: int | None = None,
+                  checkpoint: str = 'latest') -> dict:
+  """The report's statistics of a workdir's checkpoint on its evaluation data."""
   from pathways.analysis import collect, summary  # pylint: disable=g-import-not-at-top
   from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
-  loaded = evaluate_workdir.load_workdir(workdir)
+  _say(f'loading {workdir} ({checkpoint} checkpoint)...')
+  loaded = evaluate_workdir.load_workdir(workdir, checkpoint=checkpoint)
   exp = loaded.experiment
   pipe = exp.eval_pipeline()
   n = eval_batches or exp.config.train.eval_batches
-  record = collect.collect(exp.model_graphdef, loaded.model_state,
-                           (next(pipe) for _ in range(n)))
+
+  def batches():
+    for i in range(n):
+      _say(f'  routing evaluation batch {i + 1}/{n} (step {loaded.step})')
+      yield next(pipe)
+
+  record = collect.collect(exp.model_graphdef, loaded.model_state, batches())
+  _say('  statistics (NMI with shuffled-task baselines)...')
   return dict(summary.summarize(record), step=loaded.step)
 
 
 def write_report(workdir: str, output: str | None = None, eval_batches: int | None = None,
-                 over_time: bool = False, baseline: str | None = None):
+                 over_time: bool = False, baseline: str | None = None,
+                 checkpoint: str = 'latest'):
   """Writes routing_stats.json, the PNGs and index.html; returns the statistics."""
   from pathways.analysis import report  # pylint: disable=g-import-not-at-top
-  stats = workdir_stats(workdir, eval_batches)
+  stats = workdir_stats(workdir, eval_batches, checkpoint)
   if baseline:
-    stats['baseline'] = dict(workdir_stats(baseline, eval_batches), workdir=baseline)
+    stats['baseline'] = dict(workdir_stats(baseline, eval_batches, checkpoint),
+                             workdir=baseline)
+  _say('figures...')
   output = output or os.path.join(workdir, 'report')
   os.makedirs(output, exist_ok=True)
   with open(os.path.join(output, 'routing_stats.json'), 'w') as f:
@@ -70,6 +86,7 @@ def define_flags():
   flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
   flags.DEFINE_bool('over_time', False, 'Also plot the routing scalars across training.')
   flags.DEFINE_string('baseline', None, 'Another workdir to compare with, side by side.')
+  flags.DEFINE_string('checkpoint', 'latest', "Which checkpoint: 'latest', 'best' or a step.")
 
 
 def main(argv):
@@ -80,7 +97,7 @@ def main(argv):
     raise app.UsageError('--workdir is required.')
   registry.discover(task_modules=FLAGS.task_module)
   stats = write_report(FLAGS.workdir, FLAGS.output, FLAGS.eval_batches, FLAGS.over_time,
-                       FLAGS.baseline)
+                       FLAGS.baseline, FLAGS.checkpoint)
   out = FLAGS.output or os.path.join(FLAGS.workdir, 'report')
   print(f"wrote {out}/index.html (step {stats['step']}); NMI per layer: " + ', '.join(
       f"{k} {v['nmi']:.3f} (shuffled {v['nmi_shuffled_mean']:.3f})"

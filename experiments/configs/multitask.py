@@ -75,12 +75,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # weight and the compute budgets' dual-ascent rate.
   c.aux = dict(load_balance_loss=0.01, importance_load_loss=0.0, router_z_loss=0.001,
                ponder_cost=0.003, budget_rate=0.01)
+  # accumulate_steps: gradients of that many batches are averaged into one update.
   c.optim = dict(learning_rate=3e-3 if runlocal else 1e-3, warmup_steps=50 if runlocal else 500,
-                 weight_decay=1e-4, clip_norm=1.0, b1=0.9, b2=0.98)
+                 weight_decay=1e-4, clip_norm=1.0, b1=0.9, b2=0.98, accumulate_steps=1)
   steps = int(args.get('steps', 600 if runlocal else 20000))
   c.train = dict(num_steps=steps, log_every=25 if runlocal else 100,
                  eval_every=200 if runlocal else 2000, eval_batches=16 if runlocal else 50,
-                 routing_batches=2)  # routing NMI, load CV, task x expert images at eval
+                 routing_batches=2,  # routing NMI, load CV, task x expert images at eval
+                 # (first, last) steps traced by jax.profiler into WORKDIR/profile, e.g. (10, 15)
+                 profile_steps=())
   c.ckpt = dict(every=100 if runlocal else 1000, keep=3, best_metric='eval/mean_accuracy')
   # Mesh axes in order, sizes; -1 takes the devices the others leave. Experts shard over
   # 'expert' (MoE layers then run expert parallel), batches over every device.

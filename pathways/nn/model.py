@@ -58,6 +58,7 @@ class ModelOutput:
   Attributes:
     logits: {task name: logits of its rows}: classification [n_i, classes], per-position
       [n_i, L_max, vocab].
+    tokens_per_example: [B] real (not padding) tokens of each example.
     flops_per_example: [B] forward FLOPs each example spent in the layer stack (attention,
       dense FFNs, routers and the experts it used at their real widths; stems, norms and
       heads excluded). In training with halting, a layer counts with the probability the
@@ -70,6 +71,7 @@ class ModelOutput:
     moe: {layer index: `MoEStats`} of every MoE layer.
   """
   logits: dict
+  tokens_per_example: Any
   flops_per_example: Any
   aux_loss: Any
   budget_loss: Any
@@ -304,7 +306,8 @@ class Figure1Model(nnx.Module):
         self.layout.task_rows, None if 'weight' not in batch else jnp.asarray(batch['weight']))
     aux_loss = (jnp.mean(jnp.stack([s.aux_loss for s in moe_stats.values()])) if moe_stats
                 else jnp.zeros((), jnp.float32))
-    return ModelOutput(logits=self.apply_heads(pooled_BxD, x), flops_per_example=flops_B,
+    return ModelOutput(logits=self.apply_heads(pooled_BxD, x),
+                       tokens_per_example=jnp.sum(mask, axis=-1), flops_per_example=flops_B,
                        aux_loss=aux_loss, budget_loss=budget_loss, budget=budget_metrics,
                        moe=moe_stats, ponder_cost=ponder_cost, halting=halting)
 

@@ -126,11 +126,11 @@ def _into_layout(small, layout_big, task_big):
 
 
 def export_task(workdir, task, output, threshold=0.01, eval_batches=None,
-                max_accuracy_drop=0.5) -> dict:
+                max_accuracy_drop=0.5, checkpoint='latest') -> dict:
   """Exports `task`; tries the threshold, then a quarter, a sixteenth and 0 (every expert
   the task ever used: the same predictions), keeping the first within `max_accuracy_drop`
   accuracy points of the full model. Returns what export.json holds."""
-  loaded = evaluate_workdir.load_workdir(workdir)
+  loaded = evaluate_workdir.load_workdir(workdir, checkpoint=checkpoint)
   config, tasks, step = loaded.config, loaded.tasks, loaded.step
   graphdef, state = loaded.experiment.model_graphdef, loaded.model_state
   names = [t.name for t in tasks]

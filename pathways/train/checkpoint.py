@@ -185,6 +185,60 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.latest.all_steps())
 
+  def _target(self, abstract_state):
+    target = to_saveable(nnx.to_pure_dict(abstract_state))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), target)
+
+  def _restore_step(self, manager, step, abstract_state, check):
+    """One step of `manager`, verified (checksums, `check`); raises when it cannot be used."""
+    try:
+      r = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(self._target(abstract_state)),
+          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    except Exception:  # pylint: disable=broad-except
+      if manager is not self.latest or not self._legacy(step):
+        raise
+      r = self._restore_legacy(step, abstract_state)
+    _verify(r.state, r.meta)
+    if check is not None:
+      check(r.data, r.meta)
+    pure = from_saveable(r.state, nnx.to_pure_dict(abstract_state))
+    state = abstract_state
+    nnx.replace_by_pure_dict(state, pure)
+    return step, state, json.dumps(r.data).encode(), r.meta
+
+  def restore(self, abstract_state, which='latest', check=None):
+    """A chosen checkpoint: 'latest' (`restore_latest`, with its fallback), 'best' (the step
+    kept under workdir/best) or a step number of workdir/checkpoints. Returns (step, state,
+    data_state bytes, meta); raises naming what exists when the choice does not."""
+    if which == 'latest':
+      restored = self.restore_latest(abstract_state, check)
+      if restored is None:
+        raise FileNotFoundError(f'{self.workdir!r}: no checkpoint to load.')
+      return restored
+    if which == 'best':
+      best = self.best or ocp.CheckpointManager(os.path.join(os.path.abspath(self.workdir),
+                                                             'best'))
+      try:
+        steps = sorted(best.all_steps())
+        if not steps:
+          raise FileNotFoundError(f'{self.workdir!r}: no best checkpoint (config.ckpt.'
+                                  f'best_metric unset, or no evaluation saved yet); latest '
+                                  f'steps: {self.steps()}.')
+        return self._restore_step(best, steps[-1], abstract_state, check)
+      finally:
+        if best is not self.best:
+          best.close()
+    try:
+      step = int(which)
+    except ValueError:
+      raise ValueError(f'checkpoint={which!r}: must be latest, best or a step number.') from None
+    if step not in self.steps():
+      raise FileNotFoundError(f'{self.workdir!r}: no checkpoint of step {step}; steps: '
+                              f'{self.steps()}.')
+    return self._restore_step(self.latest, step, abstract_state, check)
+
   def restore_latest(self, abstract_state, check=None):
     """(step, state, data_state bytes, meta) from the newest restorable step, or None when
     there is no checkpoint. Raises if steps exist but none can be restored.
@@ -193,24 +247,10 @@ class Checkpointer:
     `check(data_state_dict, meta)` (if given) does not raise. Newer unrestorable steps are
     moved to workdir/corrupt/ once an older one restores."""
     steps = self.steps()
-    target = to_saveable(nnx.to_pure_dict(abstract_state))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=getattr(x, 'sharding', None)),
-                          target)
     errors = []
     for step in reversed(steps):
       try:
-        try:
-          r = self.latest.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-              meta=ocp.args.JsonRestore()))
-        except Exception:  # pylint: disable=broad-except
-          if not self._legacy(step):
-            raise
-          r = self._restore_legacy(step, abstract_state)
-        _verify(r.state, r.meta)
-        if check is not None:
-          check(r.data, r.meta)
+        restored = self._restore_step(self.latest, step, abstract_state, check)
       except Exception as e:  # pylint: disable=broad-except
         msg = f'checkpoint step {step} in {self.latest.directory} cannot be restored ' \
               f'(corrupted, truncated, or saved by a model of another shape): ' \
@@ -220,10 +260,7 @@ class Checkpointer:
         errors.append((step, msg))
         continue
       self._move_aside([s for s, _ in errors])
-      pure = from_saveable(r.state, nnx.to_pure_dict(abstract_state))
-      state = abstract_state
-      nnx.replace_by_pure_dict(state, pure)
-      return step, state, json.dumps(r.data).encode(), r.meta
+      return restored
     if steps:
       raise RuntimeError('no checkpoint in ' + str(self.latest.directory) +
                          ' can be restored:\n' + '\n'.join(m for _, m in errors))

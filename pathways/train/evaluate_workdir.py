@@ -50,9 +50,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
       workdir_lib.read_json(path, 'workdir config')))
 
 
-def load_workdir(workdir: str, mesh: dict | None = None) -> Loaded:
-  """The latest checkpoint of a workdir, with its experiment. The config's task plugin
-  modules (`config.task_modules`) are imported; a task still unknown names the workdir.
+def load_workdir(workdir: str, mesh: dict | None = None, checkpoint: str = 'latest') -> Loaded:
+  """A checkpoint of a workdir ('latest', 'best' or a step number), with its experiment. The
+  config's task plugin modules (`config.task_modules`) are imported; a task still unknown
+  names the workdir.
 
   `mesh` ({'data': 1, 'expert': 2}) replaces the config's mesh: a checkpoint restores onto
   any device count (orbax reshards each array to the new layout)."""
@@ -69,18 +70,16 @@ def load_workdir(workdir: str, mesh: dict | None = None) -> Loaded:
   exp = experiment.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt.keep)
   try:
-    restored = ckpt.restore_latest(
-        exp.init_state(), check=lambda data, meta: exp.pipeline.check_state(data))
+    restored = ckpt.restore(exp.init_state(), checkpoint,
+                            check=lambda data, meta: exp.pipeline.check_state(data))
   finally:
     ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'--workdir={workdir!r}: no checkpoint to load.')
   return Loaded(exp, restored[1], restored[0])
 
 
 def evaluate_workdir(workdir: str, eval_batches: int | None = None,
-                     mesh: dict | None = None) -> dict:
-  loaded = load_workdir(workdir, mesh)
+                     mesh: dict | None = None, checkpoint: str = 'latest') -> dict:
+  loaded = load_workdir(workdir, mesh, checkpoint)
   exp = loaded.experiment
   eval_pipe = exp.eval_pipeline()
   n = eval_batches or exp.config.train.eval_batches

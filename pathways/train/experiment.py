@@ -69,6 +69,10 @@ def upgrade(config):
     config.task_modules = []
   if 'aux' in config and 'importance_load_loss' not in config.aux:
     config.aux.importance_load_loss = 0.0
+  if 'optim' in config and 'accumulate_steps' not in config.optim:
+    config.optim.accumulate_steps = 1
+  if 'train' in config and 'profile_steps' not in config.train:
+    config.train.profile_steps = ()
   moe = config.get('model', {}).get('moe')
   if moe is not None and isinstance(moe.get('router', 'top_k'), str):
     spec = {'name': moe.get('router', 'top_k')}
@@ -133,6 +137,11 @@ def validate(config, mesh=None, rules=None) -> None:
       _bad(f'train.{key}', config.train[key], 'must be an int >= 1')
   if not _int(config.train.get('routing_batches', 0), 0):
     _bad('train.routing_batches', config.train.routing_batches, 'must be an int >= 0')
+  profile = tuple(config.train.get('profile_steps', ()))
+  if profile and not (len(profile) == 2 and all(_int(s, 1) for s in profile)
+                      and profile[0] <= profile[1]):
+    _bad('train.profile_steps', profile, 'must be () or (first, last) steps with 1 <= first '
+         '<= last')
   for key in ('every', 'keep'):
     if not _int(config.ckpt[key], 1):
       _bad(f'ckpt.{key}', config.ckpt[key], 'must be an int >= 1')
@@ -223,6 +232,8 @@ def _validate_optim(o) -> None:
     _bad('optim.clip_norm', o.clip_norm, 'must be > 0 and finite')
   if not _int(o.warmup_steps, 0):
     _bad('optim.warmup_steps', o.warmup_steps, 'must be an int >= 0')
+  if not _int(o.get('accumulate_steps', 1), 1):
+    _bad('optim.accumulate_steps', o.accumulate_steps, 'must be an int >= 1')
   if not _finite(o.weight_decay, 0.0):
     _bad('optim.weight_decay', o.weight_decay, 'must be a finite number >= 0')
   for key in ('b1', 'b2'):
@@ -388,7 +399,7 @@ def build(config, *, mesh=None, layout: layout_lib.BatchLayout | None = None) ->
   tx = optimizer_lib.make_optimizer(
       learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
       num_steps=config.train.num_steps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-      b1=o.b1, b2=o.b2, freeze=list(config.freeze))
+      b1=o.b1, b2=o.b2, freeze=list(config.freeze), accumulate=o.get('accumulate_steps', 1))
 
   def make():
     model = model_from_config(config, tasks, layout,

@@ -11,6 +11,8 @@ Ctrl-C: save, wait, exit cleanly.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 
@@ -29,6 +31,7 @@ from pathways.train import checkpoint as checkpoint_lib
 from pathways.train import evaluation
 from pathways.train import experiment
 from pathways.train import metric_writer
+from pathways.train import optimizer as optimizer_lib
 from pathways.train import signals
 from pathways.train import workdir as workdir_lib
 
@@ -44,6 +47,10 @@ def make_train_step(exp: experiment.Experiment):
   weights = {name: float(config.task_loss_weights.get(name, 1.0)) for name in config.tasks}
   ponder_weight, budget_rate = config.aux.ponder_cost, config.aux.budget_rate
   graphdef = exp.graphdef
+  accumulate = config.optim.get('accumulate_steps', 1)
+  lr = optimizer_lib.schedule(learning_rate=config.optim.learning_rate,
+                              warmup_steps=config.optim.warmup_steps,
+                              num_steps=config.train.num_steps // accumulate)
 
   def train_step(state, batch):
     model, opt = nnx.merge(graphdef, state)
@@ -59,10 +66,13 @@ def make_train_step(exp: experiment.Experiment):
 
     (loss, (losses, accuracy, out)), grads = nnx.value_and_grad(
         loss_fn, has_aux=True)(model)
+    learning_rate = lr(opt.step[...] // accumulate)  # the rate of this step's update
     opt.update(model, grads)
     budget_lib.update_multipliers(model, out.budget, budget_rate)
-    scalars = {'loss': loss, 'grad_norm': _global_norm(grads),
-               'flops_per_example': jnp.mean(out.flops_per_example)}
+    real = jnp.asarray(batch['weight']) > 0
+    scalars = {'loss': loss, 'grad_norm': _global_norm(grads), 'learning_rate': learning_rate,
+               'flops_per_example': jnp.mean(out.flops_per_example),
+               'examples': jnp.sum(real), 'tokens': jnp.sum(out.tokens_per_example * real)}
     for name in losses:
       scalars[f'train/{name}/loss'] = losses[name]
       scalars[f'train/{name}/accuracy'] = accuracy[name]
@@ -88,27 +98,70 @@ def _global_norm(grads):
   return jnp.sqrt(sum(leaves))
 
 
-class _Progress:
-  """A progress bar on a terminal; plain log lines every `every` steps otherwise."""
+class _Meter:
+  """Interval means of the step scalars and training-only rates.
+
+  Rows logged every `every` steps hold each scalar's mean over the steps since the last row
+  (not one step's value), the learning rate, and steps/s, examples/s and tokens/s (real
+  examples and tokens, not padding) over training steps only: the first step (compilation)
+  and the time inside `pause()` (evaluation) do not count, so the ETA is right from the first
+  row. A progress bar on a terminal; plain lines otherwise.
+  """
 
   def __init__(self, start, total, every):
-    self.every, self.total, self.start_time, self.start = every, total, time.time(), start
+    self.every, self.total = every, total
+    self.timing = False  # the first step after a (re)start compiles
     self.bar = None
     if sys.stderr.isatty():
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+    self._reset(time.time())
+    self.rate = None
 
-  def update(self, step, loss):
+  def _reset(self, now):
+    self.sums, self.n = {}, 0
+    self.timed = {'steps': 0, 'examples': 0.0, 'tokens': 0.0}
+    self.clock, self.paused = now, 0.0
+
+  @contextlib.contextmanager
+  def pause(self):
+    t0 = time.time()
+    try:
+      yield
+    finally:
+      self.paused += time.time() - t0
+
+  def add(self, step, scalars) -> dict | None:
+    """Takes one step's host scalars; returns the row to log at a logging step, else None."""
+    now = time.time()
+    for key, value in scalars.items():
+      if np.size(value) == 1:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+    self.n += 1
+    if self.timing:
+      self.timed['steps'] += 1
+      self.timed['examples'] += float(scalars.get('examples', 0.0))
+      self.timed['tokens'] += float(scalars.get('tokens', 0.0))
+    else:  # this step compiled: time from its end
+      self.timing, self.clock, self.paused = True, now, 0.0
     if self.bar is not None:
       self.bar.update(1)
-      self.bar.set_postfix(loss=f'{loss:.4f}')
-    elif step % self.every == 0 or step == self.total:
-      now = time.time()  # rate over the last interval (the first one includes compilation)
-      rate = (step - self.start) / max(now - self.start_time, 1e-9)
-      self.start, self.start_time = step, now
-      eta = (self.total - step) / max(rate, 1e-9)
-      print(f'step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  '
-            f'ETA {eta / 60:.1f} min', flush=True)
+      self.bar.set_postfix(loss=f"{float(scalars['loss']):.4f}")
+    if step % self.every and step != self.total:
+      return None
+    row = {k: v / self.n for k, v in self.sums.items()}
+    elapsed = now - self.clock - self.paused
+    if self.timed['steps'] and elapsed > 0:
+      self.rate = self.timed['steps'] / elapsed
+      row.update(steps_per_s=self.rate, examples_per_s=self.timed['examples'] / elapsed,
+                 tokens_per_s=self.timed['tokens'] / elapsed)
+    if self.bar is None:
+      eta = (f'ETA {(self.total - step) / self.rate / 60:.1f} min' if self.rate else
+             'ETA after the next interval')
+      rate = f'{self.rate:.2f} steps/s' if self.rate else 'compiling'
+      print(f"step {step}/{self.total}  loss {row['loss']:.4f}  {rate}  {eta}", flush=True)
+    self._reset(now)
+    return row
 
   def close(self):
     if self.bar is not None:
@@ -224,8 +277,9 @@ def _train(config, workdir, stop, allow_config_changes):
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start,
                                       enabled=jax.process_index() == 0)
-  progress = _Progress(start, config.train.num_steps, config.train.log_every)
+  meter = _Meter(start, config.train.num_steps, config.train.log_every)
   total = config.train.num_steps
+  profile = tuple(config.train.get('profile_steps', ()))
   last_eval, pending = {}, None
 
   def finish(step, scalars, state):
@@ -241,11 +295,11 @@ def _train(config, workdir, stop, allow_config_changes):
             f'{key} = {value} at step {step}: not finite; stopping. ' +
             (f'The last good checkpoint is step {last} in {workdir}.' if last else
              'No checkpoint was saved yet.'))
-    progress.update(step, float(scalars['loss']))
-    row = dict(scalars) if step % config.train.log_every == 0 or step == total else {}
+    row = meter.add(step, scalars) or {}
     if state is not None and (step % config.train.eval_every == 0 or step == total):
-      last_eval = run_eval(state, step)
-      row.update(dict(scalars), **last_eval)
+      with meter.pause():
+        last_eval = run_eval(state, step)
+      row = dict(row or scalars, **last_eval)
       print(f'step {step} ' + ' '.join(f'{k}={v:.4g}' for k, v in last_eval.items()
                                        if k.endswith('accuracy')), flush=True)
     if row:
@@ -264,7 +318,14 @@ def _train(config, workdir, stop, allow_config_changes):
       batch = exp.put(next(pipe))
       boundary = (step % config.ckpt.every == 0 or step % config.train.eval_every == 0
                   or step == total)
+      if profile and step == profile[0] and jax.process_index() == 0:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
       state, scalars = train_step(state, batch)
+      if profile and step == profile[1] and jax.process_index() == 0:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        print(f'profile of steps {profile[0]}-{profile[1]} in {workdir}/profile (TensorBoard\'s '
+              f'profile plugin reads it)', flush=True)
       if pending is not None:
         finish(*pending, None)
         pending = None
@@ -289,7 +350,7 @@ def _train(config, workdir, stop, allow_config_changes):
   finally:
     mesh_context.__exit__(None, None, None)
     # Cleanup never hides the error that ended the run, and never hangs on a second one.
-    for close in (ckpt.wait, ckpt.close, writer.close, progress.close):
+    for close in (ckpt.wait, ckpt.close, writer.close, meter.close):
       try:
         close()
       except Exception as e:  # pylint: disable=broad-except

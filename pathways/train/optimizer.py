@@ -41,16 +41,28 @@ def freeze_labels(params, patterns: Sequence[str]):
   return labels
 
 
-def make_optimizer(*, learning_rate: float, warmup_steps: int, num_steps: int,
-                   weight_decay: float, clip_norm: float, b1: float = 0.9, b2: float = 0.999,
-                   freeze: Sequence[str] = ()) -> optax.GradientTransformation:
-  """AdamW(warmup + cosine) after clipping by global norm; `freeze` patterns get zero updates."""
-  schedule = optax.warmup_cosine_decay_schedule(
+def schedule(*, learning_rate: float, warmup_steps: int, num_steps: int):
+  """Linear warmup to `learning_rate`, cosine decay to a tenth of it at `num_steps` (counted
+  in optimizer updates)."""
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=learning_rate, warmup_steps=max(1, warmup_steps),
       decay_steps=max(num_steps, warmup_steps + 1), end_value=0.1 * learning_rate)
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int, num_steps: int,
+                   weight_decay: float, clip_norm: float, b1: float = 0.9, b2: float = 0.999,
+                   freeze: Sequence[str] = (), accumulate: int = 1) -> optax.GradientTransformation:
+  """AdamW(warmup + cosine) after clipping by global norm; `freeze` patterns get zero updates.
+
+  `accumulate` > 1: gradients of that many consecutive steps are averaged and applied as one
+  update (`optax.MultiSteps`), so the schedule counts num_steps / accumulate updates."""
+  lr = schedule(learning_rate=learning_rate, warmup_steps=warmup_steps,
+                num_steps=num_steps // accumulate)
   tx = optax.chain(optax.clip_by_global_norm(clip_norm),
-                   optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
-  if not freeze:
-    return tx
-  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                   optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+  if freeze:
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
                                lambda params: freeze_labels(params, freeze))
+  if accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
+  return tx

@@ -57,6 +57,8 @@ def test_end_to_end_train_writes_metrics_checkpoints_and_evaluates(reference_run
   steps = [r['step'] for r in rows]
   assert steps == list(range(1, 13))  # each step once
   last = rows[-1]
+  assert last['learning_rate'] > 0 and last['tokens_per_s'] > last['examples_per_s'] > 0
+  assert 'steps_per_s' not in rows[0]  # the first step compiles: it is not timed
   for key in ('loss', 'train/digits/accuracy', 'load_balance_loss', 'importance_load_loss',
               'router_z_loss', 'experts_per_token', 'fraction_tokens_dropped', 'fraction_dropped',
               'computed_experts_per_token', 'mean_depth', 'flops_per_example',
@@ -239,3 +241,39 @@ def test_saved_configs_from_before_the_mesh_keys_still_load():
   c = experiment.upgrade(c)
   assert dict(c.mesh) == {'data': 1, 'expert': 1} and c.data.shards == 0
   assert c.sharding_rules[1] == ['batch', ['data', 'expert']]
+
+
+def test_evaluate_takes_the_latest_the_best_or_a_step(reference_run):
+  assert evaluate_workdir.evaluate_workdir(reference_run, checkpoint='9')['step'] == 9
+  best = evaluate_workdir.evaluate_workdir(reference_run, checkpoint='best')
+  assert best['step'] in (6, 12)
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint of step 5; steps: \[6, 9, 12\]'):
+    evaluate_workdir.load_workdir(reference_run, checkpoint='5')
+  with pytest.raises(ValueError, match="checkpoint='first': must be latest, best or a step"):
+    evaluate_workdir.load_workdir(reference_run, checkpoint='first')
+
+
+def test_rows_hold_interval_means_and_rates_over_training_steps_only(monkeypatch):
+  clock = iter([0.0,  # start
+                10.0,  # step 1 ends: it compiled, so it is not timed
+                11.0, 13.0,  # steps 2 and 3 (row: 2 steps in 3 s, minus a 1 s pause)
+                14.0])
+  monkeypatch.setattr(loop.time, 'time', lambda: next(clock))
+  meter = loop._Meter(0, 4, 3)  # pylint: disable=protected-access
+  one = {'loss': 1.0, 'examples': 4.0, 'tokens': 40.0}
+  assert meter.add(1, dict(one, loss=3.0)) is None
+  assert meter.add(2, one) is None
+  meter.paused = 1.0  # an evaluation
+  row = meter.add(3, one)
+  assert row['loss'] == pytest.approx(5.0 / 3)  # the mean of the three steps
+  assert row['steps_per_s'] == pytest.approx(1.0)  # 2 timed steps in 3 - 1 s
+  assert row['examples_per_s'] == pytest.approx(4.0) and row['tokens_per_s'] == 40.0
+
+
+def test_profile_steps_write_a_trace(data_dir, tmp_path):
+  c = _config(data_dir, num_steps=3, eval_every=3)
+  c.train.profile_steps = (2, 3)
+  workdir = str(tmp_path / 'profiled')
+  loop.train_and_evaluate(c, workdir)
+  traces = glob.glob(os.path.join(workdir, 'profile', '**', '*.xplane.pb'), recursive=True)
+  assert traces and os.path.getsize(traces[0]) > 0
