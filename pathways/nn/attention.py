@@ -49,6 +49,30 @@ class SelfAttention(nnx.Module):
     return (out @ self.w_out_DxD[...].astype(self.dtype)).reshape(b, l, d).astype(x_BxLxD.dtype)
 
 
+  def step(self, x_BxD, cache_k_BxLxHxK, cache_v_BxLxHxK, pos):
+    """One causal position at index `pos` with a key/value cache [B, L_max, H, K]: the
+    position's keys and values go into the cache, its query attends to positions <= pos.
+    The same arithmetic as `__call__` on a causal row of real tokens. Returns (y_BxD,
+    cache_k, cache_v)."""
+    b, d = x_BxD.shape
+    h = self.num_heads
+    qkv = x_BxD.astype(self.dtype) @ self.w_qkv_Dx3D[...].astype(self.dtype)
+    q, k, v = jnp.split(qkv.reshape(b, 3, h, d // h), 3, axis=1)
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, K]
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k_BxLxHxK, k[:, None].astype(
+        cache_k_BxLxHxK.dtype), pos, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v_BxLxHxK, v[:, None].astype(
+        cache_v_BxLxHxK.dtype), pos, axis=1)
+    logits_BxHxL = jnp.einsum('bhk,bshk->bhs', q, cache_k.astype(self.dtype)).astype(
+        jnp.float32) / jnp.sqrt(d // h)
+    seen = jnp.arange(cache_k.shape[1]) <= pos
+    probs = jax.nn.softmax(jnp.where(seen[None, None], logits_BxHxL, -1e30), axis=-1).astype(
+        self.dtype)
+    out = jnp.einsum('bhs,bshk->bhk', probs, cache_v.astype(self.dtype)).reshape(b, d)
+    y = (out @ self.w_out_DxD[...].astype(self.dtype)).astype(x_BxD.dtype)
+    return y, cache_k, cache_v
+
+
 def flops_per_token(d_model: int, mask_BxL, causal_B):
   """Forward FLOPs of one attention layer per query token: the four D x D projections
   (8 D^2) and scores plus weighted values over the keys it sees (4 D per key); 0 on padding."""
