@@ -76,7 +76,7 @@ registry.register_task(tfds_source.builder_task(
     PathwaysPycodeLm, name='pycode_lm', modality='bytes', head='per_position',
     num_classes=256,
     input_feature='inputs', target_feature='targets', input_shape=(WINDOW,), input_dtype='uint8',
-    metrics=('accuracy', 'loss', 'perplexity'),
+    metrics=('accuracy', 'loss', 'perplexity', 'bits_per_byte'),
     description='byte-level language modelling on the standard library (pathways_pycode_lm)'))
 registry.register_task(tfds_source.builder_task(
     PathwaysStdlibPackage, name='stdlib_package', modality='bytes', head='classify',

@@ -40,6 +40,10 @@ def collect(model_graphdef, model_state, batches, forward=None) -> dict:
   out['scalars'] = {k: float(np.mean(v)) for k, v in scalars.items()}
   out['num_experts'] = {f'layer{l}': model.blocks[l].ffn.num_total_experts
                         for l in model.moe_layers}
+  # Each layer's experts by bank: [(count, hidden)] in global id order (grown ones last).
+  out['banks'] = {f'layer{l}': [(b.num_experts, b.hidden) for b in
+                                model.blocks[l].ffn.all_banks()] for l in model.moe_layers}
+  out['adaptive_depth'] = [bool(model.halting and p) for p in model.pooled]
   out['grown'] = grown_components(model)
   out['task_names'] = list(model.task_names)
   out['num_layers'] = len(model.blocks)

@@ -18,38 +18,86 @@ from pathways.nn import moe
 OVER_TIME = ('loss', 'mean_depth', 'flops_per_example') + moe.SCALAR_METRICS
 
 
+# What each figure shows and how to read it (the page prints these under the figures).
+CAPTIONS = {
+    'heatmap': 'Rows: tasks; columns: experts (grouped by bank, hidden width F above each '
+               'group), then "null": the share of each task\'s expert choices that went to a '
+               'null expert (no FFN computed: the adaptive-compute saving per token). Each row '
+               'sums to 1 over the real experts; a bright cell is an expert a task relies on. '
+               'NMI(task, expert) is 0 when tasks route alike and 1 when each task has its '
+               'own experts; the shuffled-task NMI is what chance gives with these counts.',
+    'compute_per_task': 'Forward FLOPs per example of each task (attention, dense and MoE '
+                        'layers as computed), and the layers each example ran where the task '
+                        'can stop early (halting); per-position tasks run every layer.',
+    'flops_vs_difficulty': 'Mean FLOPs per example at each value of the task\'s difficulty '
+                           'feature: a rising line is compute that follows difficulty.',
+    'pathways': 'Figure 1 from the trained model: boxes are the experts of each MoE layer '
+                '(numbered; filled: grown for one task); a task\'s line width is its share of '
+                'assignments (between layers: the product of the two shares).',
+    'over_time': 'The routing scalars over training (means over each logging interval) and '
+                 'the evaluation accuracies: load-balance and z-losses falling, drops (at the '
+                 'training capacity) and experts per token, NMI rising as tasks specialize.',
+}
+
+
+def _png(fig, plt):
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=90, bbox_inches='tight')
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def heatmap(layer: str, s: dict, names) -> bytes:
+  """One MoE layer's task x expert shares as a labelled PNG (also TensorBoard's image)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  counts = np.asarray(s['task_expert_counts'], float)
+  share = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+  null = s.get('null_share')
+  if null is not None:
+    share = np.concatenate([share, np.asarray([[v or 0.0] for v in null])], axis=1)
+  e = counts.shape[1]
+  fig, ax = plt.subplots(figsize=(min(2.0 + 0.42 * share.shape[1], 14), 1.3 + 0.4 * len(names)))
+  im = ax.imshow(share, aspect='auto', cmap='viridis', vmin=0, vmax=max(share.max(), 1e-9))
+  ax.set_yticks(range(len(names)), names)
+  labels = [str(j) for j in range(e)] + (['null'] if null is not None else [])
+  ax.set_xticks(range(len(labels)), labels, fontsize=7)
+  start = 0
+  for count, hidden in s.get('banks') or []:  # bank boundaries and widths
+    ax.axvline(start - 0.5, color='white', lw=1.5)
+    ax.text(start + (count - 1) / 2, 1.02, f'F={hidden}', ha='center', va='bottom', fontsize=7,
+            transform=ax.get_xaxis_transform())
+    start += count
+  if null is not None:
+    ax.axvline(e - 0.5, color='white', lw=1.5)
+  ax.set_xlabel('expert')
+  ax.set_title(f"{layer}: share of each task's assignments\n"
+               f"NMI {s['nmi']:.3f} (shuffled tasks {s['nmi_shuffled_mean']:.3f})", pad=16)
+  fig.colorbar(im, ax=ax)
+  return _png(fig, plt)
+
+
 def figures(stats):
   """{name: PNG bytes} of the report's figures."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  def png(fig):
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=90, bbox_inches='tight')
-    plt.close(fig)
-    return buf.getvalue()
+  png = lambda fig: _png(fig, plt)  # noqa: E731
 
   names = stats['task_names']
   out = {}
   for layer, s in stats['layers'].items():
-    counts = np.asarray(s['task_expert_counts'], float)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * share.shape[1], 0.9 + 0.4 * len(names)))
-    im = ax.imshow(share, aspect='auto', cmap='viridis', vmin=0, vmax=max(share.max(), 1e-9))
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel('expert')
-    ax.set_title(f"{layer}: share of each task's assignments\n"
-                 f"NMI {s['nmi']:.3f} (shuffled tasks {s['nmi_shuffled_mean']:.3f})")
-    fig.colorbar(im, ax=ax)
-    out[f'heatmap_{layer}.png'] = png(fig)
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    out[f'heatmap_{layer}.png'] = heatmap(layer, s, names)
+  adaptive = [n for n in names if stats['tasks'][n].get('depth') is not None]
+  fig, axes = plt.subplots(1, 2 if adaptive else 1, figsize=(9 if adaptive else 4.5, 3),
+                           squeeze=False)
   flops = [stats['tasks'][n]['flops_per_example'] or 0 for n in names]
-  axes[0].barh(names, flops)
-  axes[0].set_xlabel('FLOPs per example')
-  depth = [stats['tasks'][n].get('depth') or 0 for n in names]
-  axes[1].barh(names, depth)
-  axes[1].set_xlabel(f"layers run (of {stats['num_layers']})")
+  axes[0, 0].barh(names, flops)
+  axes[0, 0].set_xlabel('FLOPs per example')
+  if adaptive:
+    axes[0, 1].barh(adaptive, [stats['tasks'][n]['depth'] for n in adaptive])
+    axes[0, 1].set_xlabel(f"layers run (of {stats['num_layers']}; tasks that can halt)")
   out['compute_per_task.png'] = png(fig)
   with_difficulty = [n for n in names if stats['tasks'][n].get('flops_by_difficulty')]
   if with_difficulty:
@@ -86,6 +134,7 @@ def _pathway_figure(stats, plt, png):
         ax.add_patch(plt.Rectangle((layer + 1 - 0.08, ys[j] - 0.03), 0.16, 0.06,
                                    fill=g is not None, alpha=0.5 if g else 1.0,
                                    color=color or 'black'))
+        ax.text(layer + 1, ys[j], str(j), ha='center', va='center', fontsize=6)
         if g:  # grown by the architecture search for one task
           ax.text(layer + 1.1, ys[j], f"clone of {g['source']}, F={g['hidden']}",
                   fontsize=7, va='center')
@@ -126,15 +175,15 @@ def over_time_figure(rows):
   for ax, key in zip(axes.flat, panels):
     for k in (acc if key == 'eval accuracy' else [key]):
       pts = [(r['step'], r[k]) for r in rows if k in r]
-      ax.plot(*zip(*pts), label=k.split('/')[1] if key == 'eval accuracy' else None)
-    ax.set_title(key)
-    ax.set_xlabel('step')
+      ax.plot(*zip(*pts), marker='o' if len(pts) < 5 else None,
+              label=k.split('/')[1] if key == 'eval accuracy' else None)
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel('step', fontsize=8)
+    ax.tick_params(labelsize=7)
     if key == 'eval accuracy':
       ax.legend(fontsize=7)
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=90, bbox_inches='tight')
-  plt.close(fig)
-  return buf.getvalue()
+  fig.tight_layout()
+  return _png(fig, plt)
 
 
 def _comparison(stats, base, esc):
@@ -162,12 +211,15 @@ def page(stats, figures, workdir, step):
       f"<td>{_fmt(t['flops_per_example'])}</td><td>{_fmt(t.get('depth'))}</td>"
       f"<td>{_fmt(t.get('flops_difficulty_spearman'))}</td></tr>"
       for name, t in stats['tasks'].items())
+  columns = list(moe.SCALAR_METRICS) + [m for m in (
+      'fraction_dropped_at_training_capacity', 'fraction_tokens_dropped_at_training_capacity')
+      if any(m in s for s in stats['layers'].values())]
   layer_rows = ''.join(
       f"<tr><td>{esc(layer)}</td><td>{_fmt(s['load_cv'])}</td><td>{_fmt(s['nmi'])}</td>"
       f"<td>{_fmt(s['nmi_shuffled_mean'])} &plusmn; {_fmt(s['nmi_shuffled_std'])}</td>"
-      + ''.join(f'<td>{_fmt(s.get(m))}</td>' for m in moe.SCALAR_METRICS) + '</tr>'
+      + ''.join(f'<td>{_fmt(s.get(m))}</td>' for m in columns) + '</tr>'
       for layer, s in stats['layers'].items())
-  metric_heads = ''.join(f'<th>{esc(m)}</th>' for m in moe.SCALAR_METRICS)
+  metric_heads = ''.join(f'<th>{esc(m)}</th>' for m in columns)
   grown_rows = ''.join(
       f"<tr><td>{esc(g['task'])}</td><td>{esc(g['description'])}</td>"
       f"<td>{_fmt(g.get('assignments'))}</td></tr>" for g in stats.get('grown', []))
@@ -176,18 +228,51 @@ def page(stats, figures, workdir, step):
            if grown_rows else '')
   images = ''.join(
       f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
-      f'{base64.b64encode(data).decode()}"><figcaption>{esc(name)}</figcaption></figure>'
+      f'{base64.b64encode(data).decode()}"><figcaption><b>{esc(name)}</b>: '
+      f'{esc(caption(name))}</figcaption></figure>'
       for name, data in figures.items())
   return f"""<!doctype html><html><head><meta charset="utf-8"><title>Routing report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+figure{{display:inline-block;vertical-align:top;max-width:100%;margin:0 1em 1em 0}}
+img{{max-width:100%;height:auto}}figcaption{{max-width:60em;font-size:90%;color:#333}}
 </style></head><body><h1>Routing report</h1><p>{esc(workdir)}, checkpoint step {step}</p>
 {grown}<h2>Per task</h2><table><tr><th>task</th><th>examples</th><th>FLOPs/example</th>
 <th>layers run</th><th>FLOPs vs difficulty (Spearman)</th></tr>{rows}</table>
 <h2>Per MoE layer</h2><table><tr><th>layer</th><th>load CV</th><th>NMI(task, expert)</th>
 <th>NMI, shuffled tasks</th>{metric_heads}</tr>{layer_rows}</table>
 {_comparison(stats, stats['baseline'], esc) if stats.get('baseline') else ''}
+{_samples(stats.get('samples'), esc)}
 <h2>Figures</h2>{images}</body></html>"""
+
+
+def _samples(samples, esc, limit=48) -> str:
+  """The first generated sample (tools/sample.py): each byte with the experts it used in
+  every MoE layer (null choices shown as '-')."""
+  if not samples or not samples.get('samples'):
+    return ''
+  routing = samples['samples'][0]['routing'][:limit]
+  if not routing:
+    return ''
+  layers = sorted(routing[0]['layers'], key=int)
+  head = ''.join(f'<th>{esc(chr(r["byte"]) if 32 <= r["byte"] < 127 else hex(r["byte"]))}</th>'
+                 for r in routing)
+  rows = ''.join(
+      f'<tr><td>layer {esc(str(layer))}</td>' + ''.join(
+          '<td>' + ' '.join(str(e) if g > 0 else '-' for e, g in zip(
+              r['layers'][layer]['experts'], r['layers'][layer]['gates'])) + '</td>'
+          for r in routing) + '</tr>' for layer in layers)
+  return (f"<h2>Generated bytes and their experts</h2><p>{esc(samples['task'])}, step "
+          f"{samples['step']}, prompt {esc(repr(samples['prompt']))}: the experts each "
+          f"generated byte used per MoE layer (the first {len(routing)} bytes of the first "
+          f"sample).</p><div style=\"overflow-x:auto\"><table><tr><th></th>{head}</tr>"
+          f"{rows}</table></div>")
+
+
+def caption(figure_name: str) -> str:
+  """The caption of a report figure (by its file name)."""
+  key = figure_name.split('_layer')[0].removesuffix('.png')
+  return CAPTIONS.get(key, '')
 
 
 def _fmt(x):

@@ -24,7 +24,15 @@ def summarize(record: dict, *, shuffle_repeats: int = 10) -> dict:
                                           num_experts, repeats=shuffle_repeats)
     scalars = {key.split('/')[-1]: v for key, v in record['scalars'].items()
                if key.startswith(layer + '/')}
+    null_share = None
+    if 'mask_BxL' in record:  # the share of each task's choices a null expert took
+      active_T = record['mask_BxL'].reshape(-1)
+      null_T = (expert >= num_experts).sum(-1)
+      task_T = np.repeat(task_B, l)
+      null_share = [_num(null_T[active_T & (task_T == i)].sum() /
+                         max(k * (active_T & (task_T == i)).sum(), 1)) for i in range(n)]
     layers[layer] = dict(scalars, expert_load=rs.load_fractions(counts).tolist(),
+                         null_share=null_share, banks=record.get('banks', {}).get(layer),
                          load_cv=rs.coefficient_of_variation(counts),
                          task_expert_counts=joint.tolist(),
                          nmi=rs.normalized_mutual_information(joint),
@@ -34,10 +42,11 @@ def summarize(record: dict, *, shuffle_repeats: int = 10) -> dict:
   depth = None
   if 'halting_layer' in record:
     depth = rs.per_task_mean(record['halting_layer'] + 1.0, task_B, n)
+  adaptive = record.get('adaptive_depth', [True] * n)
   for i, name in enumerate(names):
     sel = task_B == i
     entry = {'examples': int(sel.sum()), 'flops_per_example': _num(flops[i])}
-    if depth is not None:
+    if depth is not None and adaptive[i]:  # depth only where the task can stop early
       entry['depth'] = _num(depth[i])
     difficulty = record['difficulty'][sel]
     if sel.any() and np.isfinite(difficulty).all():

@@ -59,6 +59,7 @@ class ModelOutput:
     logits: {task name: logits of its rows}: classification [n_i, classes], per-position
       [n_i, L_max, vocab].
     tokens_per_example: [B] real (not padding) tokens of each example.
+    token_mask: [B, L_max] the real tokens.
     flops_per_example: [B] forward FLOPs each example spent in the layer stack (attention,
       dense FFNs, routers and the experts it used at their real widths; stems, norms and
       heads excluded). In training with halting, a layer counts with the probability the
@@ -72,6 +73,7 @@ class ModelOutput:
   """
   logits: dict
   tokens_per_example: Any
+  token_mask: Any
   flops_per_example: Any
   aux_loss: Any
   budget_loss: Any
@@ -89,11 +91,13 @@ class ModelOutput:
 
   def routing_record(self, batch) -> dict:
     """The routing record of this pass, as numpy: what the analysis tools read. Keys:
-    'task_id' [B], 'flops_per_example' [B], per MoE layer 'layer<l>' (its record:
+    'task_id' [B], 'flops_per_example' [B], 'mask_BxL' (real tokens), per MoE layer
+    'layer<l>' (its record:
     expert_BxLxK, weight_BxLxK, kept_BxLxK), and with halting 'halting_p_LxB' and
     'halting_layer' [B]."""
     out = {'task_id': np.asarray(batch['task_id']),
-           'flops_per_example': np.asarray(self.flops_per_example)}
+           'flops_per_example': np.asarray(self.flops_per_example),
+           'mask_BxL': np.asarray(self.token_mask)}
     for layer, stats in self.moe.items():
       out[f'layer{layer}'] = {k: np.asarray(v) for k, v in stats.record.items()}
     if self.halting is not None:
@@ -307,7 +311,8 @@ class Figure1Model(nnx.Module):
     aux_loss = (jnp.mean(jnp.stack([s.aux_loss for s in moe_stats.values()])) if moe_stats
                 else jnp.zeros((), jnp.float32))
     return ModelOutput(logits=self.apply_heads(pooled_BxD, x),
-                       tokens_per_example=jnp.sum(mask, axis=-1), flops_per_example=flops_B,
+                       tokens_per_example=jnp.sum(mask, axis=-1), token_mask=mask,
+                       flops_per_example=flops_B,
                        aux_loss=aux_loss, budget_loss=budget_loss, budget=budget_metrics,
                        moe=moe_stats, ponder_cost=ponder_cost, halting=halting)
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from pathways.analysis import collect as collect_lib
+from pathways.analysis import report as report_lib
 from pathways.analysis import summary as summary_lib
 from pathways.nn import budget as budget_lib
 from pathways.nn import grow as grow_lib
@@ -270,9 +271,8 @@ def _train(config, workdir, stop, allow_config_changes):
         result[f'routing/{layer}/nmi'] = s['nmi']
         result[f'routing/{layer}/nmi_shuffled'] = s['nmi_shuffled_mean']
         result[f'routing/{layer}/load_cv'] = s['load_cv']
-        counts = np.asarray(s['task_expert_counts'], float)
-        writer.image(step, f'routing/{layer}/task_x_expert',
-                     counts / np.maximum(counts.sum(1, keepdims=True), 1.0))
+        writer.figure(step, f'routing/{layer}/task_x_expert',
+                      report_lib.heatmap(layer, s, stats['task_names']))
     return result
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start,

@@ -6,6 +6,7 @@ multi-process run only process 0 writes (`enabled=False` elsewhere): metrics are
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -68,13 +69,15 @@ class MetricWriter:
     self._file.write(json.dumps(row) + '\n')
     self._file.flush()
 
-  def image(self, step: int, name: str, values_HxW) -> None:
-    """A [0, 1] matrix as a grey-scale TensorBoard image (each cell 8x8 pixels)."""
+  def figure(self, step: int, name: str, png: bytes) -> None:
+    """A rendered figure (PNG bytes, e.g. the report's labelled heatmap) as a TensorBoard
+    image."""
     if not self.enabled:
       return
-    values = np.clip(np.asarray(values_HxW, np.float32), 0.0, 1.0)
-    pixels = np.kron(values, np.ones((8, 8), np.float32))
-    self._tb.add_image(name, (255 * pixels).astype(np.uint8), step, dataformats='HW')
+    import matplotlib.image  # pylint: disable=g-import-not-at-top
+    pixels = matplotlib.image.imread(io.BytesIO(png), format='png')  # [H, W, 4] in [0, 1]
+    self._tb.add_image(name, (255 * pixels[..., :3]).astype(np.uint8), step,
+                       dataformats='HWC')
 
   def flush(self) -> None:
     """Puts everything written so far on disk (called before each checkpoint is saved, so a

@@ -27,6 +27,9 @@ def test_report_writes_stats_figures_and_a_self_contained_page(reference_run, tm
   assert 'flops_vs_difficulty.png' in files
   page = open(os.path.join(out, 'index.html')).read()
   assert 'data:image/png;base64,' in page and 'src="http' not in page
+  assert 'a bright cell is an expert a task relies on' in page  # figures say how to read them
+  # Evaluation is dropless; the drops training saw are measured at its capacity factor.
+  assert 0.0 <= layer['fraction_dropped_at_training_capacity'] <= 1.0
 
 
 def test_task_names_are_escaped_in_the_page():
@@ -48,6 +51,10 @@ def test_over_time_and_baseline(reference_run, tmp_path):
   stats = routing_report.write_report(reference_run, out, eval_batches=1, over_time=True,
                                       baseline=reference_run)
   assert os.path.getsize(os.path.join(out, 'over_time.png')) > 1000
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  for name in os.listdir(out):  # every figure fits a 1400 px wide window
+    if name.endswith('.png'):
+      assert matplotlib.image.imread(os.path.join(out, name)).shape[1] <= 1400, name
   assert stats['baseline']['step'] == 12
   # Same checkpoint, same data: the baseline column equals this run's.
   assert stats['baseline']['layers']['layer1']['nmi'] == stats['layers']['layer1']['nmi']
