@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pathways import registry
+from pathways import task as task_lib
 from pathways.data import mixture
 from pathways.data import pipeline
 
@@ -99,11 +100,39 @@ def test_layout_rows_by_modality(data_dir):
 def test_mismatched_data_stops_before_compilation(data_dir):
   digits = registry.get_task('digits')
   wrong = dataclasses.replace(digits, input_shape=(28, 28, 1))
-  with pytest.raises(ValueError, match=r"task 'digits': feature 'image' has shape \(8, 8, 1\) "
-                                       r"dtype uint8; the task declares shape \(28, 28, 1\)"):
+  with pytest.raises(ValueError, match=r"task 'digits', split 'train' example 0: feature 'image' "
+                                       r"has shape \(8, 8, 1\) dtype uint8; the task declares "
+                                       r"shape \(28, 28, 1\)"):
     pipeline.MultitaskPipeline([wrong], 4, data_dir=data_dir)
   with pytest.raises(ValueError, match=r"batch_size=2: must be an int >= the number of tasks"):
     _pipe(data_dir, batch_size=2)
+
+
+def test_every_example_is_checked_naming_split_index_and_what_is_allowed():
+  """A later example shorter or longer than declared, or a label out of range, stops the
+  pipeline at construction (not padded silently, not a bare numpy error, not a NaN loss)."""
+  def task(rows):
+    return task_lib.Task(name='vec13', modality='vector', head='classify', num_classes=3,
+                         data=lambda split, data_dir: rows, splits={'train': 'a', 'eval': 'a'},
+                         input_feature='x', target_feature='y', input_shape=(13,),
+                         input_dtype='float32')
+
+  good = [{'x': np.zeros(13, np.float32), 'y': 1}] * 5
+  for bad, match in (({'x': np.zeros(7, np.float32), 'y': 1}, r"example 5: feature 'x' has "
+                      r'shape \(7,\)'),
+                     ({'x': np.zeros(20, np.float32), 'y': 1}, r'example 5: .* \(20,\)'),
+                     ({'x': np.zeros(13, np.float32), 'y': 5}, r"example 5: target 'y' holds "
+                      r"5..5 .* takes integers in \[0, 3\)")):
+    with pytest.raises(ValueError, match=match):
+      pipeline.MultitaskPipeline([task(good + [bad])], 2)
+  with pytest.raises(ValueError, match=r"input_shape=\(-4,\): must be a non-empty tuple"):
+    dataclasses.replace(task(good), input_shape=(-4,))
+  with pytest.raises(ValueError, match=r"input_dtype='floaty'"):
+    dataclasses.replace(task(good), input_dtype='floaty')
+  missing = dataclasses.replace(task(good), data=lambda split, data_dir: {'a': good}[split],
+                                splits={'train': 'a', 'eval': 'nope'})
+  with pytest.raises(ValueError, match=r"task 'vec13': its 'eval' split 'nope' cannot be opened"):
+    pipeline.MultitaskPipeline([missing], 2, split='eval')
 
 
 def test_pipeline_batch_embeds_to_one_token_array(data_dir):
