@@ -1,4 +1,8 @@
-"""Shared fixtures of the launcher tests: prepared data and one reference training run."""
+"""Shared fixtures of the launcher tests: prepared data and one reference training run,
+made once for the whole session (the xdist workers share them: the first to ask builds them
+under a file lock, the others wait and read)."""
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -33,22 +37,39 @@ def cli(workdir, data_dir, *extra):
           f'--workdir={workdir}', *extra], env
 
 
+@contextlib.contextmanager
+def _shared(tmp_path_factory, name):
+  """(path, exists) of a folder shared by every xdist worker of this session, held under an
+  exclusive lock while the block runs (so one worker builds it, the others find it)."""
+  root = tmp_path_factory.getbasetemp().parent  # the session's folder above the workers'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    path = root / name
+    done = path / '.done'
+    yield str(path), done.exists()
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.touch()
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   registry.import_task_modules(['tasks'])
-  d = str(tmp_path_factory.mktemp('tfds'))
-  for name in ('digits', 'parity'):  # prepare once, so subprocesses only read
-    registry.get_task(name).data('train', d)
+  with _shared(tmp_path_factory, 'tfds') as (d, ready):
+    if not ready:
+      for name in ('digits', 'parity'):  # prepare once, so subprocesses only read
+        registry.get_task(name).data('train', d)
   return d
 
 
 @pytest.fixture(scope='session')
 def reference_run(data_dir, tmp_path_factory):
-  """One uninterrupted 12-step run through the launcher: the resume tests compare to it."""
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  cmd, env = cli(workdir, data_dir)
-  out = run(cmd, env)
-  assert out.returncode == 0, out.stderr[-3000:]
+  """One uninterrupted 12-step run through the launcher: the resume tests compare to it (and
+  only read it)."""
+  with _shared(tmp_path_factory, 'reference') as (workdir, ready):
+    if not ready:
+      cmd, env = cli(workdir, data_dir)
+      out = run(cmd, env)
+      assert out.returncode == 0, out.stderr[-3000:]
   return workdir
 
 
