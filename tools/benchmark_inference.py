@@ -1,20 +1,9 @@
-"""Benchmark: is adaptive computation's saving real? Wall-clock per example against counted FLOPs.
+"""Benchmark: is adaptive computation's saving real? Wall-clock per example against counted
+FLOPs, the compiled full pass beside bucketed inference with and without halting
+(`pathways.nn.inference_benchmark` says what each path is and what is measured).
 
-One Figure 1 model (image classification task, adaptive depth + null experts), two ways of
-running the same evaluation:
-  * full: the compiled forward pass (every layer runs for every example; halted examples
-    are masked, dropless expert buffers hold every token);
-  * bucketed: `BucketedInference`, layer by layer over power-of-two buckets of still-active
-    examples and of expert slots;
-  * bucketed_all_layers: the same without halting (every example runs every layer): the
-    bucketed path's own baseline, so `wall_ratio_halting` isolates what halting saves.
-The halting units get random weights calibrated so examples halt at spread-out layers (the
-mean depth is printed); --halt_bias moves the mean depth, --halt_scale the spread. Batches are synthetic images, so the
-benchmark needs no data set. Both paths see the same batches, side by side, in one process;
-numbers are medians over --repeats.
-
-Per batch size it prints: ms per example of each path, their ratio, and the counted FLOPs
-per example (what the examples actually needed) against the full depth's FLOPs.
+Per batch size it prints ms per example of each path, their ratio, and the counted FLOPs per
+example against the full depth's; writes the rows to --output.
 
   python -m tools.benchmark_inference
   python -m tools.benchmark_inference --batch_sizes=1,256 --layers=8 --repeats=5

@@ -1,16 +1,5 @@
-"""Benchmark: MoE layer throughput against a dense FFN and against the one-hot reference.
-
-Forward+backward (and forward-only) time of:
-  * dense: the dense FFN with hidden width F_dense (same active FLOPs per token as the MoE
-    when F_expert = F_dense / k);
-  * moe: `MoELayer` with the fast 'sorted' dispatcher, one capacity group;
-  * einsum@S: the same layer with the one-hot [S, E, C] reference dispatcher and capacity
-    groups of S tokens (the layout of vmoe/flaxformer/praxis), at each --einsum_groups size;
-  * ragged: the dropless grouped-matmul dispatcher (skipped above --ragged_max_groups
-    experts).
-All variants of one configuration are timed side by side, round-robin, in one process;
-reported numbers are medians over --repeats. Router logits get a fixed per-expert bias,
-calibrated so that the coefficient of variation of expert load is about --load_cv.
+"""Benchmark: MoE layer throughput against a dense FFN and against the one-hot reference
+(`pathways.nn.benchmark` says what each variant is and how they are timed).
 
 Prints one JSON object per line and a table; writes all rows to --output.
 
