@@ -83,9 +83,7 @@ def test_plugin_module_import_failure_names_module():
 
 def test_entry_point_plugin_installed_into_a_temporary_location(tmp_path):
   """A tiny plugin distribution, pip-installed into a temporary target, adds a task."""
-  src = tmp_path / 'src'
-  (src / 'toy_plugin').mkdir(parents=True)
-  (src / 'toy_plugin' / '__init__.py').write_text(textwrap.dedent('''
+  src = _distribution(tmp_path, 'toy-plugin', 'toy = "toy_plugin:tasks"', '''
       import numpy as np
       import pathways
       from pathways import task as task_lib
@@ -98,20 +96,10 @@ def test_entry_point_plugin_installed_into_a_temporary_location(tmp_path):
                                           for i in range(8)],
             splits={'train': 'train', 'eval': 'train'}, input_feature='x',
             target_feature='y', input_shape=(3,), input_dtype='float32')]
-      '''))
-  (src / 'pyproject.toml').write_text(textwrap.dedent('''
-      [build-system]
-      requires = ["setuptools>=68"]
-      build-backend = "setuptools.build_meta"
-      [project]
-      name = "toy-plugin"
-      version = "0.0.1"
-      [project.entry-points."pathways.tasks"]
-      toy = "toy_plugin:tasks"
-      '''))
+      ''')
   target = tmp_path / 'site'
   subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
-                  '--target', str(target), str(src)], check=True, capture_output=True)
+                  '--target', str(target), src], check=True, capture_output=True)
   probe = textwrap.dedent('''
       from pathways import registry
       print(registry.load_entry_point_tasks())
