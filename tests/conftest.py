@@ -8,6 +8,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=8').strip()
+# Tiny shapes: compilation, not execution, is the suite's time. LLVM's backend optimizations
+# cost a third of it and change no result the tests compare (every comparison is within one
+# setting; subprocesses inherit it).
+if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
+
 
 import jax  # noqa: E402
 

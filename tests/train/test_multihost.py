@@ -30,7 +30,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
     cmd, env = cli(two, data_dir, *FLAGS, '--config.mesh.data=2', '--distributed=explicit',
                    f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                    f'--process_id={i}')
-    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0'
     procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   # One process (this one), one device, building both blocks of the batch itself.
