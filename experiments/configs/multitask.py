@@ -69,7 +69,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                       route_on='token'),
                           capacity_factor=1.25,
                           dispatcher='sorted',  # group_size None: one group per call
-                          group_size=config_dict.placeholder(int)),
+                          group_size=config_dict.placeholder(int),
+                          # always-on experts beside the routed ones (DeepSeekMoE) and their
+                          # width (None: the first bank's); granularity G splits every
+                          # expert into G narrower ones with G * k choices (equal FLOPs).
+                          shared_experts=0, shared_hidden=config_dict.placeholder(int),
+                          granularity=1),
                  grown=[])  # components `tools/search.py` added for single tasks
   # Weights of the router losses (every one the routers compute; 0 = off), the ponder cost
   # weight and the compute budgets' dual-ascent rate.
@@ -96,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.get('large'):
     _large(c)
   c.init_from = ''  # another workdir: start from its latest checkpoint's parameters
+  # init_from a dense workdir into MoE layers: every expert starts as a copy of the dense FFN
+  # (sparse upcycling), plus this much Gaussian noise relative to each weight's spread.
+  c.upcycle_noise = 0.0
   # Regexes over parameter paths (e.g. 'blocks/1/ffn/banks') not updated; a tuple, so
   # --config.freeze="('blocks/1/ffn/banks',)" works (regexes may hold commas: not split).
   c.freeze = ()

@@ -34,6 +34,7 @@ from pathways.nn import attention
 from pathways.nn import budget as budget_lib
 from pathways.nn import grow as grow_lib
 from pathways.nn import moe
+from pathways.nn import router as router_lib
 from pathways.nn import stems
 
 
@@ -242,6 +243,14 @@ class Figure1Model(nnx.Module):
         bias[m, i] = -np.inf
         bias[m, i, list(allowed)] = 0.0
     return bias
+
+  def update_balance(self, out: ModelOutput) -> None:
+    """One step of auxiliary-loss-free balancing in every MoE layer that has it (in place;
+    after the optimizer update, from the training pass's router loads)."""
+    for layer, stats in out.moe.items():
+      router = self.blocks[layer].ffn.router
+      if getattr(router, 'balance_rate', 0.0):
+        router_lib.update_balance(router, stats.metrics['router_load'])
 
   def embed(self, batch):
     """Stems + task embedding: tokens [B, L_max, D], mask [B, L_max], task ids [B]."""

@@ -39,7 +39,8 @@ from pathways.parallel import expert_parallel
 # them), then the dispatch's. 'router_load' and 'expert_load' are [E] vectors, the rest
 # scalars. The trainer logs the scalars' means over layers; the analysis reads the same list.
 ROUTING_METRICS = router_lib.ROUTER_METRICS + ('fraction_dropped', 'fraction_tokens_dropped',
-                                               'computed_experts_per_token', 'expert_load')
+                                               'computed_experts_per_token',
+                                               'shared_flops_fraction', 'expert_load')
 VECTOR_METRICS = ('router_load', 'expert_load')
 SCALAR_METRICS = tuple(m for m in ROUTING_METRICS if m not in VECTOR_METRICS)
 
@@ -53,6 +54,26 @@ def _check_capacity_factor(name, value):
   if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                             or not value > 0):
     raise ValueError(f'{name}={value!r}: must be a number > 0, or None for dropless.')
+
+
+def _fine_grained(banks, router, granularity):
+  """(banks, router spec) with every expert split into `granularity` narrower ones and k
+  multiplied to match (Krajewski et al. 2024)."""
+  if not isinstance(granularity, int) or isinstance(granularity, bool) or granularity < 1:
+    raise ValueError(f'granularity={granularity!r}: must be an int >= 1.')
+  if granularity == 1:
+    return banks, router
+  for e, f in banks:
+    if f % granularity:
+      raise ValueError(f'granularity={granularity}: every bank\'s hidden width must divide by '
+                       f'it; bank ({e}, {f}) does not.')
+  name, options = router_lib.parse(router)
+  if name != 'top_k':
+    raise ValueError(f'granularity={granularity}: fine-grained experts multiply the top_k '
+                     f"router's k; router {name!r} has no k per token.")
+  k = router_lib.resolved(router)['k']
+  banks = [(e * granularity, f // granularity) for e, f in banks]
+  return banks, dict(options, name=name, k=k * granularity)
 
 
 @struct.dataclass
@@ -93,6 +114,16 @@ class MoELayer(nnx.Module):
     group_size: S, tokens per capacity group; None puts all T tokens in one group.
     num_tasks: N, for route_on='task'.
     causal: the layer serves per-position (causal) prediction; refuses expert choice.
+    shared_experts: N always-on experts beside the routed ones (DeepSeekMoE, Dai et al.
+      2024): every active token goes through them, unweighted, and their FLOPs count for
+      every token. Held as one dense FFN of width N * shared_hidden (the sum of N FFNs is
+      one FFN over their concatenated hidden units).
+    shared_hidden: hidden width of each shared expert; None: the first bank's width (after
+      granularity).
+    granularity: G, fine-grained experts (Krajewski et al. 2024): every bank (E_i, F_i)
+      becomes (G * E_i, F_i / G) and the router's k becomes G * k, so active FLOPs per token
+      stay those of the coarse layer. G=1 is the layer as given. Pair with the router's
+      routed_scale='expected' to keep the output scale independent of E.
     grown: experts added by the architecture search (`pathways.nn.grow`), each a
       (task id, source expert, hidden) triple: a task-owned expert that takes that task's
       assignments to `source` (a global id; a grown source names an earlier grown expert).
@@ -108,7 +139,8 @@ class MoELayer(nnx.Module):
                router: str | Mapping[str, Any] = 'top_k', *,
                capacity_factor: float | None = 1.25, eval_capacity_factor: float | None = -1.0,
                dispatcher: str = 'sorted', group_size: int | None = None, num_tasks: int = 0,
-               causal: bool = False, grown: Sequence[tuple[int, int, int]] = (),
+               causal: bool = False, shared_experts: int = 0, shared_hidden: int | None = None,
+               granularity: int = 1, grown: Sequence[tuple[int, int, int]] = (),
                loss_weights: Mapping[str, float] | None = None, dtype=jnp.float32,
                rngs: nnx.Rngs):
     if eval_capacity_factor == -1.0:
@@ -125,8 +157,20 @@ class MoELayer(nnx.Module):
       raise ValueError(f'group_size={group_size!r}: must be an int >= 1, or None.')
     if dtype not in (jnp.float32, jnp.bfloat16):
       raise ValueError(f'dtype={dtype!r}: must be jnp.float32 or jnp.bfloat16.')
+    banks, router = _fine_grained(banks, router, granularity)
     self.banks = nnx.List([experts_lib.ExpertBank(d_model, e, f, rngs=rngs) for e, f in banks])
     self.num_experts = sum(e for e, _ in banks)
+    self.granularity = granularity
+    if not isinstance(shared_experts, int) or isinstance(shared_experts, bool) or (
+        shared_experts < 0):
+      raise ValueError(f'shared_experts={shared_experts!r}: must be an int >= 0.')
+    if shared_hidden is not None and (not isinstance(shared_hidden, int) or shared_hidden < 1):
+      raise ValueError(f'shared_hidden={shared_hidden!r}: must be an int >= 1, or None (the '
+                       f'first bank\'s width).')
+    self.shared_experts = shared_experts
+    if shared_experts:  # absent otherwise: checkpoints of layers without keep their tree
+      self.shared = DenseFFN(d_model, shared_experts * (shared_hidden or banks[0][1]),
+                             dtype=dtype, rngs=rngs)
     self.router = router_lib.build(router, d_model=d_model, num_experts=self.num_experts,
                                    num_tasks=num_tasks, causal=causal,
                                    loss_weights=loss_weights, rngs=rngs)
@@ -190,7 +234,17 @@ class MoELayer(nnx.Module):
     cf = self.eval_capacity_factor if deterministic else self.capacity_factor
     c = routing.capacity(self.num_experts, self.k, cf)
     y_BxLxD, kept = self.apply_experts(x_BxLxD, routing, mask_BxL, c)
+    if self.shared_experts:
+      y_BxLxD = y_BxLxD + self.apply_shared(x_BxLxD, mask_BxL)
     return y_BxLxD, self.stats(routing, kept, mask_BxL, router_metrics, aux_loss)
+
+  def apply_shared(self, x_BxLxD, mask_BxL):
+    """The shared experts' output for every active token (zero for inactive ones)."""
+    return self.shared(x_BxLxD) * mask_BxL[..., None].astype(x_BxLxD.dtype)
+
+  def shared_flops_per_token(self) -> int:
+    """Forward FLOPs every active token spends in the shared experts."""
+    return self.shared.flops_per_token() if self.shared_experts else 0
 
   def _group_tokens(self, x_BxLxD, num_groups=None):
     t = x_BxLxD.shape[0] * x_BxLxD.shape[1]
@@ -198,7 +252,8 @@ class MoELayer(nnx.Module):
       if t % num_groups:
         raise ValueError(f'num_groups={num_groups} must divide the number of tokens T = {t}.')
       return t // num_groups
-    s = self.group_size or t
+    # routers that mix a group's tokens (Soft MoE) keep each example in its own group
+    s = self.group_size or (x_BxLxD.shape[1] if self.router.mixes_tokens else t)
     if t % s:
       raise ValueError(f'group_size={s} must divide the number of tokens T = B * L = {t}.')
     return s
@@ -273,9 +328,10 @@ class MoELayer(nnx.Module):
     """Forward FLOPs [B, L] each token spent here: its router matmul and its computed
     experts at their real widths (null experts and dropped assignments cost nothing)."""
     b, l = mask_BxL.shape
-    router = 2.0 * self.d_model * self.router.num_logits * mask_BxL
+    always = self.router.flops_per_token(self.d_model) + self.shared_flops_per_token()
+    always = always * mask_BxL
     expert_flops_E = jnp.asarray(self.flops_per_token_per_expert(), jnp.float32)
-    return router + routing.flops_GxS(kept, expert_flops_E).reshape(b, l)
+    return always + routing.flops_GxS(kept, expert_flops_E).reshape(b, l)
 
   def stats(self, routing, kept, mask_BxL, router_metrics, aux_loss) -> MoEStats:
     """The call's `MoEStats` from its routing, the kept assignments and the router's part."""
@@ -283,11 +339,13 @@ class MoELayer(nnx.Module):
     active_GxS = mask_BxL.reshape(routing.num_groups, -1)
     kept_count_E = routing.kept_per_expert(kept, self.num_total_experts)
     dropped, tokens_dropped = routing.drops(kept, active_GxS)
+    flops_BxL = self.flops(routing, kept, mask_BxL)
+    shared = self.shared_flops_per_token() * jnp.sum(mask_BxL)
     metrics = dict(router_metrics,
                    fraction_dropped=dropped, fraction_tokens_dropped=tokens_dropped,
                    expert_load=kept_count_E / jnp.maximum(jnp.sum(kept_count_E), 1.0),
-                   computed_experts_per_token=jnp.sum(kept) / jnp.maximum(jnp.sum(active_GxS), 1))
-    flops_BxL = self.flops(routing, kept, mask_BxL)
+                   computed_experts_per_token=jnp.sum(kept) / jnp.maximum(jnp.sum(active_GxS), 1),
+                   shared_flops_fraction=shared / jnp.maximum(jnp.sum(flops_BxL), 1.0))
     num_logits = self.router.num_logits
     f_E = jnp.asarray(self.flops_per_token_per_expert()[:self.num_experts]
                       + [0] * (num_logits - self.num_experts), jnp.float32)
@@ -295,7 +353,8 @@ class MoELayer(nnx.Module):
     if expected_GxS is None:
       expected_BxL = jax.lax.stop_gradient(flops_BxL)
     else:
-      expected_BxL = (2.0 * self.d_model * num_logits + expected_GxS.reshape(b, l)) * mask_BxL
+      expected_BxL = (self.router.flops_per_token(self.d_model) + self.shared_flops_per_token()
+                      + expected_GxS.reshape(b, l)) * mask_BxL
     record = {f'{k}_BxLxK': v.reshape(b, l, -1) for k, v in routing.record(kept).items()}
     return MoEStats(aux_loss=aux_loss, metrics=metrics, flops_BxL=flops_BxL,
                     expected_flops_BxL=expected_BxL, record=record)

@@ -10,6 +10,8 @@ float32 whatever the layer's compute dtype (ST-MoE, Zoph et al. 2022, Sec. 3.2).
     2024) and null experts (AdaMoE, Zeng et al. 2024) so a token uses 0..k real experts.
   * 'expert_choice' (`ExpertChoiceRouter`): each expert takes its top-C tokens (Zhou et al.
     2022). Non-causal.
+  * 'soft' (`SoftRouter`): Soft MoE (Puigcerver et al. 2024), slots as convex combinations
+    of a group's tokens. Non-causal.
 
 Routers are built from config data through the `ROUTERS` registry (`build`): a name, or a
 dict such as `{'name': 'top_k', 'k': 2, 'noisy': True, 'num_null_experts': 1,
@@ -36,7 +38,10 @@ ROUTE_ON = ('token', 'example', 'task')
 # The auxiliary losses every router computes, each weightable (config.aux) and logged.
 AUX_LOSSES = ('load_balance_loss', 'importance_load_loss', 'router_z_loss')
 # Everything a router reports: the losses, then diagnostics (router_load is an [E] vector).
-ROUTER_METRICS = AUX_LOSSES + ('router_entropy', 'experts_per_token', 'router_load')
+# router_load_cv: coefficient of variation of the real experts' shares of the choices;
+# balance_bias: mean |bias| of auxiliary-loss-free balancing (0 when off).
+ROUTER_METRICS = AUX_LOSSES + ('router_entropy', 'experts_per_token', 'router_load_cv',
+                               'balance_bias', 'router_load')
 
 ROUTERS = registry.Registry('router')
 
@@ -70,27 +75,46 @@ def _weighted(metrics, loss_weights):
 
 
 def _router_metrics(probs_TxE, logits_TxE, count_E, importance_E, load_E, active_T,
-                    num_assignments):
+                    num_assignments, balance_bias=0.0):
   """`probs_TxE` and `logits_TxE` over all E' choices; the balance losses see the E real
   experts (the first E columns), the entropy every choice."""
   e = count_E.shape[0]
+  share_E = count_E / jnp.maximum(jnp.sum(count_E), 1.0)
   return {
       'load_balance_loss': aux_losses.load_balance_loss(probs_TxE[:, :e], count_E, active_T),
       'importance_load_loss': aux_losses.importance_load_loss(importance_E, load_E),
       'router_z_loss': aux_losses.router_z_loss(logits_TxE, active_T),
       'router_entropy': aux_losses.router_entropy(probs_TxE, active_T),
       'experts_per_token': num_assignments / jnp.maximum(jnp.sum(active_T), 1),
-      'router_load': count_E / jnp.maximum(jnp.sum(count_E), 1.0),
+      'router_load_cv': jnp.std(share_E) / jnp.maximum(jnp.mean(share_E), 1e-9),
+      'balance_bias': jnp.asarray(balance_bias, jnp.float32),
+      'router_load': share_E,
   }
+
+
+class BalanceBias(nnx.Variable):
+  """Per-choice selection bias of auxiliary-loss-free balancing: model state updated by
+  `update_balance`, not by the optimizer (checkpointed with the model)."""
+
+
+def update_balance(router, router_load_E) -> None:
+  """One step of auxiliary-loss-free balancing (DeepSeek-V3, Sec. 2.1.2): each real expert's
+  bias rises by `balance_rate` when its share of the choices is below the mean and falls
+  when above (null choices keep 0). In place; call after the optimizer update."""
+  e = router.num_experts
+  error_E = jnp.mean(router_load_E) - router_load_E
+  bias = router.balance_bias[...]
+  router.balance_bias[...] = bias.at[:e].add(router.balance_rate * jnp.sign(error_E))
 
 
 class _RouterBase(nnx.Module):
   """Shared parameters: a [D, E'] projection, or a [N, E'] table for Task-MoE; the loss
   weights; the capabilities the layer checks (`fixed_capacity`: the router sets each
   expert's slots, so there is no dropless mode; `token_choice`: assignments per token, which
-  grown experts and bucketed inference need)."""
+  grown experts and bucketed inference need; `mixes_tokens`: slots combine tokens)."""
   fixed_capacity = False
   token_choice = True
+  mixes_tokens = False  # a slot combines several tokens: groups stay within one example
 
   def __init__(self, d_model, num_experts, num_logits, k, *, route_on, num_tasks, loss_weights,
                rngs):
@@ -124,6 +148,10 @@ class _RouterBase(nnx.Module):
     """E': the router's choices (null experts included)."""
     return self.num_experts
 
+  def flops_per_token(self, d_model: int) -> int:
+    """Forward FLOPs of the routing matmul per token."""
+    return 2 * d_model * self.num_logits
+
   def logits(self, x_GxSxD, task_ids_GxS):
     if self.route_on == 'task':
       if task_ids_GxS is None:
@@ -151,15 +179,29 @@ class TopKRouter(_RouterBase):
     route_on: 'token', 'example' or 'task' (Task-MoE, Kudugunta et al. 2021).
     num_tasks: N, needed for route_on='task'.
     causal: the layer serves per-position prediction (token choice is causal).
+    jitter: Switch's router jitter: the routing signal is multiplied by U(1 - jitter,
+      1 + jitter) noise in training (0: off; never in evaluation).
+    priority: 'position' (GShard: capacity goes to tokens in position order within each
+      choice level) or 'gate' (V-MoE's batch-priority routing: tokens with the highest top
+      gate first).
+    balance_rate: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to
+      the scores for selection only (never to the combine weights), moves by balance_rate *
+      sign(mean load - expert load) after each training step (`update_balance`); 0: off.
+    routed_scale: multiplies the combine weights (DeepSeek's routed scaling factor), or
+      'expected': 1 / (the sum of the top-k gates of a uniform router) = E' / k without
+      renormalization (Switch), 1 with it: the layer's output scale at initialization does
+      not shrink as E grows.
     loss_weights: {loss name in AUX_LOSSES: weight}; the router's auxiliary loss is
       sum_name weight * loss (absent names weigh 0).
-    rngs: nnx.Rngs with 'params' (and a 'router' stream when noisy).
+    rngs: nnx.Rngs with 'params' (and a 'router' stream when noisy or jittered).
   """
 
   def __init__(self, d_model: int, num_experts: int, k: int = 2, *, num_null_experts: int = 0,
                top_p: float | None = None, renormalize: bool = True, noisy: bool = False,
-               route_on: str = 'token', num_tasks: int = 0, causal: bool = False,
-               loss_weights: Mapping[str, float] | None = None, rngs: nnx.Rngs):
+               jitter: float = 0.0, priority: str = 'position', balance_rate: float = 0.0,
+               routed_scale: float | str = 1.0, route_on: str = 'token', num_tasks: int = 0,
+               causal: bool = False, loss_weights: Mapping[str, float] | None = None,
+               rngs: nnx.Rngs):
     del causal  # token choice never looks at other tokens
     _check_positive_int('num_experts', num_experts, '>= 1')
     if not isinstance(num_null_experts, int) or num_null_experts < 0:
@@ -170,16 +212,33 @@ class TopKRouter(_RouterBase):
                        f'= {num_choices}.')
     if top_p is not None and not 0.0 < top_p <= 1.0:
       raise ValueError(f'top_p={top_p!r}: must be in (0, 1] or None.')
+    if not 0.0 <= jitter < 1.0:
+      raise ValueError(f'jitter={jitter!r}: must be in [0, 1).')
+    if priority not in ('position', 'gate'):
+      raise ValueError(f"priority={priority!r}: must be 'position' or 'gate'.")
+    if not balance_rate >= 0:
+      raise ValueError(f'balance_rate={balance_rate!r}: must be >= 0.')
+    if routed_scale != 'expected' and not (isinstance(routed_scale, (int, float))
+                                           and routed_scale > 0):
+      raise ValueError(f"routed_scale={routed_scale!r}: must be a number > 0 or 'expected'.")
     super().__init__(d_model, num_experts, num_choices, k, route_on=route_on,
                      num_tasks=num_tasks, loss_weights=loss_weights, rngs=rngs)
     self.num_null_experts = num_null_experts
     self.top_p = top_p
     self.renormalize = renormalize
     self.noisy = noisy
+    self.jitter = float(jitter)
+    self.priority = priority
+    self.balance_rate = float(balance_rate)
+    self.routed_scale = (float(num_choices / k if not renormalize else 1.0)
+                         if routed_scale == 'expected' else float(routed_scale))
     if noisy:
       self.w_noise_DxE = nnx.Param(jnp.zeros((d_model, num_choices), jnp.float32),
                                    logical_axes=('embed', None))
+    if noisy or jitter:
       self.rngs = rngs['router'].fork()
+    if balance_rate:
+      self.balance_bias = BalanceBias(jnp.zeros((num_choices,), jnp.float32))
 
   @property
   def num_logits(self) -> int:
@@ -195,6 +254,9 @@ class TopKRouter(_RouterBase):
     g, s, _ = x_GxSxD.shape
     if active_GxS is None:
       active_GxS = jnp.ones((g, s), bool)
+    if self.jitter and not deterministic:  # Switch Transformer, Sec. 2.4
+      x_GxSxD = x_GxSxD * jax.random.uniform(self.rngs(), x_GxSxD.shape, x_GxSxD.dtype,
+                                             1.0 - self.jitter, 1.0 + self.jitter)
     clean_GxSxE = _masked_logits(self.logits(x_GxSxD, task_ids_GxS), logit_bias_GxSxE)
     logits_GxSxE = clean_GxSxE
     noise_std = None
@@ -203,7 +265,11 @@ class TopKRouter(_RouterBase):
           _flat_matmul(x_GxSxD, self.w_noise_DxE[...])) + 1e-2
       logits_GxSxE = clean_GxSxE + jax.random.normal(self.rngs(), clean_GxSxE.shape) * noise_std
     probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
-    top_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxE, self.k)
+    if self.balance_rate:  # the bias picks the experts; the gates stay the probabilities
+      _, expert_GxSxK = jax.lax.top_k(probs_GxSxE + self.balance_bias[...], self.k)
+      top_GxSxK = jnp.take_along_axis(probs_GxSxE, expert_GxSxK, axis=-1)
+    else:
+      top_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxE, self.k)
     keep_GxSxK = jnp.ones_like(top_GxSxK, bool)
     if self.top_p is not None:
       keep_GxSxK = (jnp.cumsum(top_GxSxK, axis=-1) - top_GxSxK) < self.top_p
@@ -215,9 +281,14 @@ class TopKRouter(_RouterBase):
     valid_GxSxK = (keep_GxSxK & (expert_GxSxK < self.num_experts) & (top_GxSxK > 0)
                    & active_GxS[..., None])
     weight_GxSxK = weight_GxSxK * valid_GxSxK
+    if self.routed_scale != 1.0:
+      weight_GxSxK = weight_GxSxK * self.routed_scale
+    priority = None
+    if self.priority == 'gate':  # V-MoE's batch-priority routing: by each token's top gate
+      priority = jnp.max(top_GxSxK * valid_GxSxK, axis=-1)
     routing = routing_lib.TokenChoice(expert_GxSxK=expert_GxSxK.astype(jnp.int32),
                                       weight_GxSxK=weight_GxSxK, valid_GxSxK=valid_GxSxK,
-                                      probs_GxSxE=probs_GxSxE)
+                                      probs_GxSxE=probs_GxSxE, priority_GxS=priority)
     metrics = self._metrics(clean_GxSxE, logits_GxSxE, noise_std, probs_GxSxE, routing,
                             active_GxS)
     return routing, metrics, _weighted(metrics, self.loss_weights)
@@ -234,8 +305,9 @@ class TopKRouter(_RouterBase):
                                      noise_std.reshape(-1, num_choices), self.k, active_T)[:e]
     else:
       load_E = count_E
+    bias = jnp.mean(jnp.abs(self.balance_bias[...][:e])) if self.balance_rate else 0.0
     return _router_metrics(probs_TxE, clean.reshape(-1, num_choices), count_E, importance_E,
-                           load_E, active_T, jnp.sum(routing.valid_GxSxK))
+                           load_E, active_T, jnp.sum(routing.valid_GxSxK), bias)
 
 
 @ROUTERS.register('expert_choice')
@@ -288,6 +360,88 @@ class ExpertChoiceRouter(_RouterBase):
     importance_E = jnp.sum(routing.weight_GxExC * valid_GxExC, axis=(0, 2))
     metrics = _router_metrics(probs_GxSxE.reshape(-1, e), logits_GxSxE.reshape(-1, e), count_E,
                               importance_E, count_E, active_GxS.reshape(-1), jnp.sum(valid_GxExC))
+    return routing, metrics, _weighted(metrics, self.loss_weights)
+
+
+@ROUTERS.register('soft')
+class SoftRouter(_RouterBase):
+  """Soft MoE (Puigcerver et al. 2024): every expert has `slots_per_expert` slots; each slot
+  takes a convex combination of the group's tokens and each token a convex combination of
+  all slot outputs, from one [D, E * C] projection of L2-normalized tokens (the scale learned,
+  as the paper does). Nothing is dropped and there is no balancing loss to tune; a slot
+  mixes the group's tokens, so it is refused for causal (per-position) use. The layer puts
+  each example in its own group unless `group_size` says otherwise.
+
+  Args:
+    d_model: D.
+    num_experts: E.
+    slots_per_expert: C, slots per expert per group.
+    normalize: L2-normalize tokens and the projection's columns (with a learned scale).
+    route_on: 'token' only (slots mix tokens).
+    causal: refused.
+    loss_weights: weights of the router losses; only router_z_loss is non-zero here.
+    rngs: nnx.Rngs.
+  """
+  fixed_capacity = True
+  token_choice = False
+  mixes_tokens = True
+
+  def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1, *,
+               normalize: bool = True, route_on: str = 'token', num_tasks: int = 0,
+               causal: bool = False, loss_weights: Mapping[str, float] | None = None,
+               rngs: nnx.Rngs):
+    if causal:
+      raise ValueError("router='soft' is non-causal (every slot mixes all tokens of its group, "
+                       "later ones included), so it cannot serve per-position (causal) tasks; "
+                       "use router='top_k' for them.")
+    _check_positive_int('slots_per_expert', slots_per_expert, '>= 1')
+    if route_on != 'token':
+      raise ValueError(f"route_on={route_on!r}: router='soft' routes tokens ('token' only).")
+    super().__init__(d_model, num_experts, num_experts * slots_per_expert, 1, route_on=route_on,
+                     num_tasks=num_tasks, loss_weights=loss_weights, rngs=rngs)
+    self.slots_per_expert = slots_per_expert
+    self.normalize = normalize
+    if normalize:
+      self.scale = nnx.Param(jnp.ones((), jnp.float32))
+
+  def flops_per_token(self, d_model: int) -> int:
+    return 2 * d_model * self.num_experts * self.slots_per_expert
+
+  def __call__(self, x_GxSxD, *, active_GxS=None, task_ids_GxS=None, logit_bias_GxSxE=None,
+               capacity_factor=None, deterministic: bool = True):
+    """Soft routing: (SoftChoice, metrics, weighted auxiliary loss). `logit_bias_GxSxE` (per
+    expert: task priors, -inf connectivity masks) is added to every slot of the expert."""
+    del task_ids_GxS, capacity_factor, deterministic
+    g, s, _ = x_GxSxD.shape
+    e, c = self.num_experts, self.slots_per_expert
+    if active_GxS is None:
+      active_GxS = jnp.ones((g, s), bool)
+    x = x_GxSxD.astype(jnp.float32)
+    w = self.w_DxE[...]
+    if self.normalize:
+      x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+      w = self.scale[...] * w / jnp.maximum(jnp.linalg.norm(w, axis=0, keepdims=True), 1e-6)
+    logits = _flat_matmul(x, w).reshape(g, s, e, c)
+    if logit_bias_GxSxE is not None:
+      logits = logits + logit_bias_GxSxE[..., :e, None].astype(jnp.float32)
+    allowed = active_GxS[:, :, None, None] & (logits > -jnp.inf)
+    masked = jnp.where(allowed, logits, -jnp.inf)
+    # dispatch: per slot, a softmax over the group's tokens (0 where no token may enter)
+    peak = jnp.max(masked, axis=1, keepdims=True)
+    z = jnp.where(allowed, jnp.exp(masked - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+    dispatch = z / jnp.maximum(jnp.sum(z, axis=1, keepdims=True), 1e-30)
+    # combine: per token, a softmax over all E * C slots (0 for inactive tokens)
+    flat = masked.reshape(g, s, e * c)
+    combine = jnp.where(active_GxS[..., None], jax.nn.softmax(
+        jnp.where(active_GxS[..., None], flat, 0.0), axis=-1), 0.0).reshape(g, s, e, c)
+    routing = routing_lib.SoftChoice(dispatch_GxSxExC=dispatch, combine_GxSxExC=combine)
+    active_T = active_GxS.reshape(-1)
+    per_expert_TxE = jnp.sum(combine, axis=-1).reshape(-1, e)
+    share_E = jnp.sum(per_expert_TxE, axis=0)
+    metrics = _router_metrics(per_expert_TxE, jnp.where(jnp.isfinite(flat), flat, 0.0).reshape(
+        -1, e * c), share_E, share_E, share_E, active_T, e * jnp.sum(active_T))
+    metrics['load_balance_loss'] = jnp.zeros((), jnp.float32)  # nothing to balance
+    metrics['importance_load_loss'] = jnp.zeros((), jnp.float32)
     return routing, metrics, _weighted(metrics, self.loss_weights)
 
 

@@ -54,11 +54,14 @@ class TokenChoice:
   """Each token's K choices. `expert_GxSxK` are global expert ids over all banks (ids >= E
   are null experts or, after `redirect`, grown ones); `valid_GxSxK` is False for null
   experts, inactive tokens and top-p-pruned choices (before capacity); `probs_GxSxE` is the
-  router's softmax over E' (compute budgets use it)."""
+  router's softmax over E' (compute budgets use it). `priority_GxS` (optional): capacity
+  goes to tokens of higher priority first within each choice level (batch-priority routing,
+  V-MoE); None keeps position order (GShard)."""
   expert_GxSxK: Any
   weight_GxSxK: Any
   valid_GxSxK: Any
   probs_GxSxE: Any
+  priority_GxS: Any = None
 
   @property
   def num_groups(self) -> int:
@@ -72,10 +75,31 @@ class TokenChoice:
     """Slots per expert per group: ceil(capacity_factor * S * K / E), S when dropless."""
     return capacity_lib.capacity(self.group_size, num_experts, k, capacity_factor)
 
+  def _ranked(self, slots_fn, num_experts, capacity):
+    """`slots_fn` per group, on the tokens in priority order when there is a priority;
+    (slot, kept[, source]) back in position order (source as choice-major indices)."""
+    if self.priority_GxS is None:
+      return jax.vmap(slots_fn, in_axes=(0, 0, None, None))(
+          self.expert_GxSxK, self.valid_GxSxK, num_experts, capacity)
+    s, k = self.expert_GxSxK.shape[1:]
+    order_GxS = jnp.argsort(-self.priority_GxS, axis=-1, stable=True)
+    take = lambda a: jnp.take_along_axis(a, order_GxS[..., None], axis=1)  # noqa: E731
+    out = jax.vmap(slots_fn, in_axes=(0, 0, None, None))(
+        take(self.expert_GxSxK), take(self.valid_GxSxK), num_experts, capacity)
+    inverse_GxS = jnp.argsort(order_GxS, axis=-1)
+    back = lambda a: jnp.take_along_axis(a, inverse_GxS[..., None], axis=1)  # noqa: E731
+    result = (back(out[0]), back(out[1]))
+    if len(out) == 3:  # sources: permuted choice-major index -> original one
+      src = out[2]
+      a = s * k
+      pos = jnp.take_along_axis(order_GxS, jnp.minimum(src % s, s - 1).reshape(
+          src.shape[0], -1), axis=1).reshape(src.shape)
+      result += (jnp.where(src < a, (src // s) * s + pos, a),)
+    return result
+
   def onehot(self, num_experts: int, capacity: int, dtype):
     """Reference dispatch and combine tensors [G, S, E, C] and the kept assignments."""
-    slot, kept = jax.vmap(capacity_lib.slots_onehot, in_axes=(0, 0, None, None))(
-        self.expert_GxSxK, self.valid_GxSxK, num_experts, capacity)
+    slot, kept = self._ranked(capacity_lib.slots_onehot, num_experts, capacity)
     onehot_e = jax.nn.one_hot(self.expert_GxSxK, num_experts, dtype=dtype)
     onehot_c = jax.nn.one_hot(slot, capacity, dtype=dtype)
     k = kept.astype(dtype)
@@ -88,9 +112,8 @@ class TokenChoice:
     """Sort-ranked slots (one stable sort per group), moved by gathers both ways."""
     g, s, k = self.expert_GxSxK.shape
     e, t = num_experts, g * s
-    slot_GxSxK, kept_GxSxK, source_GxExC = jax.vmap(
-        capacity_lib.slots_sorted, in_axes=(0, 0, None, None))(
-            self.expert_GxSxK, self.valid_GxSxK, e, capacity)
+    slot_GxSxK, kept_GxSxK, source_GxExC = self._ranked(capacity_lib.slots_sorted, e,
+                                                        capacity)
     n = e * g * capacity  # buffer rows, laid out [E, G, C]
     group_G = jnp.arange(g)
     flat_GxSxK = jnp.where(
@@ -265,3 +288,89 @@ class ExpertChoice:
   def max_expert_load(self, num_experts: int):
     del num_experts
     return jnp.asarray(self.token_GxExC.shape[-1])
+
+
+@struct.dataclass
+class SoftChoice:
+  """Soft MoE (Puigcerver et al. 2024): every expert slot takes a convex combination of the
+  group's tokens (`dispatch_GxSxExC`, a softmax over S per slot, 0 on inactive tokens) and
+  every token a convex combination of all slot outputs (`combine_GxSxExC`, a softmax over
+  the E * C slots per token, 0 on inactive tokens). No token is dropped and none is routed
+  alone: non-causal."""
+  dispatch_GxSxExC: Any
+  combine_GxSxExC: Any
+
+  @property
+  def num_groups(self) -> int:
+    return self.dispatch_GxSxExC.shape[0]
+
+  @property
+  def group_size(self) -> int:
+    return self.dispatch_GxSxExC.shape[1]
+
+  def capacity(self, num_experts: int, k: int, capacity_factor: float | None) -> int:
+    """The slots per expert the router has."""
+    del num_experts, k, capacity_factor
+    return self.dispatch_GxSxExC.shape[-1]
+
+  def _kept(self):
+    g, _, e, c = self.dispatch_GxSxExC.shape
+    return jnp.ones((g, e, c), bool)
+
+  def onehot(self, num_experts: int, capacity: int, dtype):
+    """The soft dispatch and combine tensors (the einsum dispatcher computes Soft MoE)."""
+    del num_experts, capacity
+    return (self.dispatch_GxSxExC.astype(dtype), self.combine_GxSxExC.astype(dtype),
+            self._kept())
+
+  def buffers(self, num_experts: int, capacity: int) -> Buffers:
+    """Slot inputs and token outputs as two einsums (no gather: every token feeds every
+    slot)."""
+    g, s, e, c = self.dispatch_GxSxExC.shape
+
+    def gather_fn(x_TxD):
+      x = x_TxD.reshape(g, s, -1)
+      buf = jnp.einsum('gsec,gsd->egcd', self.dispatch_GxSxExC.astype(x.dtype), x)
+      return buf.reshape(e * g * c, -1)
+
+    def combine_fn(y_NxD):
+      y = y_NxD.reshape(e, g, c, -1)
+      out = jnp.einsum('gsec,egcd->gsd', self.combine_GxSxExC.astype(y.dtype), y)
+      return out.reshape(g * s, -1)
+
+    del num_experts, capacity
+    return Buffers(gather_fn, combine_fn, self._kept())
+
+  def dropless_rows(self, num_experts: int):
+    raise ValueError("Soft MoE mixes tokens into slots: it has no assignment rows; use "
+                     "dispatcher='sorted' or 'einsum'.")
+
+  def kept_per_expert(self, kept, num_experts: int):
+    del num_experts
+    return jnp.sum(kept, axis=(0, 2)).astype(jnp.float32)
+
+  def drops(self, kept, active_GxS):
+    del kept, active_GxS
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+
+  def flops_GxS(self, kept, expert_flops_E):
+    """Each slot's expert FLOPs, shared among the tokens by their dispatch weights (a slot's
+    weights sum to 1 over the group, so the layer's total is kept)."""
+    del kept
+    return jnp.einsum('gsec,e->gs', self.dispatch_GxSxExC.astype(jnp.float32), expert_flops_E)
+
+  def expected_flops_GxS(self, k: int, flops_E):
+    return None
+
+  def record(self, kept) -> dict:
+    """Token-major: every expert for every token, with its combine weight (summed over the
+    expert's slots) as the gate."""
+    del kept
+    g, s, e, _ = self.combine_GxSxExC.shape
+    weight = jnp.sum(self.combine_GxSxExC, axis=-1)
+    return {'expert': jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, s, e)),
+            'weight': weight, 'kept': weight > 0}
+
+  def max_expert_load(self, num_experts: int):
+    del num_experts
+    return jnp.asarray(self.dispatch_GxSxExC.shape[-1])

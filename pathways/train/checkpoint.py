@@ -29,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from pathways.nn import upcycle as upcycle_lib
+
 log = logging.getLogger(__name__)
 
 
@@ -350,11 +352,16 @@ def saved_model(workdir: str) -> dict:
   return flat_paths(tree['model'] if 'model' in tree else tree[0] if 0 in tree else tree['0'])
 
 
-def restore_params(workdir: str, model_state):
+def restore_params(workdir: str, model_state, *, upcycle_noise: float = 0.0, seed: int = 0):
   """Parameters of another workdir's latest checkpoint, put into `model_state` wherever a
-  path and shape match (new tasks' parameters keep their initialization).
+  path and shape match (new tasks' parameters keep their initialization). MoE layers whose
+  block was a dense FFN there start as copies of it in every expert (sparse upcycling,
+  `pathways.nn.upcycle`, with `upcycle_noise`).
 
   Returns (state, restored paths, kept paths)."""
-  pure, restored, kept = copy_matching(saved_model(workdir), nnx.to_pure_dict(model_state))
+  target = nnx.to_pure_dict(model_state)
+  saved, _ = upcycle_lib.upcycle(saved_model(workdir), flat_paths(target), noise=upcycle_noise,
+                                 seed=seed)
+  pure, restored, kept = copy_matching(saved, target)
   nnx.replace_by_pure_dict(model_state, pure)
   return model_state, restored, kept

@@ -69,6 +69,8 @@ def upgrade(config):
     config.task_modules = []
   if 'aux' in config and 'importance_load_loss' not in config.aux:
     config.aux.importance_load_loss = 0.0
+  if 'init_from' in config and 'upcycle_noise' not in config:
+    config.upcycle_noise = 0.0
   if 'optim' in config and 'accumulate_steps' not in config.optim:
     config.optim.accumulate_steps = 1
   if 'train' in config and 'profile_steps' not in config.train:
@@ -123,6 +125,8 @@ def validate(config, mesh=None, rules=None) -> None:
     _bad('model.dtype', config.model.dtype, f'must be one of {sorted(DTYPES)}')
   _validate_model(config.model)
   _validate_router(config.model.moe.router, config.model.moe.banks)
+  if not _finite(config.get('upcycle_noise', 0.0), 0.0):
+    _bad('upcycle_noise', config.upcycle_noise, 'must be a finite number >= 0')
   for i, pattern in enumerate(config.freeze):
     try:
       re.compile(pattern)
@@ -198,6 +202,17 @@ def _validate_model(m) -> None:
     value = m.moe.get(key)
     if value is not None and not _finite(value, 1e-9):
       _bad(f'model.moe.{key}', value, 'must be a finite number > 0, or None (dropless)')
+  if not _int(m.moe.get('shared_experts', 0), 0):
+    _bad('model.moe.shared_experts', m.moe.shared_experts, 'must be an int >= 0')
+  if m.moe.get('shared_hidden') is not None and not _int(m.moe.shared_hidden, 1):
+    _bad('model.moe.shared_hidden', m.moe.shared_hidden, 'must be an int >= 1, or None (the '
+         'first bank\'s width)')
+  granularity = m.moe.get('granularity', 1)
+  if not _int(granularity, 1):
+    _bad('model.moe.granularity', granularity, 'must be an int >= 1')
+  if banks and any(b[1] % granularity for b in banks):
+    _bad('model.moe.granularity', granularity, f'must divide every bank\'s hidden width; banks '
+         f'are {[list(b) for b in banks]}')
 
 
 def _validate_router(spec, banks) -> None:
@@ -214,6 +229,8 @@ def _validate_router(spec, banks) -> None:
   full = router_lib.resolved(spec)
   experts = sum(b[0] for b in banks)
   choices = experts + full.get('num_null_experts', 0)
+  if 'k' not in full:  # routers without a per-token k (Soft MoE)
+    return
   if not router_lib.ROUTERS.lookup(name).fixed_capacity and not (
       _int(full['k'], 1) and full['k'] <= choices):
     _bad('model.moe.router.k', full['k'], f'must be an int with 1 <= k <= experts + null '

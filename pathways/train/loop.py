@@ -70,6 +70,7 @@ def make_train_step(exp: experiment.Experiment):
     learning_rate = lr(opt.step[...] // accumulate)  # the rate of this step's update
     opt.update(model, grads)
     budget_lib.update_multipliers(model, out.budget, budget_rate)
+    model.update_balance(out)  # auxiliary-loss-free balancing: outside the optimizer
     real = jnp.asarray(batch['weight']) > 0
     scalars = {'loss': loss, 'grad_norm': _global_norm(grads), 'learning_rate': learning_rate,
                'flops_per_example': jnp.mean(out.flops_per_example),
@@ -183,8 +184,9 @@ def _resume(exp, ckpt, state, workdir):
     return start, state, meta
   if exp.config.init_from:
     model, opt = nnx.merge(exp.graphdef, state)
-    model_state, got, kept = checkpoint_lib.restore_params(exp.config.init_from,
-                                                           nnx.state(model))
+    model_state, got, kept = checkpoint_lib.restore_params(
+        exp.config.init_from, nnx.state(model),
+        upcycle_noise=exp.config.get('upcycle_noise', 0.0), seed=exp.config.seed)
     nnx.update(model, model_state)
     grow_lib.init_clones(model, kept)  # grown expert clones start as copies of their sources
     state = nnx.state(experiment.TrainState(model, opt))

@@ -39,7 +39,9 @@ def image_and_text(slots=(7, 5), seed=0, **model_kwargs):
   return m, batch
 
 
-ROUTER_OPTIONS = ('k', 'num_null_experts', 'top_p', 'renormalize', 'noisy', 'route_on')
+ROUTER_OPTIONS = ('k', 'num_null_experts', 'top_p', 'renormalize', 'noisy', 'route_on',
+                  'jitter', 'priority', 'balance_rate', 'routed_scale', 'slots_per_expert',
+                  'normalize')
 
 
 def moe_kwargs(**flat):
@@ -47,6 +49,8 @@ def moe_kwargs(**flat):
   (k, num_null_experts, top_p, renormalize, noisy, route_on) become the router spec dict."""
   spec = {'name': flat.pop('router', 'top_k')}
   spec.update({k: flat.pop(k) for k in ROUTER_OPTIONS if k in flat})
+  if spec['name'] == 'soft':
+    spec.pop('k', None)
   return dict(flat, router=spec)
 
 

@@ -19,7 +19,7 @@ def _layer(**kw):
     (dict(capacity_factor=0.0), r'capacity_factor=0.0: must be a number > 0, or None'),
     (dict(capacity_factor=-2), r'capacity_factor=-2'),
     (dict(eval_capacity_factor=0), r'eval_capacity_factor=0'),
-    (dict(router='switchy'), r"unknown router 'switchy'; known: \['expert_choice', 'top_k'\]"),
+    (dict(router='switchy'), r"unknown router 'switchy'; known: \['expert_choice', 'soft', 'top_k'\]"),
     (dict(dispatcher='fastest'), r"unknown dispatcher 'fastest'; known: \['einsum', 'ragged', "
                                  r"'sorted'\]"),
     (dict(router='expert_choice', causal=True), r"expert_choice.*non-causal.*causal=True"),

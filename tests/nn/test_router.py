@@ -133,6 +133,8 @@ def test_router_is_built_from_a_config_dict_through_the_registry():
                      rngs=nnx.Rngs(0))
   assert router_lib.resolved('top_k') == {'name': 'top_k', 'k': 2, 'num_null_experts': 0,
                                           'top_p': None, 'renormalize': True, 'noisy': False,
+                                          'jitter': 0.0, 'priority': 'position',
+                                          'balance_rate': 0.0, 'routed_scale': 1.0,
                                           'route_on': 'token'}
 
 
