@@ -1,6 +1,9 @@
 """Text tasks on the Python standard library's own source files (bytes, offline).
 
-* `pycode_lm`: byte-level language modelling on windows of 128 bytes (per-position head).
+* `pycode_lm`: byte-level language modelling on windows of 128 bytes (per-position head),
+  at most 32 windows per file (1.9 MB of training bytes).
+* `pycode_lm_full`: the same on every window of every file (max_windows_per_file=None:
+  about 10 MB of training bytes), for runs that would see the capped corpus many times.
 * `stdlib_package`: which of 8 standard-library packages a 128-byte snippet comes from.
 
 Files are listed in sorted order and split by a hash of their path (about 10% to test), so a
@@ -38,7 +41,7 @@ def _split_of(path: str) -> str:
   return 'test' if h % 10 == 0 else 'train'
 
 
-def _windows(path: str, width: int, limit: int):
+def _windows(path: str, width: int, limit: int | None):
   with open(path, 'rb') as f:
     data = f.read().replace(b'\x00', b' ')
   for start in range(0, max(0, len(data) - width), width)[:limit]:
@@ -46,15 +49,22 @@ def _windows(path: str, width: int, limit: int):
 
 
 class PathwaysPycodeLm(tfds_source.OfflineBuilder):
-  """Windows of 129 bytes of standard-library source: inputs [128] and next-byte targets."""
+  """Windows of 129 bytes of standard-library source: inputs [128] and next-byte targets;
+  at most MAX_WINDOWS_PER_FILE windows from each file (None: all)."""
   FEATURES = {'inputs': ((WINDOW,), np.uint8), 'targets': ((WINDOW,), np.int32)}
+  MAX_WINDOWS_PER_FILE: int | None = 32
 
   def _generate_examples(self, split):
     for path in _stdlib_files():
       if _split_of(path) != split:
         continue
-      for start, w in _windows(path, WINDOW + 1, limit=32):
+      for start, w in _windows(path, WINDOW + 1, limit=self.MAX_WINDOWS_PER_FILE):
         yield f'{path}:{start}', {'inputs': w[:-1], 'targets': w[1:].astype(np.int32)}
+
+
+class PathwaysPycodeLmFull(PathwaysPycodeLm):
+  """Every window of every file (the uncapped corpus)."""
+  MAX_WINDOWS_PER_FILE = None
 
 
 class PathwaysStdlibPackage(tfds_source.OfflineBuilder):
@@ -78,6 +88,13 @@ registry.register_task(tfds_source.builder_task(
     input_feature='inputs', target_feature='targets', input_shape=(WINDOW,), input_dtype='uint8',
     metrics=('accuracy', 'loss', 'perplexity', 'bits_per_byte'),
     description='byte-level language modelling on the standard library (pathways_pycode_lm)'))
+registry.register_task(tfds_source.builder_task(
+    PathwaysPycodeLmFull, name='pycode_lm_full', modality='bytes', head='per_position',
+    num_classes=256,
+    input_feature='inputs', target_feature='targets', input_shape=(WINDOW,), input_dtype='uint8',
+    metrics=('accuracy', 'loss', 'perplexity', 'bits_per_byte'),
+    description='pycode_lm on the uncapped corpus: every window of every file '
+                '(pathways_pycode_lm_full)'))
 registry.register_task(tfds_source.builder_task(
     PathwaysStdlibPackage, name='stdlib_package', modality='bytes', head='classify',
     num_classes=len(PACKAGES), input_feature='inputs', target_feature='label',

@@ -32,6 +32,8 @@ flags.DEFINE_integer('repeats', 5, 'Timed repeats per variant (median reported).
 flags.DEFINE_integer('ragged_max_groups', 8, 'Run the ragged path only up to this E (XLA lowers '
                      'ragged_dot to per-group dense work on CPU, and on GPU at E=512 its '
                      'autotuner asked for 64 GiB).')
+flags.DEFINE_bool('modern', True, 'Also time a shared-expert layer and a fine-grained one '
+                  '(granularity 2) at the same active FLOPs.')
 flags.DEFINE_bool('forward_only', True, 'Also time forward-only (inference).')
 flags.DEFINE_bool('breakdown', True, 'Also time the parts of the MoE layer (fwd+bwd): router, '
                   'expert FFN alone on full buffers, and the rest (ranking, gathers, combine).')
@@ -45,7 +47,7 @@ def main(argv):
       d_model=FLAGS.d_model, dense_hidden=FLAGS.dense_hidden, k=FLAGS.k,
       capacity_factor=FLAGS.capacity_factor, einsum_groups=tuple(map(int, FLAGS.einsum_groups)),
       load_cv=FLAGS.load_cv, repeats=FLAGS.repeats, ragged_max_groups=FLAGS.ragged_max_groups,
-      forward_only=FLAGS.forward_only, breakdown=FLAGS.breakdown)
+      modern=FLAGS.modern, forward_only=FLAGS.forward_only, breakdown=FLAGS.breakdown)
   rows = []
   for t in map(int, FLAGS.tokens):
     for e in map(int, FLAGS.experts):

@@ -43,6 +43,13 @@ def collect(model_graphdef, model_state, batches, forward=None) -> dict:
   # Each layer's experts by bank: [(count, hidden)] in global id order (grown ones last).
   out['banks'] = {f'layer{l}': [(b.num_experts, b.hidden) for b in
                                 model.blocks[l].ffn.all_banks()] for l in model.moe_layers}
+  # Auxiliary-loss-free balancing: each layer's selection bias per expert at this checkpoint.
+  out['balance_bias'] = {f'layer{l}': np.asarray(model.blocks[l].ffn.router.balance_bias[...])
+                         [:model.blocks[l].ffn.num_experts].tolist() for l in model.moe_layers
+                         if getattr(model.blocks[l].ffn.router, 'balance_rate', 0.0)}
+  # Layers whose slots mix tokens (Soft MoE): their heatmaps show combine weights.
+  out['soft_layers'] = [f'layer{l}' for l in model.moe_layers
+                        if model.blocks[l].ffn.router.mixes_tokens]
   out['adaptive_depth'] = [bool(model.halting and p) for p in model.pooled]
   out['grown'] = grown_components(model)
   out['task_names'] = list(model.task_names)

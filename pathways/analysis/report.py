@@ -34,6 +34,15 @@ CAPTIONS = {
     'pathways': 'Figure 1 from the trained model: boxes are the experts of each MoE layer '
                 '(numbered; filled: grown for one task); a task\'s line width is its share of '
                 'assignments (between layers: the product of the two shares).',
+    'heatmap_soft': 'Soft MoE layer: rows are tasks, columns experts; each cell is the share '
+                    'of the task\'s combine weight (summed over the expert\'s slots) that the '
+                    'expert\'s slots return to the task\'s tokens: every token reads every '
+                    'slot, so weights, not counts, show specialization.',
+    'balance_bias': 'Auxiliary-loss-free balancing: each expert\'s selection bias at this '
+                    'checkpoint (added to the router scores for choosing experts, never to the '
+                    'gates). Negative: an expert that was over-loaded and is pushed down; the '
+                    'mean |bias| and the router load CV over training are in the over-time '
+                    'figure.',
     'over_time': 'The routing scalars over training (means over each logging interval) and '
                  'the evaluation accuracies: load-balance and z-losses falling, drops (at the '
                  'training capacity) and experts per token, NMI rising as tasks specialize.',
@@ -72,7 +81,8 @@ def heatmap(layer: str, s: dict, names) -> bytes:
   if null is not None:
     ax.axvline(e - 0.5, color='white', lw=1.5)
   ax.set_xlabel('expert')
-  ax.set_title(f"{layer}: share of each task's assignments\n"
+  what = 'combine weight (Soft MoE slots)' if s.get('soft') else 'assignments'
+  ax.set_title(f"{layer}: share of each task's {what}\n"
                f"NMI {s['nmi']:.3f} (shuffled tasks {s['nmi_shuffled_mean']:.3f})", pad=16)
   fig.colorbar(im, ax=ax)
   return _png(fig, plt)
@@ -88,7 +98,7 @@ def figures(stats):
   names = stats['task_names']
   out = {}
   for layer, s in stats['layers'].items():
-    out[f'heatmap_{layer}.png'] = heatmap(layer, s, names)
+    out[f"heatmap_{'soft_' if s.get('soft') else ''}{layer}.png"] = heatmap(layer, s, names)
   adaptive = [n for n in names if stats['tasks'][n].get('depth') is not None]
   fig, axes = plt.subplots(1, 2 if adaptive else 1, figsize=(9 if adaptive else 4.5, 3),
                            squeeze=False)
@@ -111,6 +121,16 @@ def figures(stats):
     ax.set_title('compute against difficulty')
     out['flops_vs_difficulty.png'] = png(fig)
   out['pathways.png'] = _pathway_figure(stats, plt, png)
+  biased = {layer: s['balance_bias_E'] for layer, s in stats['layers'].items()
+            if s.get('balance_bias_E') is not None}
+  if biased:
+    fig, axes = plt.subplots(1, len(biased), figsize=(4 * len(biased), 2.8), squeeze=False)
+    for ax, (layer, bias) in zip(axes[0], biased.items()):
+      ax.bar(range(len(bias)), bias, color=['tab:red' if b < 0 else 'tab:blue' for b in bias])
+      ax.axhline(0, color='black', lw=0.8)
+      ax.set_xlabel('expert')
+      ax.set_title(f'{layer}: selection bias', fontsize=9)
+    out['balance_bias.png'] = png(fig)
   return out
 
 

@@ -30,15 +30,18 @@ def coefficient_of_variation(counts_E) -> float:
   return float(counts_E.std() / mean) if mean > 0 else 0.0
 
 
-def task_expert_counts(task_T, expert_TxK, kept_TxK, num_tasks: int, num_experts: int):
-  """[N, E] computed assignments of each task's tokens to each real expert."""
+def task_expert_counts(task_T, expert_TxK, kept_TxK, num_tasks: int, num_experts: int,
+                       weight_TxK=None):
+  """[N, E] computed assignments of each task's tokens to each real expert (with
+  `weight_TxK`: the sum of their weights instead of their count)."""
   task_T = np.asarray(task_T)
   out = np.zeros((num_tasks, num_experts))
   kept = np.asarray(kept_TxK, bool)
   expert = np.asarray(expert_TxK)
   for k in range(expert.shape[1]):
     sel = kept[:, k] & (expert[:, k] < num_experts)
-    np.add.at(out, (task_T[sel], expert[sel, k]), 1.0)
+    w = 1.0 if weight_TxK is None else np.asarray(weight_TxK)[sel, k]
+    np.add.at(out, (task_T[sel], expert[sel, k]), w)
   return out
 
 

@@ -31,7 +31,14 @@ def summarize(record: dict, *, shuffle_repeats: int = 10) -> dict:
       task_T = np.repeat(task_B, l)
       null_share = [_num(null_T[active_T & (task_T == i)].sum() /
                          max(k * (active_T & (task_T == i)).sum(), 1)) for i in range(n)]
-    layers[layer] = dict(scalars, expert_load=rs.load_fractions(counts).tolist(),
+    soft = layer in record.get('soft_layers', ())
+    if soft:  # every token reaches every expert: what differs is the combine weight
+      joint = rs.task_expert_counts(np.repeat(task_B, l), expert, kept, n, num_experts,
+                                    rec['weight_BxLxK'].reshape(-1, k))
+    extra = {'soft': soft}
+    if layer in record.get('balance_bias', {}):
+      extra['balance_bias_E'] = record['balance_bias'][layer]
+    layers[layer] = dict(scalars, **extra, expert_load=rs.load_fractions(counts).tolist(),
                          null_share=null_share, banks=record.get('banks', {}).get(layer),
                          load_cv=rs.coefficient_of_variation(counts),
                          task_expert_counts=joint.tolist(),

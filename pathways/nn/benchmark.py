@@ -8,7 +8,10 @@ Forward+backward (and forward-only) time of:
   * einsum@S: the same layer with the one-hot [S, E, C] reference dispatcher and capacity
     groups of S tokens (the layout of vmoe/flaxformer/praxis), at each --einsum_groups size;
   * ragged: the dropless grouped-matmul dispatcher (skipped above --ragged_max_groups
-    experts).
+    experts);
+  * shared: DeepSeekMoE's layout at the same active FLOPs: one shared expert of width
+    F_dense / 2 plus the routed experts at half their width;
+  * fine: fine-grained experts (granularity 2: 2E experts of width F_expert / 2, top-2k).
 All variants of one configuration are timed side by side, round-robin, in one process;
 reported numbers are medians over --repeats. Router logits get a fixed per-expert bias,
 calibrated so that the coefficient of variation of expert load is about --load_cv.
@@ -39,6 +42,7 @@ class Setting:
   load_cv: float = 0.3  # target coefficient of variation of expert load
   repeats: int = 5
   ragged_max_groups: int = 8
+  modern: bool = True  # the shared and fine-grained variants
   forward_only: bool = True
   breakdown: bool = True
 
@@ -122,6 +126,14 @@ def bench_config(t: int, e: int, cfg: Setting, log=lambda msg: None) -> dict:
                                               capacity_factor=cfg.capacity_factor,
                                               dispatcher='einsum', group_size=s, rngs=rngs()),
                                  True)
+  if cfg.modern:
+    variants['shared'] = (moe.MoELayer(d, [(e, f_expert // 2)], dict(name='top_k', k=k),
+                                       capacity_factor=cfg.capacity_factor, dispatcher='sorted',
+                                       shared_experts=1, shared_hidden=cfg.dense_hidden // 2,
+                                       rngs=rngs()), True)
+    variants['fine'] = (moe.MoELayer(d, [(e, f_expert)], dict(name='top_k', k=k),
+                                     capacity_factor=cfg.capacity_factor, dispatcher='sorted',
+                                     granularity=2, rngs=rngs()), True)
   bias = _calibrate_bias(variants['moe'][0], x, cfg.load_cv)
   ragged_note = None
   if e <= cfg.ragged_max_groups:
@@ -133,7 +145,9 @@ def bench_config(t: int, e: int, cfg: Setting, log=lambda msg: None) -> dict:
     ragged_note = (f'not run: E={e} > --ragged_max_groups={cfg.ragged_max_groups} (XLA does '
                    f'per-expert dense work for ragged_dot on CPU, and ran out of memory '
                    f'compiling it at E=512 on a GPU)')
-  compiled = {name: _make_fns(m, bias, is_moe) for name, (m, is_moe) in variants.items()}
+  # fine-grained experts split each coarse expert in two: each half keeps its parent's bias
+  compiled = {name: _make_fns(m, jnp.repeat(bias, m.num_experts // e) if is_moe else bias,
+                              is_moe) for name, (m, is_moe) in variants.items()}
   # Realized load statistics of the fast path (before capacity: router choices).
   _, metrics = compiled['moe'][1](compiled['moe'][0], x)[0]
   load = np.asarray(metrics['router_load'])
@@ -201,17 +215,20 @@ def _breakdown(layer, x, bias_E, compiled, t, e, cfg):
 
 def table(rows) -> str:
   """The README's markdown tables of benchmark rows."""
-  lines = ['| T | E | load CV | dropped | train: moe/dense | ragged/dense | best einsum/dense | '
-           'moe/best einsum | fwd: moe/dense | fwd: moe/best einsum |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+  lines = ['| T | E | load CV | dropped | train: moe/dense | shared/dense | fine/dense | '
+           'ragged/dense | best einsum/dense | moe/best einsum | fwd: moe/dense | '
+           'fwd: moe/best einsum |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     tv, fv = r['train_vs_dense'], r.get('forward_vs_dense', {})
     best = max(v for n, v in tv.items() if n.startswith('einsum@'))
     rg = f"{tv['ragged']:.2f}" if 'ragged' in tv else 'n/a'
     fwd = f"{fv['moe']:.2f}" if fv else '-'
     fwd_ref = f"{r['forward_moe_vs_best_einsum']:.2f}" if fv else '-'
+    modern = [f"{tv[n]:.2f}" if n in tv else 'n/a' for n in ('shared', 'fine')]
     lines.append(f"| {r['tokens']} | {r['experts']} | {r['load_cv']:.2f} | "
-                 f"{r['fraction_dropped']:.3f} | {tv['moe']:.2f} | {rg} | {best:.2f} | "
+                 f"{r['fraction_dropped']:.3f} | {tv['moe']:.2f} | {modern[0]} | {modern[1]} | "
+                 f"{rg} | {best:.2f} | "
                  f"{r['train_moe_vs_best_einsum']:.2f} | {fwd} | {fwd_ref} |")
   if any('breakdown_seconds' in r for r in rows):
     lines += ['', '| T | E | dense | MoE layer | expert FFN | router | ranking+gathers+rest | '

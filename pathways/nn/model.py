@@ -206,7 +206,8 @@ class Figure1Model(nnx.Module):
     if self.moe_layers:
       num_choices = self.blocks[self.moe_layers[0]].ffn.router.num_logits
     self.router_prior = nnx.Dict({
-        t.name: nnx.Param(jnp.zeros((len(self.moe_layers), num_choices or 1)))
+        # one unused row without MoE layers: checkpoints refuse zero-size arrays
+        t.name: nnx.Param(jnp.zeros((max(len(self.moe_layers), 1), num_choices or 1)))
         for t in tasks})
     self.connectivity = nnx.data(self._connectivity_bias(tasks, num_choices))
     self.halting = halting
@@ -229,7 +230,7 @@ class Figure1Model(nnx.Module):
 
   def _connectivity_bias(self, tasks, num_choices):
     """[num MoE layers, N, E'] with 0 where allowed and -inf where a task may not route."""
-    bias = np.zeros((len(self.moe_layers), len(tasks), num_choices or 1), np.float32)
+    bias = np.zeros((max(len(self.moe_layers), 1), len(tasks), num_choices or 1), np.float32)
     for i, t in enumerate(tasks):
       for layer, allowed in (t.connectivity or {}).items():
         if layer not in self.moe_layers:

@@ -4,6 +4,8 @@ are the README's commands)."""
 import json
 import os
 
+import pytest
+
 from experiments.configs import more_experts
 from experiments.reference import common
 from experiments.reference import more_experts as more_experts_sweep
@@ -12,13 +14,34 @@ from pathways import registry
 from pathways.train import experiment
 
 
-def test_more_experts_configs_differ_only_in_the_expert_count():
+def test_more_experts_arms_spend_the_same_ffn_flops_per_token():
+  """Dense, fine-grained + shared at every E, and coarse top-1: the same FFN FLOPs per token
+  (the routers' 2 D E aside; upcycled top-2 twice that); expert parameters grow with E."""
   registry.import_task_modules(['tasks'])
-  a, b = (more_experts.get_config(f'experts={e},seed=0').to_dict() for e in (1, 16))
-  assert a['model']['moe'].pop('banks') == [[1, 256]]
-  assert b['model']['moe'].pop('banks') == [[16, 256]]
-  assert a == b  # same width, k=1: the same active FLOPs per token
-  assert not more_experts.get_config('experts=4').model.moe.router.renormalize  # router learns
+  flops, params = {}, {}
+  for arg in ('arm=dense', 'arm=fine,experts=4', 'arm=fine,experts=64', 'arm=coarse,experts=64',
+              'arm=upcycled'):
+    c = more_experts.get_config(arg)
+    experiment.validate(c)
+    m = c.model
+    if not m.moe_every:
+      ffn = 4 * m.d_model * m.mlp_hidden
+    else:
+      g = m.moe.get('granularity', 1)
+      k = g * m.moe.router.get('k', 1)
+      width = m.moe.banks[0][1] // g
+      ffn = 4 * m.d_model * (k * width + m.moe.get('shared_experts', 0) * (
+          m.moe.get('shared_hidden') or width))
+    flops[arg], params[arg] = ffn, more_experts_sweep.expert_params(c)
+  assert flops['arm=dense'] == flops['arm=fine,experts=4'] == flops['arm=fine,experts=64'] \
+      == flops['arm=coarse,experts=64'] == flops['arm=upcycled'] // 2
+  assert params['arm=dense'] < params['arm=fine,experts=4'] < params['arm=fine,experts=64']
+  a, b = (more_experts.get_config(f'arm=fine,experts={e}').to_dict() for e in (4, 64))
+  assert a['model']['moe'].pop('banks') == [[2, 128]] and b['model']['moe'].pop('banks') == [
+      [32, 128]]
+  assert a == b  # the fine-grained rows differ only in the expert count
+  with pytest.raises(ValueError, match=r"arm='sparse': allowed are"):
+    more_experts.get_config('arm=sparse')
 
 
 def test_single_task_runs_match_the_shared_run_per_task():
@@ -34,12 +57,29 @@ def test_single_task_runs_match_the_shared_run_per_task():
     assert c.model.to_dict() == shared.model.to_dict()
 
 
-def test_sweep_summary_and_plot(tmp_path):
-  runs = [{'experts': e, 'seed': s, 'eval_loss': 2.0 + 0.1 * s - 0.01 * e,
-           'flops_per_token': 100.0} for e in (1, 4) for s in (0, 1)]
+def test_more_experts_claims_are_computed_from_the_measured_losses(tmp_path):
+  def run(row, seed, loss, experts=1, arm='fine'):
+    return {'row': row, 'arm': arm, 'experts': experts, 'seed': seed, 'eval_loss': loss,
+            'flops_per_token': 100.0, 'ffn_params': experts, 'init_from': ''}
+
+  runs = [run('dense', s, 2.0 + 0.01 * s, arm='dense') for s in range(3)]
+  runs += [run(f'fine_E{e}', s, 2.0 - 0.02 * i + 0.01 * s, e)
+           for i, e in enumerate((4, 16, 64), 1) for s in range(3)]
+  runs += [run('upcycled', s, 1.9, 8, 'upcycled') for s in range(3)]
+  runs += [run('dense_continued', s, 1.95 - 0.1 * (s == 2), 1, 'dense') for s in range(3)]
   summary = more_experts_sweep.summarize(runs)
-  assert summary['4']['mean_loss'] == 2.0 + 0.05 - 0.04
-  assert summary['1']['min_loss'] == 1.99 and summary['1']['seeds'] == 2
+  assert summary['fine_E64']['mean_loss'] == pytest.approx(1.95)
+  assert summary['dense']['stderr'] == pytest.approx(0.01 / 3 ** 0.5)
+  got = {c['name']: c for c in more_experts_sweep.claims(summary, runs, [4, 16, 64])}
+  assert got['more_experts_monotone']['met']
+  largest = got['largest_beats_dense_every_seed']
+  assert largest['met'] and largest['measured'] == {'max fine_E64': pytest.approx(1.96),
+                                                    'min dense': pytest.approx(2.0)}
+  runs[2]['eval_loss'] = 1.9  # one dense seed below the worst E=64 seed: missed
+  summary = more_experts_sweep.summarize(runs)
+  got = {c['name']: c for c in more_experts_sweep.claims(summary, runs, [4, 16, 64])}
+  assert not got['largest_beats_dense_every_seed']['met']
+  assert not got['upcycled_beats_dense_continued']['met']  # seed 2: 1.9 > 1.85
   path = str(tmp_path / 'plot.png')
   more_experts_sweep.plot(runs, summary, path)
   assert os.path.getsize(path) > 1000
