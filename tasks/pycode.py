@@ -7,7 +7,10 @@
 * `stdlib_package`: which of 8 standard-library packages a 128-byte snippet comes from.
 
 Files are listed in sorted order and split by a hash of their path (about 10% to test), so a
-file never lands in both splits. The data depend on the installed Python's standard library.
+file never lands in both splits. `stdlib_package` splits each package's files separately
+(stratified): its files in hash order, every tenth to test starting with the first, so every
+package has test files (a plain hash split left json, http and logging without any). The
+data depend on the installed Python's standard library.
 Byte 0 is padding (it does not occur in source text).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import sysconfig
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from pathways import registry
 from pathways.data import tfds_source
@@ -36,9 +40,20 @@ def _stdlib_files(subdir: str = ''):
 
 
 def _split_of(path: str) -> str:
+  return 'test' if _hash(path) % 10 == 0 else 'train'
+
+
+def _hash(path: str) -> int:
   relative = os.path.relpath(path, sysconfig.get_paths()['stdlib'])
-  h = int(hashlib.sha256(relative.encode()).hexdigest(), 16)
-  return 'test' if h % 10 == 0 else 'train'
+  return int(hashlib.sha256(relative.encode()).hexdigest(), 16)
+
+
+def _stratified_split(files) -> dict[str, str]:
+  """{path: 'train' | 'test'} for one class's files: in hash order, every tenth file (the
+  first included) to test, so a class with any file has a test file (deterministic)."""
+  ordered = sorted(files, key=_hash)
+  return {path: 'test' if i % 10 == 0 and len(ordered) > 1 else 'train'
+          for i, path in enumerate(ordered)}
 
 
 def _windows(path: str, width: int, limit: int | None):
@@ -68,14 +83,18 @@ class PathwaysPycodeLmFull(PathwaysPycodeLm):
 
 
 class PathwaysStdlibPackage(tfds_source.OfflineBuilder):
-  """128-byte snippets labelled with the standard-library package they come from."""
+  """128-byte snippets labelled with the standard-library package they come from; files
+  split per package (`_stratified_split`); at most 600 snippets per package and split."""
+  VERSION = tfds.core.Version('1.1.0')  # 1.1.0: stratified split (1.0.0: plain hash split)
   FEATURES = {'inputs': ((WINDOW,), np.uint8), 'label': ((), np.int64)}
 
   def _generate_examples(self, split):
     for label, package in enumerate(PACKAGES):
       count = 0
-      for path in _stdlib_files(package):
-        if _split_of(path) != split or count >= 600:
+      files = _stdlib_files(package)
+      assignment = _stratified_split(files)
+      for path in files:
+        if assignment[path] != split or count >= 600:
           continue
         for start, w in _windows(path, WINDOW, limit=40):
           yield f'{path}:{start}', {'inputs': w, 'label': label}

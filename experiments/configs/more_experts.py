@@ -17,7 +17,7 @@ windows of 128 bytes. Every arm spends the same FLOPs per token in its feed-forw
 
   python -m experiments.reference.more_experts --workdir=workdirs/more_experts
 
-Argument: 'arm=A,experts=E,seed=S,steps=N,warmup=W' (defaults fine, 16, 0, 250, 25).
+Argument: 'arm=A,experts=E,seed=S,steps=N,warmup=W' (defaults fine, 16, 0, 300, 25).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
   arm = args.get('arm', 'fine')
   if arm not in ARMS:
     raise ValueError(f'config argument arm={arm!r}: allowed are {ARMS}.')
-  experts, steps = int(args.get('experts', 16)), int(args.get('steps', 250))
+  experts, steps = int(args.get('experts', 16)), int(args.get('steps', 300))
   c = multitask.get_config('runlocal')
   c.seed = int(args.get('seed', 0))
   c.tasks = ('pycode_lm_full',)

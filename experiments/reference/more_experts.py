@@ -1,7 +1,7 @@
 """Reference result 1: more experts keep helping at the same active compute.
 
   python -m experiments.reference.more_experts --workdir=workdirs/more_experts \
-      [--experts=4,16,64] [--seeds=0,1,2] [--steps=250] [--upcycle_steps=100]
+      [--experts=4,16,64] [--seeds=0,1,2] [--steps=300] [--upcycle_steps=100]
 
 Trains `experiments/configs/more_experts.py` on `pycode_lm_full` for every (row, seed) in its
 own sub-workdir (an interrupted sweep resumes: finished runs are read back, a cut run resumes
@@ -44,7 +44,7 @@ def define_flags():
   flags.DEFINE_string('workdir', None, 'Folder for the sweep.')
   flags.DEFINE_list('experts', ['4', '16', '64'], 'Routed experts of the fine-grained rows.')
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds per row.')
-  flags.DEFINE_integer('steps', 250, 'Training steps per run.')
+  flags.DEFINE_integer('steps', 300, 'Training steps per run.')
   flags.DEFINE_integer('upcycle_steps', 100, 'Extra steps of the upcycling comparison.')
   flags.mark_flags_as_required(['workdir'])
 

@@ -234,8 +234,6 @@ class MoELayer(nnx.Module):
     cf = self.eval_capacity_factor if deterministic else self.capacity_factor
     c = routing.capacity(self.num_experts, self.k, cf)
     y_BxLxD, kept = self.apply_experts(x_BxLxD, routing, mask_BxL, c)
-    if self.shared_experts:
-      y_BxLxD = y_BxLxD + self.apply_shared(x_BxLxD, mask_BxL)
     return y_BxLxD, self.stats(routing, kept, mask_BxL, router_metrics, aux_loss)
 
   def apply_shared(self, x_BxLxD, mask_BxL):
@@ -305,7 +303,8 @@ class MoELayer(nnx.Module):
     return self.num_experts + len(self.grown_spec)
 
   def apply_experts(self, x_BxLxD, routing, mask_BxL, capacity: int):
-    """The expert half: dispatch at `capacity` slots per expert per group, run, combine.
+    """The expert half: dispatch at `capacity` slots per expert per group, run, combine;
+    plus the shared experts when the layer has them.
 
     Returns y_BxLxD and the kept assignments (the routing's assignment shape).
     """
@@ -322,7 +321,10 @@ class MoELayer(nnx.Module):
       else:
         dispatch_fn = functools.partial(expert_parallel.PARALLEL[dispatch_fn], mesh=mesh)
     y_GxSxD, kept = dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity, self.dtype)
-    return y_GxSxD.reshape(b, l, d), kept
+    y_BxLxD = y_GxSxD.reshape(b, l, d)
+    if self.shared_experts:
+      y_BxLxD = y_BxLxD + self.apply_shared(x_BxLxD, mask_BxL)
+    return y_BxLxD, kept
 
   def flops(self, routing, kept, mask_BxL):
     """Forward FLOPs [B, L] each token spent here: its router matmul and its computed

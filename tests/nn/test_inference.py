@@ -24,7 +24,8 @@ MOE = synthetic.moe_kwargs(**FLAT)
 
 @pytest.mark.parametrize('moe_kwargs', [
     MOE, synthetic.moe_kwargs(**dict(FLAT, top_p=0.6, num_null_experts=0)),
-    synthetic.moe_kwargs(**dict(FLAT, dispatcher='einsum', group_size=8))])
+    synthetic.moe_kwargs(**dict(FLAT, dispatcher='einsum', group_size=8)),
+    synthetic.moe_kwargs(**dict(FLAT, shared_experts=1, granularity=2))])
 def test_bucketed_path_equals_full_path(moe_kwargs):
   m, batch = _setup(moe_kwargs)
   res = synthetic.forward(m, batch)
