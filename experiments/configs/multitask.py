@@ -15,10 +15,10 @@ its default options; expert choice serves no per-position task, so it drops `add
 256 experts per MoE layer in banks of 192 x F=1024 and 64 x F=2048, bfloat16, remat, batch
 256, groups of 512 tokens, mesh data=8 x expert=8: the pod-scale shape that
 `tools/scale_report.py` compiles ahead of time on simulated devices).
-runlocal result (`make run`, 2 CPU cores, 600 steps, 4.5-5 min with compilation and four
+runlocal result (`make run`, 2 CPU cores, 600 steps, about 3 min with compilation and four
 evaluations; results/multitask_runlocal/): evaluation accuracy at step 600 (chance):
-digits 0.88 (0.10), parity 0.64 (0.50), stdlib_package 0.30 (0.125), addition per-position
-0.22 (~0.10 at step 0); learned mean depth 3.4 / 1.4 / 1.1 of 4 for digits / parity /
+digits 0.89 (0.10), parity 0.64 (0.50), stdlib_package 0.34 (0.125), addition per-position
+0.22 (~0.10 at step 0); learned mean depth 3.4 / 1.4 / 1.4 of 4 for digits / parity /
 stdlib_package.
 """
 from __future__ import annotations
