@@ -245,10 +245,13 @@ class Figure1Model(nnx.Module):
         bias[m, i, list(allowed)] = 0.0
     return bias
 
-  def update_balance(self, out: ModelOutput) -> None:
-    """One step of auxiliary-loss-free balancing in every MoE layer that has it (in place;
-    after the optimizer update, from the training pass's router loads)."""
+  def update_balance(self, out: ModelOutput, layers=None) -> None:
+    """One step of auxiliary-loss-free balancing in every MoE layer that has it (or in
+    `layers` only: the trainer leaves frozen routers alone), in place, after the optimizer
+    update, from the training pass's router loads."""
     for layer, stats in out.moe.items():
+      if layers is not None and layer not in layers:
+        continue
       router = self.blocks[layer].ffn.router
       if getattr(router, 'balance_rate', 0.0):
         router_lib.update_balance(router, stats.metrics['router_load'])

@@ -27,6 +27,7 @@ from pathways.nn import grow as grow_lib
 from pathways.nn import model as model_lib
 from pathways.nn import router as router_lib
 from pathways.parallel import sharding as sharding_lib
+from pathways.train import freeze as freeze_lib
 from pathways.train import optimizer as optimizer_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -89,12 +90,18 @@ def upgrade(config):
 
 
 def parse(config) -> ml_collections.ConfigDict:
-  """A normalized copy of `config`: comma lists split, lists as lists, old keys upgraded."""
+  """A normalized copy of `config`: comma lists split, lists as lists, old keys upgraded,
+  freeze presets expanded into the regexes they stand for (`pathways.train.freeze`; the
+  recorded config holds the regexes, so a later evaluation needs no `init_from`)."""
   d = config.to_dict()
   for key in COMMA_LISTS:
     d[key] = comma_list(d.get(key, ()))
-  d['freeze'] = list(d.get('freeze', ()))
-  return upgrade(ml_collections.ConfigDict(d))
+  freeze = d.get('freeze', ())
+  d['freeze'] = [freeze] if isinstance(freeze, str) else list(freeze)
+  config = upgrade(ml_collections.ConfigDict(d))
+  if any(p in freeze_lib.PRESETS for p in config.freeze):
+    config.freeze = freeze_lib.patterns(config)
+  return config
 
 
 def validate(config, mesh=None, rules=None) -> None:

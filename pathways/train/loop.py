@@ -31,6 +31,7 @@ from pathways.parallel import sharding as sharding_lib
 from pathways.train import checkpoint as checkpoint_lib
 from pathways.train import evaluation
 from pathways.train import experiment
+from pathways.train import freeze as freeze_lib
 from pathways.train import metric_writer
 from pathways.train import optimizer as optimizer_lib
 from pathways.train import signals
@@ -49,6 +50,10 @@ def make_train_step(exp: experiment.Experiment):
   ponder_weight, budget_rate = config.aux.ponder_cost, config.aux.budget_rate
   graphdef = exp.graphdef
   accumulate = config.optim.get('accumulate_steps', 1)
+  # auxiliary-loss-free balancing moves routing: never in a layer whose router is frozen
+  m = config.model
+  balanced = [l for l in range(m.num_layers) if m.moe_every and (l + 1) % m.moe_every == 0
+              and not freeze_lib.is_frozen(f'blocks/{l}/ffn/router/w_DxE', config.freeze)]
   lr = optimizer_lib.schedule(learning_rate=config.optim.learning_rate,
                               warmup_steps=config.optim.warmup_steps,
                               num_steps=config.train.num_steps // accumulate)
@@ -70,7 +75,7 @@ def make_train_step(exp: experiment.Experiment):
     learning_rate = lr(opt.step[...] // accumulate)  # the rate of this step's update
     opt.update(model, grads)
     budget_lib.update_multipliers(model, out.budget, budget_rate)
-    model.update_balance(out)  # auxiliary-loss-free balancing: outside the optimizer
+    model.update_balance(out, balanced)  # auxiliary-loss-free balancing: outside the optimizer
     real = jnp.asarray(batch['weight']) > 0
     scalars = {'loss': loss, 'grad_norm': _global_norm(grads), 'learning_rate': learning_rate,
                'flops_per_example': jnp.mean(out.flops_per_example),

@@ -160,6 +160,61 @@ def test_more_tasks_start_from_fewer_and_frozen_parameters_stay(reference_run, d
   assert 'addition' in model.heads and 'addition' not in ref.heads
 
 
+def test_freeze_shared_trains_only_the_new_task_and_old_outputs_stay_bitwise(
+    reference_run, data_dir, tmp_path):
+  """`freeze='shared'` after `init_from`: the new task's own parameters and the expert clone
+  grown for it train; every parameter from the base stays bit for bit, no balance bias moves,
+  and the old tasks' evaluation outputs equal (bitwise) those of the same model before the
+  new task trained."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pathways.analysis import collect  # pylint: disable=g-import-not-at-top
+  from pathways.nn import grow as grow_lib  # pylint: disable=g-import-not-at-top
+  c = _config(data_dir, num_steps=3, eval_every=3)
+  c.tasks = ('digits', 'parity', 'addition')
+  registry.get_task('addition').data('train', data_dir)
+  c.init_from = reference_run
+  c.freeze = ('shared',)
+  c.model.grown = [dict(kind='clone', task='addition', layer=1, expert=0, hidden=16)]
+  c.model.moe.router = dict(c.model.moe.router.to_dict(), balance_rate=0.1)
+  assert experiment.parse(c).freeze[0].startswith('^(?!')  # the recorded form: a regex
+  workdir = str(tmp_path / 'new_task')
+  loop.train_and_evaluate(c, workdir)
+  base, new = checkpoint_lib.saved_model(reference_run), checkpoint_lib.saved_model(workdir)
+  common = [p for p in new if p in base and np.shape(base[p]) == np.shape(new[p])
+            and '/rngs/' not in p and not p.startswith('budget')]
+  assert len(common) > 20
+  for p in common:
+    np.testing.assert_array_equal(np.asarray(new[p]), np.asarray(base[p]), err_msg=p)
+  assert not np.asarray(new['blocks/1/ffn/router/balance_bias']).any()  # frozen router
+  loaded = evaluate_workdir.load_workdir(workdir)
+  trained = loaded.model()
+  # the same model before training: the base's parameters, the clone copied from its source
+  exp = loaded.experiment
+  model = exp.model(exp.init_state())
+  state, _, kept = checkpoint_lib.restore_params(reference_run, nnx.state(model))
+  nnx.update(model, state)
+  grow_lib.init_clones(model, kept)
+  clone = np.asarray(trained.blocks[1].ffn.grown[0].w_in_ExDxF[...])
+  assert not np.array_equal(clone, np.asarray(model.blocks[1].ffn.grown[0].w_in_ExDxF[...]))
+  for name in ('heads/addition', 'task_embed/addition'):
+    assert not np.array_equal(np.asarray(new[name]), np.asarray(
+        checkpoint_lib.flat_paths(nnx.to_pure_dict(nnx.state(model)))[name])), name
+  forward = collect.make_forward(exp.model_graphdef)
+  batch = next(exp.eval_pipeline())
+  after = jax.device_get(forward(nnx.state(trained), batch).logits)
+  before = jax.device_get(forward(nnx.state(model), batch).logits)
+  for name in ('digits', 'parity'):
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  assert not np.array_equal(after['addition'], before['addition'])
+  with pytest.raises(ValueError, match=r"every task of config.tasks \['digits', 'parity'\] was "
+                                       r"trained in"):
+    experiment.parse(ml_collections.ConfigDict(dict(c.to_dict(), tasks=('digits', 'parity'),
+                                                    model=dict(c.model.to_dict(), grown=[]))))
+  with pytest.raises(ValueError, match=r"it needs config.init_from"):
+    experiment.parse(ml_collections.ConfigDict(dict(c.to_dict(), init_from='')))
+
+
 def test_every_config_file_loads_with_runlocal():
   files = sorted(glob.glob(os.path.join(ROOT, 'experiments', 'configs', '*.py')))
   files = [f for f in files if not f.endswith('__init__.py')]
