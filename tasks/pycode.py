@@ -4,6 +4,9 @@
   at most 32 windows per file (1.9 MB of training bytes).
 * `pycode_lm_full`: the same on every window of every file (max_windows_per_file=None:
   about 10 MB of training bytes), for runs that would see the capped corpus many times.
+* `pycode_lm_seen` / `pycode_lm_heldout`: the uncapped corpus without / with only the
+  packages in HELD_OUT (email, xml, http): a base model trains on the first, a new task on
+  packages it never saw comes from the second.
 * `stdlib_package`: which of 8 standard-library packages a 128-byte snippet comes from.
 
 Files are listed in sorted order and split by a hash of their path (about 10% to test), so a
@@ -27,6 +30,7 @@ from pathways.data import tfds_source
 
 WINDOW = 128
 PACKAGES = ('asyncio', 'email', 'json', 'unittest', 'xml', 'http', 'multiprocessing', 'logging')
+HELD_OUT = ('email', 'xml', 'http')  # packages pycode_lm_seen leaves out
 
 
 def _stdlib_files(subdir: str = ''):
@@ -82,6 +86,29 @@ class PathwaysPycodeLmFull(PathwaysPycodeLm):
   MAX_WINDOWS_PER_FILE = None
 
 
+def _held_out(path: str) -> bool:
+  root = sysconfig.get_paths()['stdlib']
+  return os.path.relpath(path, root).split(os.sep)[0] in HELD_OUT
+
+
+class PathwaysPycodeLmSeen(PathwaysPycodeLmFull):
+  """Every window of every file outside the HELD_OUT packages."""
+
+  def _generate_examples(self, split):
+    for key, ex in super()._generate_examples(split):
+      if not _held_out(key.rsplit(':', 1)[0]):
+        yield key, ex
+
+
+class PathwaysPycodeLmHeldout(PathwaysPycodeLmFull):
+  """Every window of the HELD_OUT packages' files (split by file, as the rest)."""
+
+  def _generate_examples(self, split):
+    for key, ex in super()._generate_examples(split):
+      if _held_out(key.rsplit(':', 1)[0]):
+        yield key, ex
+
+
 class PathwaysStdlibPackage(tfds_source.OfflineBuilder):
   """128-byte snippets labelled with the standard-library package they come from; files
   split per package (`_stratified_split`); at most 600 snippets per package and split."""
@@ -114,6 +141,14 @@ registry.register_task(tfds_source.builder_task(
     metrics=('accuracy', 'loss', 'perplexity', 'bits_per_byte'),
     description='pycode_lm on the uncapped corpus: every window of every file '
                 '(pathways_pycode_lm_full)'))
+for _cls, _name, _what in (
+    (PathwaysPycodeLmSeen, 'pycode_lm_seen', 'without the packages ' + ', '.join(HELD_OUT)),
+    (PathwaysPycodeLmHeldout, 'pycode_lm_heldout', 'only the packages ' + ', '.join(HELD_OUT))):
+  registry.register_task(tfds_source.builder_task(
+      _cls, name=_name, modality='bytes', head='per_position', num_classes=256,
+      input_feature='inputs', target_feature='targets', input_shape=(WINDOW,),
+      input_dtype='uint8', metrics=('accuracy', 'loss', 'perplexity', 'bits_per_byte'),
+      description=f'pycode_lm_full {_what} (pathways_{_name})'))
 registry.register_task(tfds_source.builder_task(
     PathwaysStdlibPackage, name='stdlib_package', modality='bytes', head='classify',
     num_classes=len(PACKAGES), input_feature='inputs', target_feature='label',

@@ -1,19 +1,27 @@
-"""Reference result: a new task learns fast from shared components (muNet, Figure 1).
+"""Reference result 3: a new task learns from few examples by reusing shared components.
 
   python -m experiments.reference.new_task --workdir=workdirs/new_task \
-      [--base_workdir=workdirs/multitask] [--examples=100] [--steps=200]
+      [--examples=100] [--seeds=0,1,2] [--steps=400]
 
-Starts from the trained default model (`--base_workdir`, else it trains
-`multitask.py:runlocal` into workdir/base) and adds a task it has not seen: byte-level
-language modelling of Python source (`pycode_lm`) from only `--examples` labelled windows
-(task `pycode_lm_<examples>`, evaluated on pycode_lm's full held-out split). Two runs on the
-same examples and steps:
-  * transfer: the base model's parameters, everything shared frozen (stems, attention,
-    routers, experts, other tasks' heads); only the new task's embedding, head and router
-    prior train;
-  * scratch: the same architecture, every parameter trained from initialization.
-The old tasks cannot change: the transfer run's shared parameters are compared bit for bit
-with the base checkpoint. Writes workdir/results.json and workdir/new_task.png.
+Trains the base model (`experiments/configs/new_task.py`, arm=base: code language modelling
+on the standard library without the packages email, xml and http), then, for each seed, the
+three arms on the new task `pycode_lm_heldout_<examples>` (language modelling of those
+packages from `--examples` training windows): scratch, probe (everything shared frozen) and
+grown (probe plus an adapter per layer grown for the task). Every arm is early-stopped the
+same way: evaluated every 25 steps on 512 validation windows (held-out windows of the
+packages' training files, never trained on), and the checkpoint with the lowest validation
+loss is evaluated on the packages' test files (1024 windows, 131k bytes). Each run is its own
+sub-workdir; an interrupted sweep resumes.
+
+Writes workdir/summary.json (per run: validation curve, best step, test loss; per arm: mean,
+standard error and range; `claims` with targets set before the runs and `met` computed here)
+and workdir/new_task.png. Targets:
+  * probe_beats_best_scratch: the probe's mean test loss at least 0.3 nats per byte below the
+    early-stopped scratch model's, and every probe seed below every scratch seed.
+  * grown_beats_probe: the grown arm's mean test loss below the probe's, and lower on every
+    seed.
+  * old_task_unchanged: every parameter the probe and grown runs took from the base is bit for
+    bit the base's (the base task's function cannot have changed).
 """
 from __future__ import annotations
 
@@ -29,16 +37,20 @@ from experiments.reference import common
 from pathways import registry
 
 FLAGS = flags.FLAGS
-SOURCE = 'pycode_lm'
+SOURCE = 'pycode_lm_heldout'
+VALIDATION = 512  # windows of the source's train split after the training examples
+TEST_WINDOWS = 1024  # of the source's test split (pycode_lm_heldout has 1031)
+ARMS = ('scratch', 'probe', 'grown')
 
 
-class _FirstN:
-  """The first n examples of a random-access source."""
+class _Slice:
+  """Examples [start, stop) of a random-access source."""
 
-  def __init__(self, source, n):
-    if len(source) < n:
-      raise ValueError(f'--examples={n}: the split has only {len(source)} examples.')
-    self.source, self.n = source, n
+  def __init__(self, source, start, stop):
+    if len(source) < stop:
+      raise ValueError(f'the split has {len(source)} examples; {stop} are needed '
+                       f'({stop - start} from {start}).')
+    self.source, self.start, self.n = source, start, stop - start
 
   def __len__(self):
     return self.n
@@ -46,67 +58,200 @@ class _FirstN:
   def __getitem__(self, i):
     if not 0 <= i < self.n:
       raise IndexError(i)
-    return self.source[i]
+    return self.source[self.start + i]
 
 
-def register_few_shot(examples: int) -> str:
-  """Registers `pycode_lm_<examples>`: pycode_lm with `examples` training windows."""
-  name = f'{SOURCE}_{examples}'
+def register_few_shot(examples: int, source: str = SOURCE) -> str:
+  """Registers `<source>_<examples>`: training on the first `examples` windows of the
+  source's train split; split 'validation' (the task's evaluation split) the next
+  VALIDATION windows; 'test' the source's test split."""
+  name = f'{source}_{examples}'
   if name in registry.TASKS:
     return name
-  base = registry.get_task(SOURCE)
+  base = registry.get_task(source)
 
-  def data(split, data_dir):
-    source = base.data(split, data_dir)
-    return _FirstN(source, examples) if split == base.splits['train'] else source
+  def data(split, data_dir=None):
+    if split == 'test':
+      return base.data(base.splits['eval'], data_dir)
+    train = base.data(base.splits['train'], data_dir)
+    if split == 'train':
+      return _Slice(train, 0, examples)
+    if split == 'validation':
+      return _Slice(train, examples, examples + VALIDATION)
+    raise ValueError(f'split={split!r}: {name} has train, validation and test.')
 
-  registry.register_task(dataclasses.replace(base, name=name, data=data,
-                                             description=f'{base.description}, '
-                                             f'{examples} training examples'))
+  registry.register_task(dataclasses.replace(
+      base, name=name, data=data, splits={'train': 'train', 'eval': 'validation'},
+      description=f'{base.description}, {examples} training windows'))
   return name
 
 
-def configs(base_config, task: str, steps: int, base_workdir: str):
-  """(transfer, scratch) configs for the new task on the base model's architecture."""
-  def one():
-    c = base_config.copy_and_resolve_references()
-    c.tasks = [task]
-    for section in ('task_loss_weights', 'task_flops_budgets', 'task_connectivity'):
-      c[section] = {}
-    c.data.batch_size = 8
-    c.data.shards = 0
-    c.train.update(num_steps=steps, eval_every=steps, log_every=50, routing_batches=0,
-                   eval_batches=16)
-    c.ckpt.every = steps
-    c.optim.warmup_steps = min(c.optim.warmup_steps, steps // 10)
-    c.init_from, c.freeze = '', []
-    return c
-
-  transfer, scratch = one(), one()
-  transfer.init_from = base_workdir
-  transfer.freeze = [f'^(?!.*{task})']  # every parameter whose path does not name the task
-  return transfer, scratch
+def config_for(arm: str, seed: int, steps: int, task: str, base_workdir: str):
+  from experiments.configs import new_task as configs  # pylint: disable=g-import-not-at-top
+  c = configs.get_config(f'arm={arm},seed={seed},steps={steps},task={task}')
+  if arm in ('probe', 'grown'):
+    c.init_from = os.path.abspath(base_workdir)
+  return c
 
 
-def shared_unchanged(base_workdir, transfer_workdir):
-  """(equal, compared): every transfer parameter that came from the base, bitwise."""
+def best_step(rows, task) -> tuple[int, list]:
+  """(step of the lowest validation loss, [(step, loss)]) from a run's logged rows."""
+  curve = [(r['step'], r[f'eval/{task}/loss']) for r in rows if f'eval/{task}/loss' in r]
+  if not curve:
+    raise ValueError('the run logged no evaluation')
+  return min(curve, key=lambda p: (p[1], p[0]))[0], curve
+
+
+def test_loss(workdir: str, step: int, batches: int) -> dict:
+  """The checkpoint of `step` evaluated on its task's test split."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
+  from pathways.train import evaluation  # pylint: disable=g-import-not-at-top
+  from pathways.train import experiment  # pylint: disable=g-import-not-at-top
+  loaded = evaluate_workdir.load_workdir(workdir, checkpoint=str(step))
+  exp = loaded.experiment
+  tasks = [dataclasses.replace(t, splits=dict(t.splits, eval='test')) for t in exp.tasks]
+  pipe = experiment.pipeline_from_config(exp.config, tasks, split='eval', seed_offset=1,
+                                         **exp.data)
+  with jax.set_mesh(exp.mesh):
+    return evaluation.evaluate(evaluation.make_eval_step(exp.model_graphdef),
+                               loaded.model_state, (next(pipe) for _ in range(batches)),
+                               tasks=exp.tasks)
+
+
+def shared_unchanged(base_workdir, workdir):
+  """(equal, compared): every parameter the run took from the base, bitwise."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from pathways.train import checkpoint  # pylint: disable=g-import-not-at-top
   base = checkpoint.saved_model(base_workdir)
-  new = checkpoint.saved_model(transfer_workdir)
+  new = checkpoint.saved_model(workdir)
   common_paths = [p for p in new if p in base and np.shape(base[p]) == np.shape(new[p])
-                  and '/rngs/' not in p]  # random streams advance; parameters must not
+                  and '/rngs/' not in p and not p.startswith('budget')]
   equal = all(np.array_equal(np.asarray(base[p]), np.asarray(new[p])) for p in common_paths)
   return equal, len(common_paths)
+
+
+def summarize(runs) -> dict:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  out = {}
+  for arm in ARMS:
+    losses = np.array([r['test_loss'] for r in runs if r['arm'] == arm])
+    if len(losses):
+      out[arm] = {'seeds': len(losses), 'losses': losses.tolist(),
+                  'mean_loss': float(losses.mean()),
+                  'stderr': float(losses.std(ddof=1) / np.sqrt(len(losses)))
+                  if len(losses) > 1 else None,
+                  'min_loss': float(losses.min()), 'max_loss': float(losses.max())}
+  return out
+
+
+def claims(summary, runs) -> list[dict]:
+  """The targets, each with the numbers it was judged on and `met` computed from them."""
+  out = []
+  by = {arm: {r['seed']: r['test_loss'] for r in runs if r['arm'] == arm} for arm in ARMS}
+  if summary.get('probe') and summary.get('scratch'):
+    gap = summary['scratch']['mean_loss'] - summary['probe']['mean_loss']
+    out.append({'name': 'probe_beats_best_scratch',
+                'target': 'probe mean test loss >= 0.3 nats/byte below the early-stopped '
+                          'scratch model, every probe seed below every scratch seed',
+                'measured': {'probe': summary['probe']['mean_loss'],
+                             'scratch': summary['scratch']['mean_loss'], 'gap': gap,
+                             'max probe': summary['probe']['max_loss'],
+                             'min scratch': summary['scratch']['min_loss']},
+                'met': gap >= 0.3 and summary['probe']['max_loss'] < summary['scratch'][
+                    'min_loss']})
+  seeds = sorted(set(by['grown']) & set(by['probe']))
+  if seeds:
+    mean_g = sum(by['grown'][s] for s in seeds) / len(seeds)
+    mean_p = sum(by['probe'][s] for s in seeds) / len(seeds)
+    out.append({'name': 'grown_beats_probe',
+                'target': 'grown mean test loss below the probe\'s, and lower on every seed',
+                'measured': {'grown': mean_g, 'probe': mean_p, 'per_seed_difference': {
+                    str(s): by['grown'][s] - by['probe'][s] for s in seeds}},
+                'met': mean_g < mean_p and all(by['grown'][s] < by['probe'][s] for s in seeds)})
+  checked = [r for r in runs if r['arm'] in ('probe', 'grown')]
+  if checked:
+    out.append({'name': 'old_task_unchanged',
+                'target': 'every parameter the transfer runs took from the base is bitwise '
+                          'the base\'s',
+                'measured': {f"{r['arm']}_seed{r['seed']}": r['base_parameters_compared']
+                             for r in checked},
+                'met': all(r['base_parameters_unchanged'] for r in checked)})
+  return out
+
+
+def plot(runs, summary, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+  colors = {'scratch': 'tab:gray', 'probe': 'tab:blue', 'grown': 'tab:green'}
+  for r in runs:
+    steps, losses = zip(*r['validation'])
+    ax1.plot(steps, losses, color=colors[r['arm']], alpha=0.7,
+             label=r['arm'] if r['seed'] == min(x['seed'] for x in runs) else None)
+    ax1.scatter([r['best_step']], [dict(r['validation'])[r['best_step']]],
+                color=colors[r['arm']], s=14)
+  ax1.set_xlabel('step (batch 8)')
+  ax1.set_ylabel('validation loss (nats/byte)')
+  ax1.set_title('early stopping: dots mark the chosen step', fontsize=9)
+  ax1.legend(fontsize=8)
+  arms = [a for a in ARMS if a in summary]
+  ax2.bar(arms, [summary[a]['mean_loss'] for a in arms],
+          yerr=[summary[a]['stderr'] or 0 for a in arms], color=[colors[a] for a in arms],
+          capsize=4)
+  for i, a in enumerate(arms):
+    ax2.scatter([i] * summary[a]['seeds'], summary[a]['losses'], color='black', s=10, zorder=3)
+  ax2.set_ylabel('test loss at the chosen step')
+  ax2.set_ylim(min(summary[a]['min_loss'] for a in arms) - 0.3,
+               max(summary[a]['max_loss'] for a in arms) + 0.1)
+  ax2.set_title('mean +- s.e. over seeds; dots: seeds', fontsize=9)
+  common.save(fig, path)
 
 
 def define_flags():
   """Only when run as a program (tests import the sweeps into one process)."""
   flags.DEFINE_string('workdir', None, 'Folder for the runs.')
-  flags.DEFINE_string('base_workdir', None, 'A trained default model (else trained here).')
-  flags.DEFINE_integer('examples', 100, 'Labelled training examples of the new task.')
-  flags.DEFINE_integer('steps', 200, 'Training steps of both runs (batch 8).')
+  flags.DEFINE_integer('examples', 100, 'Training windows of the new task.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of the new-task arms.')
+  flags.DEFINE_integer('steps', 400, 'Training steps of every new-task run (batch 8).')
+  flags.DEFINE_integer('base_steps', 600, 'Training steps of the base model (batch 32).')
   flags.mark_flags_as_required(['workdir'])
+
+
+def sweep(workdir, examples, seeds, steps, base_steps) -> dict:
+  from experiments.configs import new_task as configs  # pylint: disable=g-import-not-at-top
+  from pathways.train import metric_writer  # pylint: disable=g-import-not-at-top
+  base_workdir = os.path.join(workdir, 'base')
+  print('== base', flush=True)
+  common.train(configs.get_config(f'arm=base,steps={base_steps}'), base_workdir)
+  task = register_few_shot(examples)
+  runs = []
+  for seed in seeds:
+    for arm in ARMS:
+      print(f'== {arm} seed={seed}', flush=True)
+      run_dir = os.path.join(workdir, f'{arm}_seed{seed}')
+      config = config_for(arm, seed, steps, task, base_workdir)
+      _, seconds = common.train(config, run_dir)
+      step, curve = best_step(metric_writer.read_metrics(run_dir), task)
+      result = test_loss(run_dir, step, TEST_WINDOWS // config.data.batch_size)
+      run = {'arm': arm, 'seed': seed, 'best_step': step, 'validation': curve,
+             'test_loss': result[f'eval/{task}/loss'],
+             'test_accuracy': result[f'eval/{task}/accuracy'], 'train_seconds': seconds}
+      if arm != 'scratch':
+        run['base_parameters_unchanged'], run['base_parameters_compared'] = shared_unchanged(
+            base_workdir, run_dir)
+      runs.append(run)
+      print(json.dumps({k: v for k, v in run.items() if k != 'validation'}), flush=True)
+  summary = summarize(runs)
+  result = {'task': task, 'examples': examples, 'steps': steps, 'batch': 8,
+            'base_steps': base_steps, 'validation_windows': VALIDATION,
+            'test_windows': TEST_WINDOWS, 'by_arm': summary,
+            'runs': runs, 'claims': claims(summary, runs)}
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  plot(runs, summary, os.path.join(workdir, 'new_task.png'))
+  return result
 
 
 def main(argv):
@@ -114,34 +259,10 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   registry.discover()
-  from experiments.configs import multitask  # pylint: disable=g-import-not-at-top
-  from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
-  base_workdir = FLAGS.base_workdir or os.path.join(FLAGS.workdir, 'base')
-  if not FLAGS.base_workdir:
-    print('== base (the default model)', flush=True)
-    common.train(multitask.get_config('runlocal'), base_workdir)
-  base_config = evaluate_workdir.read_config(base_workdir)
-  task = register_few_shot(FLAGS.examples)
-  transfer, scratch = configs(base_config, task, FLAGS.steps, os.path.abspath(base_workdir))
-  rows = {}
-  for name, config in (('transfer', transfer), ('scratch', scratch)):
-    print(f'== {name}', flush=True)
-    row, seconds = common.train(config, os.path.join(FLAGS.workdir, name))
-    rows[name] = {'eval_loss': row[f'eval/{task}/loss'],
-                  'eval_accuracy': row[f'eval/{task}/accuracy'], 'train_seconds': seconds}
-  equal, compared = shared_unchanged(base_workdir, os.path.join(FLAGS.workdir, 'transfer'))
-  result = {'task': task, 'examples': FLAGS.examples, 'steps': FLAGS.steps, 'batch': 8,
-            'base_workdir': base_workdir, 'runs': rows,
-            'shared_parameters_unchanged': equal, 'shared_parameters_compared': compared}
-  with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as f:
-    json.dump(result, f, indent=1)
-  fig, ax = common.figure()
-  ax.bar(['transfer\n(shared frozen)', 'scratch'], [rows['transfer']['eval_loss'],
-                                                    rows['scratch']['eval_loss']])
-  ax.set_ylabel(f'{SOURCE} held-out loss (nats/byte)')
-  ax.set_title(f'{FLAGS.examples} training examples, {FLAGS.steps} steps')
-  common.save(fig, os.path.join(FLAGS.workdir, 'new_task.png'))
-  print(json.dumps(result, indent=1))
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  result = sweep(FLAGS.workdir, FLAGS.examples, [int(s) for s in FLAGS.seeds], FLAGS.steps,
+                 FLAGS.base_steps)
+  print(json.dumps({'by_arm': result['by_arm'], 'claims': result['claims']}, indent=1))
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from experiments.configs import more_experts
+from experiments.configs import new_task as new_task_configs
 from experiments.reference import common
 from experiments.reference import more_experts as more_experts_sweep
 from experiments.reference import multitask_vs_single
@@ -96,31 +97,87 @@ def test_final_eval_reads_only_finished_runs(tmp_path):
   assert common.final_eval(str(tmp_path), 10)['eval/mean_accuracy'] == 0.5
 
 
-def test_new_task_transfer_trains_only_the_new_tasks_parameters():
-  """The transfer run's freeze pattern leaves exactly the new task's embedding, head and
-  router prior trainable; the scratch run trains everything."""
-  import jax
-  from flax import nnx
-  from experiments.configs import multitask
-  from experiments.reference import new_task
-  from pathways.train import optimizer
-  from pathways.train import scale as scale_report
-  registry.import_task_modules(['tasks'])
-  task = new_task.register_few_shot(7)
-  assert new_task.register_few_shot(7) == task == 'pycode_lm_7'  # registering twice: no-op
-  transfer, scratch = new_task.configs(multitask.get_config('runlocal'), task, 20, '/base')
-  assert transfer.init_from == '/base' and not scratch.init_from and not scratch.freeze
+def _trained_paths(config, task):
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pathways.train import optimizer  # pylint: disable=g-import-not-at-top
+  from pathways.train import scale as scale_report  # pylint: disable=g-import-not-at-top
+  config = experiment.parse(config)
   tasks = [registry.get_task(task)]
-  layout = scale_report.abstract_layout(transfer, tasks, 1)
-  model = nnx.eval_shape(lambda: experiment.model_from_config(transfer, tasks, layout,
+  layout = scale_report.abstract_layout(config, tasks, 1)
+  model = nnx.eval_shape(lambda: experiment.model_from_config(config, tasks, layout,
                                                               nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
-  labels = optimizer.freeze_labels(params, transfer.freeze)
-  trained = sorted(optimizer.param_path(k) for k, v in jax.tree_util.tree_leaves_with_path(
-      labels) if v == 'train')
-  assert trained and all(task in p for p in trained), trained
+  if not config.freeze:
+    return sorted(optimizer.param_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(params))
+  labels = optimizer.freeze_labels(params, config.freeze)
+  return sorted(optimizer.param_path(k) for k, v in jax.tree_util.tree_leaves_with_path(labels)
+                if v == 'train')
+
+
+def test_new_task_arms_train_what_they_say(tmp_path):
+  """Probe: only the new task's embedding, head and router prior train; grown: those and
+  its adapters; scratch: everything. The base never saw the held-out packages."""
+  from experiments.reference import new_task  # pylint: disable=g-import-not-at-top
+  registry.import_task_modules(['tasks'])
+  task = new_task.register_few_shot(7)
+  assert new_task.register_few_shot(7) == task == 'pycode_lm_heldout_7'  # twice: no-op
+  base = tmp_path / 'base'
+  base.mkdir()
+  (base / 'config.json').write_text(json.dumps({'tasks': ['pycode_lm_seen']}))
+  probe, grown, scratch = (new_task.config_for(arm, 0, 50, task, str(base))
+                           for arm in ('probe', 'grown', 'scratch'))
+  assert probe.init_from == grown.init_from == str(base) and not scratch.init_from
+  trained = _trained_paths(probe, task)
   assert {p.split('/')[0] for p in trained} == {'task_embed', 'heads', 'router_prior'}
-  assert len(new_task._FirstN(list(range(10)), 3)) == 3
+  assert all(task in p for p in trained), trained
+  trained_grown = _trained_paths(grown, task)
+  assert set(trained) < set(trained_grown)
+  assert {p.split('/')[0] for p in set(trained_grown) - set(trained)} == {'task_ffns'}
+  everything = _trained_paths(scratch, task)
+  assert len(everything) > len(trained_grown) and any('banks' in p for p in everything)
+  base_config = new_task_configs.get_config('arm=base')
+  assert list(base_config.tasks) == ['pycode_lm_seen']
+  from tasks import pycode  # pylint: disable=g-import-not-at-top
+  assert pycode._held_out(os.path.join(pycode.sysconfig.get_paths()['stdlib'], 'email',
+                                       'utils.py'))
+  assert not pycode._held_out(os.path.join(pycode.sysconfig.get_paths()['stdlib'], 'json',
+                                           'decoder.py'))
+
+
+def test_few_shot_splits_are_disjoint_slices():
+  from experiments.reference import new_task  # pylint: disable=g-import-not-at-top
+  source = list(range(1000))
+  train, val = new_task._Slice(source, 0, 100), new_task._Slice(source, 100, 612)
+  assert list(train) == list(range(100)) and val[0] == 100 and len(val) == 512
+  with pytest.raises(ValueError, match='the split has 1000 examples; 2000 are needed'):
+    new_task._Slice(source, 1000, 2000)
+
+
+def test_new_task_claims_and_early_stopping_are_computed_from_the_runs(tmp_path):
+  from experiments.reference import new_task  # pylint: disable=g-import-not-at-top
+  rows = [{'step': 25, 'eval/t/loss': 3.0}, {'step': 40, 'loss': 1.0},
+          {'step': 50, 'eval/t/loss': 2.5}, {'step': 75, 'eval/t/loss': 2.7}]
+  assert new_task.best_step(rows, 't') == (50, [(25, 3.0), (50, 2.5), (75, 2.7)])
+  runs = []
+  for seed in range(3):
+    for arm, loss in (('scratch', 3.0), ('probe', 2.6), ('grown', 2.5)):
+      runs.append({'arm': arm, 'seed': seed, 'test_loss': loss + 0.01 * seed, 'best_step': 50,
+                   'validation': [(25, 3.0), (50, 2.9)], 'base_parameters_unchanged': True,
+                   'base_parameters_compared': 40})
+  summary = new_task.summarize(runs)
+  got = {c['name']: c for c in new_task.claims(summary, runs)}
+  assert got['probe_beats_best_scratch']['met']
+  assert got['probe_beats_best_scratch']['measured']['gap'] == pytest.approx(0.4)
+  assert got['grown_beats_probe']['met'] and got['old_task_unchanged']['met']
+  runs[5]['test_loss'] = 2.7  # grown seed 1 above probe seed 1 (2.61)
+  got = {c['name']: c for c in new_task.claims(new_task.summarize(runs), runs)}
+  assert not got['grown_beats_probe']['met']
+  runs[1]['base_parameters_unchanged'] = False
+  assert not {c['name']: c for c in new_task.claims(summary, runs)}['old_task_unchanged']['met']
+  path = str(tmp_path / 'p.png')
+  new_task.plot(runs, summary, path)
+  assert os.path.getsize(path) > 1000
 
 
 def _tiny_adaptive_compute(data_dir):
