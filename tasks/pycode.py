@@ -4,6 +4,8 @@
   at most 32 windows per file (1.9 MB of training bytes).
 * `pycode_lm_full`: the same on every window of every file (max_windows_per_file=None:
   about 10 MB of training bytes), for runs that would see the capped corpus many times.
+* `pycode_lm_other`: the uncapped corpus without any of the eight `stdlib_package`
+  packages: a code language model that never reads the classification task's files.
 * `pycode_lm_seen` / `pycode_lm_heldout`: the uncapped corpus without / with only the
   packages in HELD_OUT (email, xml, http): a base model trains on the first, a new task on
   packages it never saw comes from the second.
@@ -91,6 +93,16 @@ def _held_out(path: str) -> bool:
   return os.path.relpath(path, root).split(os.sep)[0] in HELD_OUT
 
 
+class PathwaysPycodeLmOther(PathwaysPycodeLmFull):
+  """Every window of every file outside the eight PACKAGES of stdlib_package."""
+
+  def _generate_examples(self, split):
+    root = sysconfig.get_paths()['stdlib']
+    for key, ex in super()._generate_examples(split):
+      if os.path.relpath(key.rsplit(':', 1)[0], root).split(os.sep)[0] not in PACKAGES:
+        yield key, ex
+
+
 class PathwaysPycodeLmSeen(PathwaysPycodeLmFull):
   """Every window of every file outside the HELD_OUT packages."""
 
@@ -142,6 +154,7 @@ registry.register_task(tfds_source.builder_task(
     description='pycode_lm on the uncapped corpus: every window of every file '
                 '(pathways_pycode_lm_full)'))
 for _cls, _name, _what in (
+    (PathwaysPycodeLmOther, 'pycode_lm_other', 'without the packages ' + ', '.join(PACKAGES)),
     (PathwaysPycodeLmSeen, 'pycode_lm_seen', 'without the packages ' + ', '.join(HELD_OUT)),
     (PathwaysPycodeLmHeldout, 'pycode_lm_heldout', 'only the packages ' + ', '.join(HELD_OUT))):
   registry.register_task(tfds_source.builder_task(

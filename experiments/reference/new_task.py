@@ -94,12 +94,15 @@ def config_for(arm: str, seed: int, steps: int, task: str, base_workdir: str):
   return c
 
 
-def best_step(rows, task) -> tuple[int, list]:
-  """(step of the lowest validation loss, [(step, loss)]) from a run's logged rows."""
-  curve = [(r['step'], r[f'eval/{task}/loss']) for r in rows if f'eval/{task}/loss' in r]
+def best_step(rows, task, metric: str = 'loss') -> tuple[int, list]:
+  """(step of the best validation `metric`, [(step, value)]) from a run's logged rows: the
+  lowest loss, or the highest accuracy; ties go to the earliest step."""
+  key = f'eval/{task}/{metric}'
+  curve = [(r['step'], r[key]) for r in rows if key in r]
   if not curve:
     raise ValueError('the run logged no evaluation')
-  return min(curve, key=lambda p: (p[1], p[0]))[0], curve
+  sign = 1 if metric == 'loss' else -1
+  return min(curve, key=lambda p: (sign * p[1], p[0]))[0], curve
 
 
 def test_loss(workdir: str, step: int, batches: int) -> dict:

@@ -159,6 +159,9 @@ def test_new_task_claims_and_early_stopping_are_computed_from_the_runs(tmp_path)
   rows = [{'step': 25, 'eval/t/loss': 3.0}, {'step': 40, 'loss': 1.0},
           {'step': 50, 'eval/t/loss': 2.5}, {'step': 75, 'eval/t/loss': 2.7}]
   assert new_task.best_step(rows, 't') == (50, [(25, 3.0), (50, 2.5), (75, 2.7)])
+  rows = [{'step': 25, 'eval/t/accuracy': 0.2}, {'step': 50, 'eval/t/accuracy': 0.4},
+          {'step': 75, 'eval/t/accuracy': 0.4}]
+  assert new_task.best_step(rows, 't', 'accuracy')[0] == 50  # highest; ties: earliest
   runs = []
   for seed in range(3):
     for arm, loss in (('scratch', 3.0), ('probe', 2.6), ('grown', 2.5)):
@@ -243,3 +246,65 @@ def test_adaptive_compute_claims_only_above_chance_at_equal_accuracy():
   out = adaptive_compute.compare('addition', [run(0.24, 40.0)], [run(0.24, 40.0)])
   assert out['threshold'] == 0.25 and out['flops_saved'] == 0.0
   assert len(out['not_claimed_because']) == 2  # below chance + margin, nothing saved
+
+
+def test_related_task_arms_differ_only_in_the_related_task():
+  from experiments.configs import related_tasks  # pylint: disable=g-import-not-at-top
+  registry.import_task_modules(['tasks'])
+  shared, single = (related_tasks.get_config(f'arm={a},task=stdlib_package') for a in
+                    ('shared', 'single'))
+  experiment.validate(shared)
+  experiment.validate(single)
+  assert list(shared.tasks) == ['pycode_lm_other', 'stdlib_package']
+  assert list(single.tasks) == ['stdlib_package']
+  # the same rows of the low-data task per batch, the same steps and evaluation
+  assert shared.data.batch_size // 2 == single.data.batch_size == related_tasks.ROWS
+  a, b = shared.to_dict(), single.to_dict()
+  for d in (a, b):
+    d.pop('tasks'), d['data'].pop('batch_size')
+  assert a == b
+
+
+def test_multitask_claim_is_computed_from_the_runs(tmp_path):
+  from experiments.reference import multitask  # pylint: disable=g-import-not-at-top
+  runs = [{'arm': arm, 'seed': s, 'test_accuracy': acc + 0.01 * s, 'best_step': 25,
+           'validation': [(25, 2.0), (50, 1.9)]}
+          for s in range(3) for arm, acc in (('single', 0.40), ('shared', 0.46))]
+  summary = multitask.summarize(runs)
+  claim, = multitask.claims(summary)
+  assert claim['met'] and claim['measured']['gain'] == pytest.approx(0.06)
+  claim, = multitask.claims(multitask.summarize(runs[:2]))  # one seed: not enough
+  assert not claim['met']
+  runs[1]['test_accuracy'] = 0.30  # shared seed 0 falls: mean gain 0.06 - 0.16 / 3 < 0.05
+  claim, = multitask.claims(multitask.summarize(runs))
+  assert not claim['met']
+  path = str(tmp_path / 'm.png')
+  multitask.plot(runs, summary, path, 'stdlib_package_200')
+  assert os.path.getsize(path) > 1000
+
+
+def test_the_related_code_model_never_reads_the_classification_tasks_files():
+  from tasks import pycode  # pylint: disable=g-import-not-at-top
+  root = pycode.sysconfig.get_paths()['stdlib']
+  files = [os.path.join(root, 'json', 'decoder.py'), os.path.join(root, 'ast.py'),
+           os.path.join(root, 'email', 'utils.py'), os.path.join(root, 'importlib', 'abc.py')]
+
+  def fake(self, split):
+    del self, split
+    for f in files:
+      yield f'{f}:0', {'inputs': None}
+
+  kept = {}
+  for cls in (pycode.PathwaysPycodeLmOther, pycode.PathwaysPycodeLmSeen,
+              pycode.PathwaysPycodeLmHeldout):
+    builder = cls.__new__(cls)  # no TFDS set-up: only the generator is called
+    original = pycode.PathwaysPycodeLmFull._generate_examples
+    pycode.PathwaysPycodeLmFull._generate_examples = fake
+    try:
+      kept[cls.__name__] = [k.rsplit(':', 1)[0] for k, _ in cls._generate_examples(builder,
+                                                                                    'train')]
+    finally:
+      pycode.PathwaysPycodeLmFull._generate_examples = original
+  assert kept['PathwaysPycodeLmOther'] == [files[1], files[3]]  # no package of the 8
+  assert kept['PathwaysPycodeLmSeen'] == [files[0], files[1], files[3]]  # email held out
+  assert kept['PathwaysPycodeLmHeldout'] == [files[2]]
