@@ -3,3 +3,4 @@ from tasks import algorithmic  # noqa: F401
 from tasks import catalogue  # noqa: F401
 from tasks import digits  # noqa: F401
 from tasks import pycode  # noqa: F401
+from tasks import few_shot  # noqa: F401

@@ -39,51 +39,16 @@ from pathways import registry
 FLAGS = flags.FLAGS
 SOURCE = 'pycode_lm_heldout'
 VALIDATION = 512  # windows of the source's train split after the training examples
+# (tasks/few_shot.py's VALIDATION)
 TEST_WINDOWS = 1024  # of the source's test split (pycode_lm_heldout has 1031)
 ARMS = ('scratch', 'probe', 'grown')
 
 
-class _Slice:
-  """Examples [start, stop) of a random-access source."""
-
-  def __init__(self, source, start, stop):
-    if len(source) < stop:
-      raise ValueError(f'the split has {len(source)} examples; {stop} are needed '
-                       f'({stop - start} from {start}).')
-    self.source, self.start, self.n = source, start, stop - start
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    if not 0 <= i < self.n:
-      raise IndexError(i)
-    return self.source[self.start + i]
-
-
 def register_few_shot(examples: int, source: str = SOURCE) -> str:
-  """Registers `<source>_<examples>`: training on the first `examples` windows of the
-  source's train split; split 'validation' (the task's evaluation split) the next
-  VALIDATION windows; 'test' the source's test split."""
-  name = f'{source}_{examples}'
-  if name in registry.TASKS:
-    return name
-  base = registry.get_task(source)
-
-  def data(split, data_dir=None):
-    if split == 'test':
-      return base.data(base.splits['eval'], data_dir)
-    train = base.data(base.splits['train'], data_dir)
-    if split == 'train':
-      return _Slice(train, 0, examples)
-    if split == 'validation':
-      return _Slice(train, examples, examples + VALIDATION)
-    raise ValueError(f'split={split!r}: {name} has train, validation and test.')
-
-  registry.register_task(dataclasses.replace(
-      base, name=name, data=data, splits={'train': 'train', 'eval': 'validation'},
-      description=f'{base.description}, {examples} training windows'))
-  return name
+  """`<source>_<examples>` (`tasks/few_shot.py`): the first `examples` training windows;
+  validation the next VALIDATION; test the source's test split."""
+  from tasks import few_shot  # pylint: disable=g-import-not-at-top
+  return few_shot.register(source, examples)
 
 
 def config_for(arm: str, seed: int, steps: int, task: str, base_workdir: str):

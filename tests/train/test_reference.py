@@ -147,11 +147,13 @@ def test_new_task_arms_train_what_they_say(tmp_path):
 
 def test_few_shot_splits_are_disjoint_slices():
   from experiments.reference import new_task  # pylint: disable=g-import-not-at-top
+  from tasks import few_shot  # pylint: disable=g-import-not-at-top
+  assert few_shot.VALIDATION == new_task.VALIDATION
   source = list(range(1000))
-  train, val = new_task._Slice(source, 0, 100), new_task._Slice(source, 100, 612)
+  train, val = few_shot.Slice(source, 0, 100), few_shot.Slice(source, 100, 612)
   assert list(train) == list(range(100)) and val[0] == 100 and len(val) == 512
   with pytest.raises(ValueError, match='the split has 1000 examples; 2000 are needed'):
-    new_task._Slice(source, 1000, 2000)
+    few_shot.Slice(source, 1000, 2000)
 
 
 def test_new_task_claims_and_early_stopping_are_computed_from_the_runs(tmp_path):
