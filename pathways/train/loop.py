@@ -34,6 +34,7 @@ from pathways.train import experiment
 from pathways.train import freeze as freeze_lib
 from pathways.train import metric_writer
 from pathways.train import optimizer as optimizer_lib
+from pathways.train import peak as peak_lib
 from pathways.train import signals
 from pathways.train import workdir as workdir_lib
 
@@ -79,6 +80,8 @@ def make_train_step(exp: experiment.Experiment):
     real = jnp.asarray(batch['weight']) > 0
     scalars = {'loss': loss, 'grad_norm': _global_norm(grads), 'learning_rate': learning_rate,
                'flops_per_example': jnp.mean(out.flops_per_example),
+               # the model's own count of this step's FLOPs: real examples, forward x 3
+               'model_flops': 3.0 * jnp.sum(out.flops_per_example * real),
                'examples': jnp.sum(real), 'tokens': jnp.sum(out.tokens_per_example * real)}
     for name in losses:
       scalars[f'train/{name}/loss'] = losses[name]
@@ -110,13 +113,16 @@ class _Meter:
 
   Rows logged every `every` steps hold each scalar's mean over the steps since the last row
   (not one step's value), the learning rate, and steps/s, examples/s and tokens/s (real
-  examples and tokens, not padding) over training steps only: the first step (compilation)
-  and the time inside `pause()` (evaluation) do not count, so the ETA is right from the first
-  row. A progress bar on a terminal; plain lines otherwise.
+  examples and tokens, not padding), model FLOP/s (the model's own count of real examples'
+  forward FLOPs x 3) and MFU against `peak_flops`, and the share of the time spent waiting
+  for batches, over training steps only: the first step (compilation) and the time inside
+  `pause()` (evaluation) do not count, so the ETA is right from the first row. A progress
+  bar on a terminal; plain lines otherwise.
   """
 
-  def __init__(self, start, total, every):
+  def __init__(self, start, total, every, peak_flops=None):
     self.every, self.total = every, total
+    self.peak_flops = peak_flops  # all devices' peak FLOP/s: MFU = model FLOP/s / this
     self.timing = False  # the first step after a (re)start compiles
     self.bar = None
     if sys.stderr.isatty():
@@ -127,7 +133,8 @@ class _Meter:
 
   def _reset(self, now):
     self.sums, self.n = {}, 0
-    self.timed = {'steps': 0, 'examples': 0.0, 'tokens': 0.0}
+    self.timed = {'steps': 0, 'examples': 0.0, 'tokens': 0.0, 'model_flops': 0.0,
+                  'data_wait_s': 0.0}
     self.clock, self.paused = now, 0.0
 
   @contextlib.contextmanager
@@ -149,6 +156,8 @@ class _Meter:
       self.timed['steps'] += 1
       self.timed['examples'] += float(scalars.get('examples', 0.0))
       self.timed['tokens'] += float(scalars.get('tokens', 0.0))
+      self.timed['model_flops'] += float(scalars.get('model_flops', 0.0))
+      self.timed['data_wait_s'] += float(scalars.get('data_wait_s', 0.0))
     else:  # this step compiled: time from its end
       self.timing, self.clock, self.paused = True, now, 0.0
     if self.bar is not None:
@@ -161,7 +170,12 @@ class _Meter:
     if self.timed['steps'] and elapsed > 0:
       self.rate = self.timed['steps'] / elapsed
       row.update(steps_per_s=self.rate, examples_per_s=self.timed['examples'] / elapsed,
-                 tokens_per_s=self.timed['tokens'] / elapsed)
+                 tokens_per_s=self.timed['tokens'] / elapsed,
+                 model_flops_per_s=self.timed['model_flops'] / elapsed,
+                 # the share of the wall time the loop spent waiting for the next batch
+                 data_wait_fraction=self.timed['data_wait_s'] / elapsed)
+      if self.peak_flops:
+        row['mfu'] = row['model_flops_per_s'] / self.peak_flops
     if self.bar is None:
       eta = (f'ETA {(self.total - step) / self.rate / 60:.1f} min' if self.rate else
              'ETA after the next interval')
@@ -284,15 +298,21 @@ def _train(config, workdir, stop, allow_config_changes):
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start,
                                       enabled=jax.process_index() == 0)
-  meter = _Meter(start, config.train.num_steps, config.train.log_every)
+  peak, peak_source = peak_lib.peak_flops(jax.devices()[0], config.model.dtype)
+  print(f'MFU against {peak and peak * jax.device_count():.3g} FLOP/s ({peak_source}, '
+        f'{jax.device_count()} devices)' if peak else f'MFU not reported: {peak_source}',
+        flush=True)
+  meter = _Meter(start, config.train.num_steps, config.train.log_every,
+                 peak and peak * jax.device_count())
   total = config.train.num_steps
   profile = tuple(config.train.get('profile_steps', ()))
   last_eval, pending = {}, None
+  waits = {}  # step -> seconds the loop waited for its batch (host loading + transfer)
 
   def finish(step, scalars, state):
     """Reads a step's scalars (the host waits here), checks them, logs them."""
     nonlocal last_eval
-    scalars = jax.device_get(scalars)
+    scalars = dict(jax.device_get(scalars), data_wait_s=waits.pop(step, 0.0))
     for key in sorted(scalars, key=lambda k: k != 'loss'):  # the loss first, then the rest
       value = scalars[key]
       if not np.all(np.isfinite(value)):
@@ -322,7 +342,9 @@ def _train(config, workdir, stop, allow_config_changes):
       return {'stopped_by': stop.requested}
     step = start
     for step in range(start + 1, total + 1):
+      waiting = time.perf_counter()
       batch = exp.put(next(pipe))
+      waits[step] = time.perf_counter() - waiting
       boundary = (step % config.ckpt.every == 0 or step % config.train.eval_every == 0
                   or step == total)
       if profile and step == profile[0] and jax.process_index() == 0:

@@ -59,6 +59,8 @@ def test_end_to_end_train_writes_metrics_checkpoints_and_evaluates(reference_run
   last = rows[-1]
   assert last['learning_rate'] > 0 and last['tokens_per_s'] > last['examples_per_s'] > 0
   assert 'steps_per_s' not in rows[0]  # the first step compiles: it is not timed
+  assert last['model_flops_per_s'] > 0 and 0 < last['mfu'] < 1
+  assert 0 <= last['data_wait_fraction'] < 1
   for key in ('loss', 'train/digits/accuracy', 'load_balance_loss', 'importance_load_loss',
               'router_z_loss', 'experts_per_token', 'fraction_tokens_dropped', 'fraction_dropped',
               'computed_experts_per_token', 'mean_depth', 'flops_per_example',
@@ -314,8 +316,9 @@ def test_rows_hold_interval_means_and_rates_over_training_steps_only(monkeypatch
                 11.0, 13.0,  # steps 2 and 3 (row: 2 steps in 3 s, minus a 1 s pause)
                 14.0])
   monkeypatch.setattr(loop.time, 'time', lambda: next(clock))
-  meter = loop._Meter(0, 4, 3)  # pylint: disable=protected-access
-  one = {'loss': 1.0, 'examples': 4.0, 'tokens': 40.0}
+  meter = loop._Meter(0, 4, 3, peak_flops=1000.0)  # pylint: disable=protected-access
+  one = {'loss': 1.0, 'examples': 4.0, 'tokens': 40.0, 'model_flops': 500.0,
+         'data_wait_s': 0.25}
   assert meter.add(1, dict(one, loss=3.0)) is None
   assert meter.add(2, one) is None
   meter.paused = 1.0  # an evaluation
@@ -323,6 +326,9 @@ def test_rows_hold_interval_means_and_rates_over_training_steps_only(monkeypatch
   assert row['loss'] == pytest.approx(5.0 / 3)  # the mean of the three steps
   assert row['steps_per_s'] == pytest.approx(1.0)  # 2 timed steps in 3 - 1 s
   assert row['examples_per_s'] == pytest.approx(4.0) and row['tokens_per_s'] == 40.0
+  assert row['model_flops_per_s'] == pytest.approx(500.0)  # 2 x 500 FLOPs in 2 s
+  assert row['mfu'] == pytest.approx(0.5)
+  assert row['data_wait_fraction'] == pytest.approx(0.25)  # 2 x 0.25 s of 2 s
 
 
 def test_profile_steps_write_a_trace(data_dir, tmp_path):
