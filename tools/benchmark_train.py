@@ -15,7 +15,9 @@ the step), compiles, runs --warmup untimed steps, then times --steps steps endin
 Each prints one JSON line: the config and its overrides, device, mesh, variant, rows and
 tokens per step (real tokens and padded positions), lower + compile seconds, median (and
 min, max) step milliseconds, examples/s and tokens/s, two FLOP counts per step with the
-TFLOP/s they give, the compiled step's memory and the device's peak memory. FLOP counts:
+TFLOP/s they give, their ratio (`matmul_over_model_flops`: padding and recompute made
+visible), MFU against the device's peak (`pathways/train/peak.py`), the compiled step's
+memory and the device's peak memory. FLOP counts:
   * model: the model's own counter (`flops_per_example`: forward FLOPs of the layers each
     example reaches, over its real tokens and the experts it used), times 3 for forward +
     backward: the useful work;

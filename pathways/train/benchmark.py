@@ -25,6 +25,7 @@ from flax import nnx
 from pathways.nn import experts as experts_lib
 from pathways.train import experiment
 from pathways.train import loop
+from pathways.train import peak as peak_lib
 
 VARIANTS = ('sorted', 'ragged', 'einsum', 'dense')
 
@@ -125,6 +126,7 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats()
   step_s = statistics.median(times)
+  peak, peak_source = peak_lib.peak_flops(jax.devices()[0], config.model.dtype)
   model_flops = 3.0 * float(scalars['flops_per_example']) * pipe.layout.batch_size
   moe = config.model.moe
   row = {
@@ -159,6 +161,10 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
       'matmul_tflops_per_s': executed_flops / step_s / 1e12,
       'model_flops_per_step': model_flops,
       'model_tflops_per_s': model_flops / step_s / 1e12,
+      # what the device multiplies per useful FLOP: padding and recompute made visible
+      'matmul_over_model_flops': executed_flops / model_flops if model_flops else None,
+      'mfu': (model_flops / step_s / (peak * jax.device_count())) if peak else None,
+      'peak_flops_per_device': peak, 'peak_source': peak_source,
       'compiled_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                             + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
       'compiled_temp_bytes': int(memory.temp_size_in_bytes),

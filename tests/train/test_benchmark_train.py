@@ -30,6 +30,11 @@ def test_row_is_consistent(data_dir):
   assert r['matmul_flops_per_step'] > r['model_flops_per_step'] > 0
   assert r['matmul_tflops_per_s'] == pytest.approx(r['matmul_flops_per_step'] / seconds / 1e12)
   assert r['model_tflops_per_s'] == pytest.approx(r['model_flops_per_step'] / seconds / 1e12)
+  assert r['matmul_over_model_flops'] == pytest.approx(
+      r['matmul_flops_per_step'] / r['model_flops_per_step']) and r['matmul_over_model_flops'] > 1
+  assert r['peak_source'] == 'measured float32 matmul' and r['peak_flops_per_device'] > 0
+  assert r['mfu'] == pytest.approx(r['model_tflops_per_s'] * 1e12 / (
+      r['peak_flops_per_device'] * jax.device_count()))
   assert r['compiled_bytes'] > 0
   # 1 warm-up step + 2 x 2 timed steps of a real optimizer: the loss moved.
   assert math.isfinite(r['loss_last']) and r['loss_last'] != r['loss_after_warmup']
