@@ -41,3 +41,38 @@ def save(fig, path):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def early_stopping_figure(runs, summary, *, colors, metric, ylabel, title, ylim=None):
+  """(figure, right axes) of an early-stopped comparison. Left: each run's validation loss
+  curve ('validation': [(step, loss)]) with its chosen step ('best_step') marked; right: each
+  arm's mean test `metric` ('loss' or 'accuracy': summary[arm]['mean_<metric>'], 'stderr',
+  and the seeds' values as dots). Arms in the order of `colors`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+  first = min(r['seed'] for r in runs)
+  for r in runs:
+    steps, losses = zip(*r['validation'])
+    ax1.plot(steps, losses, color=colors[r['arm']], alpha=0.7,
+             label=r['arm'] if r['seed'] == first else None)
+    ax1.scatter([r['best_step']], [dict(r['validation'])[r['best_step']]],
+                color=colors[r['arm']], s=14)
+  ax1.set_xlabel('step')
+  ax1.set_ylabel('validation loss')
+  ax1.set_title('early stopping: dots mark the chosen step', fontsize=9)
+  ax1.legend(fontsize=8)
+  arms = [a for a in colors if a in summary]
+  per_seed = 'losses' if metric == 'loss' else 'accuracies'
+  ax2.bar(arms, [summary[a][f'mean_{metric}'] for a in arms],
+          yerr=[summary[a]['stderr'] or 0 for a in arms], color=[colors[a] for a in arms],
+          capsize=4)
+  for i, a in enumerate(arms):
+    ax2.scatter([i] * summary[a]['seeds'], summary[a][per_seed], color='black', s=10,
+                zorder=3)
+  if ylim:
+    ax2.set_ylim(*ylim)
+  ax2.set_ylabel(ylabel)
+  ax2.set_title(title, fontsize=9)
+  return fig, ax2

@@ -68,31 +68,11 @@ def claims(summary, name: str = 'shared_beats_single', how: str = '') -> list[di
 
 
 def plot(runs, summary, path, task):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-  colors = {'single': 'tab:gray', 'shared': 'tab:blue'}
-  for r in runs:
-    steps, losses = zip(*r['validation'])
-    ax1.plot(steps, losses, color=colors[r['arm']], alpha=0.7,
-             label=r['arm'] if r['seed'] == min(x['seed'] for x in runs) else None)
-    ax1.scatter([r['best_step']], [dict(r['validation'])[r['best_step']]],
-                color=colors[r['arm']], s=14)
-  ax1.set_xlabel('step')
-  ax1.set_ylabel(f'{task} validation loss')
-  ax1.set_title('early stopping: dots mark the chosen step', fontsize=9)
-  ax1.legend(fontsize=8)
-  arms = [a for a in ARMS if a in summary]
-  ax2.bar(arms, [summary[a]['mean_accuracy'] for a in arms],
-          yerr=[summary[a]['stderr'] or 0 for a in arms], color=[colors[a] for a in arms],
-          capsize=4)
-  for i, a in enumerate(arms):
-    ax2.scatter([i] * summary[a]['seeds'], summary[a]['accuracies'], color='black', s=10,
-                zorder=3)
-  ax2.axhline(0.253, color='black', lw=0.8, ls=':')  # the test split's majority class
-  ax2.set_ylabel('test accuracy at the chosen step')
-  ax2.set_title('mean +- s.e.; dots: seeds; dotted: majority class', fontsize=9)
+  fig, ax = common.early_stopping_figure(
+      runs, summary, colors={'single': 'tab:gray', 'shared': 'tab:blue'},
+      metric='accuracy', ylabel='test accuracy at the chosen step',
+      title=f'{task}: mean +- s.e.; dots: seeds; dotted: majority class')
+  ax.axhline(0.253, color='black', lw=0.8, ls=':')  # the test split's majority class
   common.save(fig, path)
 
 

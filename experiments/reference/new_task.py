@@ -149,31 +149,14 @@ def claims(summary, runs) -> list[dict]:
 
 
 def plot(runs, summary, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-  colors = {'scratch': 'tab:gray', 'probe': 'tab:blue', 'grown': 'tab:green'}
-  for r in runs:
-    steps, losses = zip(*r['validation'])
-    ax1.plot(steps, losses, color=colors[r['arm']], alpha=0.7,
-             label=r['arm'] if r['seed'] == min(x['seed'] for x in runs) else None)
-    ax1.scatter([r['best_step']], [dict(r['validation'])[r['best_step']]],
-                color=colors[r['arm']], s=14)
-  ax1.set_xlabel('step (batch 8)')
-  ax1.set_ylabel('validation loss (nats/byte)')
-  ax1.set_title('early stopping: dots mark the chosen step', fontsize=9)
-  ax1.legend(fontsize=8)
   arms = [a for a in ARMS if a in summary]
-  ax2.bar(arms, [summary[a]['mean_loss'] for a in arms],
-          yerr=[summary[a]['stderr'] or 0 for a in arms], color=[colors[a] for a in arms],
-          capsize=4)
-  for i, a in enumerate(arms):
-    ax2.scatter([i] * summary[a]['seeds'], summary[a]['losses'], color='black', s=10, zorder=3)
-  ax2.set_ylabel('test loss at the chosen step')
-  ax2.set_ylim(min(summary[a]['min_loss'] for a in arms) - 0.3,
-               max(summary[a]['max_loss'] for a in arms) + 0.1)
-  ax2.set_title('mean +- s.e. over seeds; dots: seeds', fontsize=9)
+  fig, _ = common.early_stopping_figure(
+      runs, summary, colors={'scratch': 'tab:gray', 'probe': 'tab:blue',
+                                   'grown': 'tab:green'},
+      metric='loss', ylabel='test loss at the chosen step (nats/byte)',
+      title='mean +- s.e. over seeds; dots: seeds',
+      ylim=(min(summary[a]['min_loss'] for a in arms) - 0.3,
+            max(summary[a]['max_loss'] for a in arms) + 0.1))
   common.save(fig, path)
 
 
