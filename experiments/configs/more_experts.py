@@ -21,6 +21,7 @@ Argument: 'arm=A,experts=E,seed=S,steps=N,warmup=W' (defaults fine, 16, 0, 300, 
 """
 from __future__ import annotations
 
+from experiments import configs as config_args
 from experiments.configs import multitask
 
 ARMS = ('dense', 'fine', 'coarse', 'upcycled')
@@ -28,15 +29,9 @@ D, WIDTH = 64, 256  # model width; the dense FFN's hidden width
 
 
 def get_config(arg: str | None = None):
-  args = dict(part.partition('=')[::2] for part in filter(None, (arg or '').split(',')))
-  args.pop('runlocal', None)  # already sized for 2 CPU cores
-  unknown = set(args) - {'arm', 'experts', 'seed', 'steps', 'warmup'}
-  if unknown:
-    raise ValueError(f'config argument {sorted(unknown)}: allowed are arm=A, experts=E, '
-                     f'seed=S, steps=N, warmup=W.')
-  arm = args.get('arm', 'fine')
-  if arm not in ARMS:
-    raise ValueError(f'config argument arm={arm!r}: allowed are {ARMS}.')
+  args = config_args.parse(arg, {'arm': 'A', 'experts': 'E', 'seed': 'S', 'steps': 'N',
+                              'warmup': 'W'})
+  arm = config_args.choice(args, 'arm', 'fine', ARMS)
   experts, steps = int(args.get('experts', 16)), int(args.get('steps', 300))
   c = multitask.get_config('runlocal')
   c.seed = int(args.get('seed', 0))

@@ -21,6 +21,7 @@ Argument: 'arm=A,seed=S,steps=N,task=NAME' (defaults probe, 0, 400, pycode_lm_he
 """
 from __future__ import annotations
 
+from experiments import configs as config_args
 from experiments.configs import more_experts
 
 ARMS = ('base', 'scratch', 'probe', 'grown')
@@ -29,15 +30,8 @@ ADAPTER_HIDDEN = 128
 
 
 def get_config(arg: str | None = None):
-  args = dict(part.partition('=')[::2] for part in filter(None, (arg or '').split(',')))
-  args.pop('runlocal', None)
-  unknown = set(args) - {'arm', 'seed', 'steps', 'task'}
-  if unknown:
-    raise ValueError(f'config argument {sorted(unknown)}: allowed are arm=A, seed=S, steps=N, '
-                     f'task=NAME.')
-  arm = args.get('arm', 'probe')
-  if arm not in ARMS:
-    raise ValueError(f'config argument arm={arm!r}: allowed are {ARMS}.')
+  args = config_args.parse(arg, {'arm': 'A', 'seed': 'S', 'steps': 'N', 'task': 'NAME'})
+  arm = config_args.choice(args, 'arm', 'probe', ARMS)
   seed = int(args.get('seed', 0))
   if arm == 'base':
     c = more_experts.get_config(f'arm=fine,experts=16,seed={seed},'

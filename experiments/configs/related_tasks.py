@@ -16,6 +16,7 @@ Argument: 'arm=A,seed=S,steps=N,task=NAME' (defaults shared, 0, 400, stdlib_pack
 """
 from __future__ import annotations
 
+from experiments import configs as config_args
 from experiments.configs import more_experts
 
 ARMS = ('shared', 'single')
@@ -25,15 +26,8 @@ RELATED = 'pycode_lm_other'
 
 
 def get_config(arg: str | None = None):
-  args = dict(part.partition('=')[::2] for part in filter(None, (arg or '').split(',')))
-  args.pop('runlocal', None)
-  unknown = set(args) - {'arm', 'seed', 'steps', 'task'}
-  if unknown:
-    raise ValueError(f'config argument {sorted(unknown)}: allowed are arm=A, seed=S, steps=N, '
-                     f'task=NAME.')
-  arm = args.get('arm', 'shared')
-  if arm not in ARMS:
-    raise ValueError(f'config argument arm={arm!r}: allowed are {ARMS}.')
+  args = config_args.parse(arg, {'arm': 'A', 'seed': 'S', 'steps': 'N', 'task': 'NAME'})
+  arm = config_args.choice(args, 'arm', 'shared', ARMS)
   steps = int(args.get('steps', 400))
   c = more_experts.get_config(f'arm=fine,experts=16,seed={args.get("seed", 0)},'
                               f'steps={steps},warmup=20')

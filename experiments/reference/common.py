@@ -76,3 +76,13 @@ def early_stopping_figure(runs, summary, *, colors, metric, ylabel, title, ylim=
   ax2.set_ylabel(ylabel)
   ax2.set_title(title, fontsize=9)
   return fig, ax2
+
+
+def spread(values, name: str, plural: str) -> dict:
+  """{'seeds', plural: values, 'mean_<name>', 'stderr' (None for one value), 'min_<name>',
+  'max_<name>'} of one arm's per-seed values."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  v = np.asarray(values, np.float64)
+  return {'seeds': len(v), plural: [float(x) for x in v], f'mean_{name}': float(v.mean()),
+          'stderr': float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None,
+          f'min_{name}': float(v.min()), f'max_{name}': float(v.max())}

@@ -88,15 +88,10 @@ def summarize(runs) -> dict:
   out = {}
   for name in dict.fromkeys(r['row'] for r in runs):
     mine = [r for r in runs if r['row'] == name]
-    losses = np.array([r['eval_loss'] for r in mine])
-    out[name] = {'experts': mine[0]['experts'], 'seeds': len(losses),
-                 'losses': [float(v) for v in losses],
-                 'mean_loss': float(losses.mean()),
-                 'stderr': float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1
-                 else None,
-                 'min_loss': float(losses.min()), 'max_loss': float(losses.max()),
-                 'flops_per_token': float(np.mean([r['flops_per_token'] for r in mine])),
-                 'ffn_params': mine[0]['ffn_params']}
+    out[name] = dict(common.spread([r['eval_loss'] for r in mine], 'loss', 'losses'),
+                     experts=mine[0]['experts'],
+                     flops_per_token=float(np.mean([r['flops_per_token'] for r in mine])),
+                     ffn_params=mine[0]['ffn_params'])
   return out
 
 

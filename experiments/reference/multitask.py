@@ -41,15 +41,11 @@ ARMS = ('single', 'shared')
 
 
 def summarize(runs, key: str = 'test_accuracy') -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
   out = {}
   for arm in ARMS:
-    acc = np.array([r[key] for r in runs if r['arm'] == arm])
-    if len(acc):
-      out[arm] = {'seeds': len(acc), 'accuracies': acc.tolist(),
-                  'mean_accuracy': float(acc.mean()),
-                  'stderr': float(acc.std(ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else None,
-                  'min_accuracy': float(acc.min()), 'max_accuracy': float(acc.max())}
+    acc = [r[key] for r in runs if r['arm'] == arm]
+    if acc:
+      out[arm] = common.spread(acc, 'accuracy', 'accuracies')
   return out
 
 

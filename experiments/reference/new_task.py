@@ -100,16 +100,11 @@ def shared_unchanged(base_workdir, workdir):
 
 
 def summarize(runs) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
   out = {}
   for arm in ARMS:
-    losses = np.array([r['test_loss'] for r in runs if r['arm'] == arm])
-    if len(losses):
-      out[arm] = {'seeds': len(losses), 'losses': losses.tolist(),
-                  'mean_loss': float(losses.mean()),
-                  'stderr': float(losses.std(ddof=1) / np.sqrt(len(losses)))
-                  if len(losses) > 1 else None,
-                  'min_loss': float(losses.min()), 'max_loss': float(losses.max())}
+    losses = [r['test_loss'] for r in runs if r['arm'] == arm]
+    if losses:
+      out[arm] = common.spread(losses, 'loss', 'losses')
   return out
 
 
