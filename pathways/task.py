@@ -35,7 +35,8 @@ class Task:
     num_classes: classes of a 'classify' head, vocabulary of a 'per_position' head.
     data: a callable (split, data_dir) -> random-access source (len() and [i] giving dicts
       of numpy arrays), usually `tfds.data_source` over this task's TFDS builder.
-    splits: role -> split name, with at least 'train' and 'eval'.
+    splits: role -> split name, with at least 'train' and 'eval'; optionally 'calibration'
+      (held-out examples that exit thresholds are calibrated on, `tools/calibrate_exits.py`).
     input_feature, target_feature: feature names in the examples.
     input_shape, input_dtype: shape and dtype of one example's input (checked before any
       compilation).

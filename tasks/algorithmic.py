@@ -5,6 +5,15 @@
 * `addition`: 'a+b=' followed by the sum, a and b with 1..8 digits each; per-position
   prediction of the sum's digits (targets -1 elsewhere); difficulty = digits of the longer
   operand.
+* `parity_count`: PonderNet's parity: a fixed-length string of 16 ASCII bits whose number of
+  ones k is uniform in 0..16; the class is k mod 2 and difficulty = k. Every string has the
+  same length, so depth is the only compute knob.
+* `addition_lsd`: `addition` with every number written least-significant digit first
+  ('321+54=861' for 123 + 45 = 168), the order in which a left-to-right model can carry;
+  difficulty = digits of the longer operand.
+
+`parity_count` and `addition_lsd` also have a 'validation' split (2,000 examples, its own
+seed), which exit thresholds are calibrated on (`tools/calibrate_exits.py`).
 
 Generated deterministically from a fixed seed per split; byte 0 is padding.
 """
@@ -18,8 +27,8 @@ from pathways.data import tfds_source
 PARITY_BITS = 16
 ADD_DIGITS = 8
 ADD_LENGTH = 32  # 8 + 1 + 8 + 1 + 9 digits of the sum, padded
-SIZES = {'train': 20_000, 'test': 2_000}
-SEEDS = {'train': 1, 'test': 2}
+SIZES = {'train': 20_000, 'validation': 2_000, 'test': 2_000}
+SEEDS = {'train': 1, 'test': 2, 'validation': 3}
 
 
 class PathwaysParity(tfds_source.OfflineBuilder):
@@ -37,9 +46,25 @@ class PathwaysParity(tfds_source.OfflineBuilder):
       yield i, {'inputs': inputs, 'label': int(bits.sum() % 2), 'difficulty': n}
 
 
-def addition_example(a: int, b: int):
-  """Bytes of 'a+b=sum' and per-position targets: the next byte where it is a sum digit."""
-  text = f'{a}+{b}={a + b}'.encode()
+class PathwaysParityCount(tfds_source.OfflineBuilder):
+  """16 ASCII bits with k ones at random places, k uniform in 0..16; the parity of k; k."""
+  FEATURES = PathwaysParity.FEATURES
+  SPLITS = ('train', 'validation', 'test')
+
+  def _generate_examples(self, split):
+    rng = np.random.default_rng(SEEDS[split] + 200)
+    for i in range(SIZES[split]):
+      k = int(rng.integers(0, PARITY_BITS + 1))
+      bits = np.zeros(PARITY_BITS, np.uint8)
+      bits[rng.permutation(PARITY_BITS)[:k]] = 1
+      yield i, {'inputs': ord('0') + bits, 'label': k % 2, 'difficulty': k}
+
+
+def addition_example(a: int, b: int, lsd_first: bool = False):
+  """Bytes of 'a+b=sum' and per-position targets: the next byte where it is a sum digit.
+  With `lsd_first` every number is written least-significant digit first."""
+  write = (lambda n: str(n)[::-1]) if lsd_first else str
+  text = f'{write(a)}+{write(b)}={write(a + b)}'.encode()
   inputs = np.zeros(ADD_LENGTH, np.uint8)
   inputs[:len(text)] = np.frombuffer(text, np.uint8)
   targets = np.full(ADD_LENGTH, -1, np.int32)
@@ -52,6 +77,7 @@ class PathwaysAddition(tfds_source.OfflineBuilder):
   """'a+b=sum' strings with per-position targets on the sum, and the operands' digits."""
   FEATURES = {'inputs': ((ADD_LENGTH,), np.uint8), 'targets': ((ADD_LENGTH,), np.int32),
               'difficulty': ((), np.int64)}
+  LSD_FIRST = False
 
   def _generate_examples(self, split):
     rng = np.random.default_rng(SEEDS[split] + 100)
@@ -59,8 +85,15 @@ class PathwaysAddition(tfds_source.OfflineBuilder):
       da, db = (int(v) for v in rng.integers(1, ADD_DIGITS + 1, size=2))
       a = int(rng.integers(10 ** (da - 1) if da > 1 else 0, 10**da))
       b = int(rng.integers(10 ** (db - 1) if db > 1 else 0, 10**db))
-      inputs, targets = addition_example(a, b)
+      inputs, targets = addition_example(a, b, self.LSD_FIRST)
       yield i, {'inputs': inputs, 'targets': targets, 'difficulty': max(da, db)}
+
+
+class PathwaysAdditionLsd(PathwaysAddition):
+  """`PathwaysAddition` with every number least-significant digit first, and a validation
+  split."""
+  LSD_FIRST = True
+  SPLITS = ('train', 'validation', 'test')
 
 
 registry.register_task(tfds_source.builder_task(
@@ -73,3 +106,15 @@ registry.register_task(tfds_source.builder_task(
     head='per_position', num_classes=256,
     input_feature='inputs', target_feature='targets', input_shape=(ADD_LENGTH,),
     input_dtype='uint8', description='a+b= and the sum, 1..8 digits (difficulty: digits)'))
+registry.register_task(tfds_source.builder_task(
+    PathwaysParityCount, difficulty_feature='difficulty', name='parity_count',
+    modality='bytes', head='classify', num_classes=2, input_feature='inputs',
+    target_feature='label', input_shape=(PARITY_BITS,), input_dtype='uint8',
+    splits={'train': 'train', 'eval': 'test', 'calibration': 'validation'},
+    description='parity of the ones among 16 bits, 0..16 ones (difficulty: ones)'))
+registry.register_task(tfds_source.builder_task(
+    PathwaysAdditionLsd, difficulty_feature='difficulty', name='addition_lsd',
+    modality='bytes', head='per_position', num_classes=256, input_feature='inputs',
+    target_feature='targets', input_shape=(ADD_LENGTH,), input_dtype='uint8',
+    splits={'train': 'train', 'eval': 'test', 'calibration': 'validation'},
+    description='addition least-significant digit first, 1..8 digits (difficulty: digits)'))

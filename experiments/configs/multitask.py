@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d = 64 if runlocal else 256
   c.model = dict(d_model=d, num_layers=4 if runlocal else 8, num_heads=4, mlp_hidden=2 * d,
                  moe_every=2, patch=2, halting=True, remat=False, dtype='float32',
+                 # deep supervision: '' (off), 'equal', 'linear' or one weight per layer; a
+                 # model with exits is calibrated by tools/calibrate_exits.py
+                 exit_weights='',
                  moe=dict(banks=[[experts, d], [experts, 4 * d]],
                           # The router and its options (pathways.nn.router.ROUTERS);
                           # route_on: 'token', 'example' (per-position rows route on their
@@ -76,10 +79,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           shared_experts=0, shared_hidden=config_dict.placeholder(int),
                           granularity=1),
                  grown=[])  # components `tools/search.py` added for single tasks
-  # Weights of the router losses (every one the routers compute; 0 = off), the ponder cost
-  # weight and the compute budgets' dual-ascent rate.
+  # Weights of the router losses (every one the routers compute; 0 = off), the halting terms
+  # (ponder_cost: ACT's linear expected depth; ponder_kl: PonderNet's beta on KL(p || truncated
+  # geometric(ponder_prior)); both on after ponder_warmup steps; ponder_floor: the least loss
+  # weight of a layer) and the compute budgets' dual-ascent rate.
   c.aux = dict(load_balance_loss=0.01, importance_load_loss=0.0, router_z_loss=0.001,
-               ponder_cost=0.003, budget_rate=0.01)
+               ponder_cost=0.003, ponder_kl=0.0, ponder_prior=0.2, ponder_warmup=0,
+               ponder_floor=0.0, budget_rate=0.01)
   # accumulate_steps: gradients of that many batches are averaged into one update.
   c.optim = dict(learning_rate=3e-3 if runlocal else 1e-3, warmup_steps=50 if runlocal else 500,
                  weight_decay=1e-4, clip_norm=1.0, b1=0.9, b2=0.98, accumulate_steps=1)

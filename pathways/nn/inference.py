@@ -7,8 +7,11 @@ Python instead:
 
   * rows: only examples still active enter a layer, compacted into the smallest
     power-of-two bucket that holds them (padding rows are masked out). An example leaves
-    the moment its cumulative halting probability reaches 1/2 (the full path's rule);
-    per-position tasks never halt.
+    the moment its cumulative halting probability reaches 1/2 (the full path's rule), or,
+    given `exit_thresholds` (a workdir's calibrated exits), the moment its softmax maximum
+    reaches its task's threshold (the full path's confidence exit). Per-position rows run
+    every layer here (the full path counts their per-token exits; this path does not take
+    them yet).
   * tokens: an MoE layer first routes (one compiled step), then reads the largest number
     of assignments any expert received and dispatches with that many slots rounded up to a
     power of two: dropless, yet buffers shrink with the tokens that really take experts
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pathways.nn import adaptive
 from pathways.nn import attention
 from pathways.nn import model as model_lib
 
@@ -72,10 +76,19 @@ def _experts(graphdef, capacity, state, x, h, routing, mask, causal):
   return x + y, jnp.sum(flops, -1)
 
 
-def _pool_and_halt(graphdef, layer, state, x, mask, cum_B, survive_B):
-  """Pooled final-normed state, and the running PonderNet sums after `layer`."""
+def _pool_and_halt(graphdef, layer, state, x, mask, cum_B, survive_B, task_ids=None,
+                   thresholds=None):
+  """Pooled final-normed state, and the running PonderNet sums after `layer`; with
+  `thresholds`, cum_B is 1 where the example's confidence reaches its task's threshold."""
   m = nnx.merge(graphdef, state)
   pooled = model_lib._masked_mean(m.final_norm(x), mask)  # pylint: disable=protected-access
+  if thresholds is not None:
+    confidence = jnp.zeros(pooled.shape[:1], jnp.float32)
+    for i, name in enumerate(m.task_names):
+      if m.pooled[i]:
+        c = adaptive.confidence(pooled @ m.heads[name][...])
+        confidence = jnp.where(task_ids == i, c, confidence)
+    return pooled, (confidence >= thresholds[task_ids]).astype(jnp.float32), survive_B
   if not m.halting:
     return pooled, cum_B, survive_B
   lam = m.halting_lambda(layer, pooled)
@@ -101,10 +114,14 @@ class BucketedInference:
   'flops_per_example' [B] (counted exactly as the full path counts them), 'halting_layer'
   [B] (-1 for rows that never halt), and 'steps': one (layer, row bucket, slot bucket or
   None) per compiled step run, for inspection. `halting=False` runs every example through
-  every layer (the baseline that shows what halting saves).
+  every layer (the baseline that shows what halting saves). `exit_thresholds` ([N], e.g.
+  `pathways.train.calibrate.thresholds`): pooled rows take confidence exits instead, and
+  'halting_layer' is their exit layer; the check of each running example costs its head's
+  FLOPs, counted as the full path counts them.
   """
 
-  def __init__(self, model: model_lib.Figure1Model, *, halting: bool = True):
+  def __init__(self, model: model_lib.Figure1Model, *, halting: bool = True,
+               exit_thresholds=None):
     for layer in model.moe_layers:
       if not model.blocks[layer].ffn.router.token_choice:
         raise ValueError(f'layer {layer}: BucketedInference needs token-choice routers; '
@@ -114,6 +131,21 @@ class BucketedInference:
                        f'(model.grown: {[g.describe() for g in model.grown]}); use the model.')
     self.model = model
     self.halting = halting and model.halting  # False: every example runs every layer
+    self.thresholds = None
+    if exit_thresholds is not None:
+      if model.halting:
+        raise ValueError('exit_thresholds: the model halts (PonderNet); exits and halting are '
+                         'alternatives.')
+      thresholds = np.asarray(exit_thresholds, np.float32)
+      # per-token exits are the full path's only: per-position rows run every layer here
+      self.full_depth_tasks = [n for i, n in enumerate(model.task_names)
+                               if not model.pooled[i] and thresholds[i] <= 1.0]
+      thresholds = np.where(np.array(model.pooled), thresholds, 2.0)
+      self.thresholds = jnp.asarray(thresholds)
+      self.halting = True
+      # the head matmul of each running example's check, per task
+      self.check_flops = np.array([2.0 * model.heads[n][...].shape[0] * model.heads[n][...].shape[1]
+                                   for n in model.task_names])
     graphdef, self.state = nnx.split(model)
     # The model's graph definition holds the batch layout (unhashable): closed over, not
     # passed as a static argument.
@@ -163,7 +195,14 @@ class BucketedInference:
         xa, f = _dense_layer(graphdef, state, xa, ma, ca)
         steps.append((layer, nb, None))
       flops_parts.append((rows, f))
-      pooled, cum_a, surv_a = self._pool_and_halt(layer, self.state, xa, ma, cum_a, surv_a)
+      if self.thresholds is None:
+        pooled, cum_a, surv_a = self._pool_and_halt(layer, self.state, xa, ma, cum_a, surv_a)
+      else:
+        pooled, cum_a, surv_a = self._pool_and_halt(layer, self.state, xa, ma, cum_a, surv_a,
+                                                    ta, self.thresholds)
+        if layer < num_layers - 1:  # the full path counts a check per running pooled row
+          checked = halts[rows] & (np.asarray(self.thresholds)[task_np[rows]] <= 1.0)
+          flops_parts.append((rows, self.check_flops[task_np[rows]] * checked))
       act = (xa, ma, ta, ca, cum_a, surv_a)
       if layer == num_layers - 1:
         stop = np.ones((n,), bool)

@@ -11,9 +11,12 @@ inside the allowed set.
 A forward pass returns one `ModelOutput` (logits per task, the weighted auxiliary loss,
 halting, FLOPs per example, budgets and each MoE layer's `MoEStats`).
 
-Adaptive computation: null experts / top-p in the MoE layers (per token), PonderNet halting
-(per example, pooled heads), per-task compute budgets (`pathways.nn.budget`), and
-`pathways.nn.inference.BucketedInference` to turn the counted saving into wall-clock.
+Adaptive computation: null experts / top-p in the MoE layers (per token), exits (deep
+supervision in training, `exit_weights`; confidence exits at inference, `exit_thresholds`, per
+example for pooled heads and per token for per-position heads; `pathways.nn.adaptive`),
+PonderNet halting (per example, pooled heads), per-task compute budgets
+(`pathways.nn.budget`), and `pathways.nn.inference.BucketedInference` to turn the counted
+saving into wall-clock.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from pathways import losses as losses_lib
 from pathways import modalities as modalities_lib
 from pathways import task as task_lib
 from pathways.data import layout as layout_lib
+from pathways.nn import adaptive
 from pathways.nn import attention
 from pathways.nn import budget as budget_lib
 from pathways.nn import grow as grow_lib
@@ -53,6 +57,24 @@ class Halting:
 
 
 @struct.dataclass
+class Exits:
+  """Exits of one pass: the deep-supervision logits in training, the exit layers at inference.
+
+  Attributes:
+    layer_BxL: [B, L_max] the last layer each token ran (num_layers - 1: full depth); with
+      confidence exits a token's state is frozen after it.
+    depth_B: [B] layers run, mean over the example's real tokens.
+    logits: {task: [L, n_i, ...]} every task's logits at every layer, through the final norm
+      and the task's head (training with `exit_weights` only; else empty).
+    weights: the loss weight of each layer's exit (None: exits are not trained).
+  """
+  layer_BxL: Any
+  depth_B: Any
+  logits: dict
+  weights: tuple | None = struct.field(pytree_node=False, default=None)
+
+
+@struct.dataclass
 class ModelOutput:
   """Everything one forward pass returns.
 
@@ -70,6 +92,7 @@ class ModelOutput:
     budget: {'budget/<task>/target|actual|lambda': value, 'budget_violation': [N]}.
     ponder_cost: mean expected depth of the pooled-head examples (None without halting).
     halting: `Halting` (None without halting).
+    exits: `Exits` (None without deep supervision or confidence exits).
     moe: {layer index: `MoEStats`} of every MoE layer.
   """
   logits: dict
@@ -82,6 +105,7 @@ class ModelOutput:
   moe: dict
   ponder_cost: Any = None
   halting: Halting | None = None
+  exits: Exits | None = None
 
   def routing_scalars(self) -> dict:
     """{metric: mean over MoE layers} for every scalar routing metric."""
@@ -94,8 +118,8 @@ class ModelOutput:
     """The routing record of this pass, as numpy: what the analysis tools read. Keys:
     'task_id' [B], 'flops_per_example' [B], 'mask_BxL' (real tokens), per MoE layer
     'layer<l>' (its record:
-    expert_BxLxK, weight_BxLxK, kept_BxLxK), and with halting 'halting_p_LxB' and
-    'halting_layer' [B]."""
+    expert_BxLxK, weight_BxLxK, kept_BxLxK), with halting 'halting_p_LxB' and
+    'halting_layer' [B], with exits 'exit_layer_BxL' and 'exit_depth' [B]."""
     out = {'task_id': np.asarray(batch['task_id']),
            'flops_per_example': np.asarray(self.flops_per_example),
            'mask_BxL': np.asarray(self.token_mask)}
@@ -104,6 +128,9 @@ class ModelOutput:
     if self.halting is not None:
       out['halting_p_LxB'] = np.asarray(self.halting.p_LxB)
       out['halting_layer'] = np.asarray(self.halting.layer_B)
+    if self.exits is not None:
+      out['exit_layer_BxL'] = np.asarray(self.exits.layer_BxL)
+      out['exit_depth'] = np.asarray(self.exits.depth_B)
     return out
 
 
@@ -116,12 +143,16 @@ class Block(nnx.Module):
     self.norm2 = nnx.LayerNorm(d_model, rngs=rngs)
     self.ffn = ffn
 
-  def __call__(self, x, mask_BxL, causal_B, task_ids_B, logit_bias, deterministic):
-    """Returns (x, MoEStats or None for a dense layer)."""
+  def __call__(self, x, mask_BxL, causal_B, task_ids_B, logit_bias, deterministic,
+               active_BxL=None):
+    """Returns (x, MoEStats or None for a dense layer). `active_BxL` (default `mask_BxL`):
+    the tokens the MoE layer routes (exited tokens take no expert; attention still reads
+    every real token)."""
     x = x + self.attn(self.norm1(x), mask_BxL, causal_B)
     h = self.norm2(x)
     if isinstance(self.ffn, moe.MoELayer):
-      y, stats = self.ffn(h, mask_BxL=mask_BxL, task_ids_B=task_ids_B, causal_B=causal_B,
+      y, stats = self.ffn(h, mask_BxL=mask_BxL if active_BxL is None else active_BxL,
+                          task_ids_B=task_ids_B, causal_B=causal_B,
                           logit_bias_BxLxE=logit_bias, deterministic=deterministic)
     else:
       y, stats = self.ffn(h), None
@@ -145,8 +176,10 @@ class Figure1Model(nnx.Module):
     halting: adaptive depth for pooled-head (classification) tasks (PonderNet): after every
       layer a halting unit gives lambda_l = sigmoid(w_l . pooled + b_l); the halting
       distribution is p_l = lambda_l prod_{j<l} (1 - lambda_j), the last layer taking the
-      rest. Training weights each layer's loss by p_l; evaluation predicts at the first
-      layer whose cumulative halting probability reaches 1/2.
+      rest. Training weights each layer's loss by p_l (`task_losses` can floor it);
+      evaluation predicts at the first layer whose cumulative halting probability reaches 1/2.
+    exit_weights: deep supervision (`adaptive.exit_weights`): every layer's state goes through
+      the final norm and the task's head, and training minimizes sum_l w_l CE_l; None: off.
     grown: components the architecture search added for single tasks (`pathways.nn.grow`):
       expert clones inside MoE layers and task-private FFN blocks after layers.
     dtype: compute dtype (parameters float32, routers float32).
@@ -155,7 +188,7 @@ class Figure1Model(nnx.Module):
   def __init__(self, tasks: Sequence[task_lib.Task], layout: layout_lib.BatchLayout, *,
                d_model: int, num_layers: int, num_heads: int, mlp_hidden: int,
                moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
-               halting: bool = False, remat: bool = False,
+               halting: bool = False, exit_weights: Sequence[float] | None = None, remat: bool = False,
                grown: Sequence[grow_lib.Grown] = (), dtype=jnp.float32, rngs: nnx.Rngs):
     for t in tasks:
       if t.modality not in stems.STEMS:
@@ -211,6 +244,10 @@ class Figure1Model(nnx.Module):
         for t in tasks})
     self.connectivity = nnx.data(self._connectivity_bias(tasks, num_choices))
     self.halting = halting
+    if exit_weights is not None and len(exit_weights) != num_layers:
+      raise ValueError(f'exit_weights={list(exit_weights)}: must give one weight per layer '
+                       f'({num_layers}).')
+    self.exit_weights = None if exit_weights is None else tuple(float(w) for w in exit_weights)
     self.flops_budget = tuple(None if t.flops_budget is None else float(t.flops_budget)
                               for t in tasks)
     self.budget_lambda = budget_lib.BudgetMultiplier(jnp.zeros((len(tasks),), jnp.float32))
@@ -269,33 +306,69 @@ class Figure1Model(nnx.Module):
     emb_NxD = jnp.stack([self.task_embed[name][...] for name in self.task_names])
     return x + emb_NxD[task_ids][:, None, :], mask, task_ids
 
-  def __call__(self, batch, *, deterministic: bool = True) -> ModelOutput:
-    """One forward pass over a pipeline batch; see `ModelOutput`."""
+  def __call__(self, batch, *, deterministic: bool = True,
+               exit_thresholds=None) -> ModelOutput:
+    """One forward pass over a pipeline batch; see `ModelOutput`.
+
+    `exit_thresholds` ([N], one per task; inference only): confidence exits. After each layer
+    but the last, an example of a pooled task whose softmax maximum reaches its task's
+    threshold stops (its state is frozen; it spends nothing more), and so does each target
+    position of a per-position task, whose frozen state still gives later tokens keys and
+    values (counted: the K and V projections of every layer it skips). The checks' head
+    FLOPs are counted. A threshold above 1 never exits (and checks nothing)."""
     x, mask, task_ids = self.embed(batch)
     causal_B = jnp.asarray(self.causal)[task_ids]
     d_model = x.shape[-1]
-    layer_flops_LxB, layer_expected_LxB, pooled_L, moe_stats = [], [], [], {}
+    num_layers = len(self.blocks)
+    exiting = exit_thresholds is not None
+    if exiting and not deterministic:
+      raise ValueError('exit_thresholds: confidence exits are an inference path '
+                       '(deterministic=True); training uses exit_weights.')
+    if exiting and self.halting:
+      raise ValueError('exit_thresholds: this model halts (PonderNet); exits and halting are '
+                       'alternatives, not a combination.')
+    keep_states = exiting or self.halting or (self.exit_weights is not None and not deterministic)
+    frozen_BxL = jnp.zeros(mask.shape, bool)
+    exit_layer_BxL = jnp.full(mask.shape, num_layers - 1, jnp.int32)
+    if exiting:
+      threshold_B = jnp.asarray(exit_thresholds, jnp.float32)[task_ids]
+      candidate_BxL = self._exit_candidates(batch, mask)
+    layer_flops_LxB, layer_expected_LxB, states_L, moe_stats = [], [], [], {}
     for layer, block in enumerate(self.blocks):
       bias = self.router_bias(layer, task_ids, x.shape[1])
+      active = mask & ~frozen_BxL if exiting else mask
       call = _remat_block if self.remat else _block
-      x, stats = call(block, x, mask, causal_B, task_ids, bias, deterministic)
-      x, grown_flops_BxL = self._task_ffns(layer, x, mask)
-      flops_BxL = attention.flops_per_token(d_model, mask, causal_B) + grown_flops_BxL
+      x_new, stats = call(block, x, mask, causal_B, task_ids, bias, deterministic,
+                          active if exiting else None)
+      x_new, grown_flops_BxL = self._task_ffns(layer, x_new, active)
+      x = jnp.where(frozen_BxL[..., None], x, x_new) if exiting else x_new
+      flops_BxL = attention.flops_per_token(d_model, mask, causal_B) * active + grown_flops_BxL
+      if exiting:  # a frozen token of a per-position row still gives keys and values
+        flops_BxL = flops_BxL + 4.0 * d_model * d_model * (frozen_BxL & causal_B[:, None])
       if stats is not None:
         moe_stats[layer] = stats
         expected_BxL = flops_BxL + stats.expected_flops_BxL
         flops_BxL = flops_BxL + stats.flops_BxL
       else:
-        flops_BxL = flops_BxL + block.ffn.flops_per_token() * mask
+        flops_BxL = flops_BxL + block.ffn.flops_per_token() * active
         expected_BxL = flops_BxL
-      layer_flops_LxB.append(jnp.sum(flops_BxL, axis=-1))
-      layer_expected_LxB.append(jnp.sum(expected_BxL, axis=-1))
-      if self.halting:
-        pooled_L.append(_masked_mean(self.final_norm(x), mask))
+      check_B = 0.0
+      if keep_states:
+        states_L.append(self.final_norm(x))
+      if exiting and layer < num_layers - 1:
+        confidence_BxL, check_B = self._exit_confidence(states_L[-1], mask, candidate_BxL,
+                                                        frozen_BxL)
+        check_B = check_B * (threshold_B <= 1.0)  # a task that never exits checks nothing
+        newly = candidate_BxL & ~frozen_BxL & (confidence_BxL >= threshold_B[:, None])
+        exit_layer_BxL = jnp.where(newly, layer, exit_layer_BxL)
+        frozen_BxL = frozen_BxL | newly
+      layer_flops_LxB.append(jnp.sum(flops_BxL, axis=-1) + check_B)
+      layer_expected_LxB.append(jnp.sum(expected_BxL, axis=-1) + check_B)
     layer_flops_LxB = jnp.stack(layer_flops_LxB)
     x = self.final_norm(x)
     reach_LxB, halting, ponder_cost = jnp.ones_like(layer_flops_LxB), None, None
     pooled_BxD = _masked_mean(x, mask)
+    pooled_L = [_masked_mean(h, mask) for h in states_L] if self.halting else []
     if self.halting:
       p_LxB, halt_B = self._halting_distribution(jnp.stack(pooled_L))
       pooled_tasks = jnp.asarray(np.array(self.pooled))[task_ids]
@@ -310,12 +383,17 @@ class Figure1Model(nnx.Module):
       ponder_cost = jnp.sum(expected_depth_B * w) / jnp.maximum(jnp.sum(w), 1.0)
       if deterministic:  # each example's pooled state at its halting layer
         pooled_BxD = jnp.take_along_axis(jnp.stack(pooled_L), halt_B[None, :, None], axis=0)[0]
-      layer_logits = {}
-      for i, name in enumerate(self.task_names):
-        if self.pooled[i]:
-          rows = np.asarray(self.layout.task_rows(i))
-          layer_logits[name] = jnp.stack(pooled_L)[:, rows] @ self.heads[name][...]
+      layer_logits = self._layer_logits(pooled_L, None, pooled_only=True)
       halting = Halting(p_LxB=p_LxB, layer_B=halt_B, logits=layer_logits)
+    exits = None
+    if exiting or self.exit_weights is not None:
+      train_exits = self.exit_weights is not None and not deterministic
+      logits = (self._layer_logits([_masked_mean(h, mask) for h in states_L], states_L)
+                if train_exits else {})
+      real = mask.astype(jnp.float32)
+      depth_B = jnp.sum((exit_layer_BxL + 1.0) * real, -1) / jnp.maximum(jnp.sum(real, -1), 1.0)
+      exits = Exits(layer_BxL=jnp.where(mask, exit_layer_BxL, 0), depth_B=depth_B,
+                    logits=logits, weights=self.exit_weights if train_exits else None)
     flops_B = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
     expected_B = jnp.sum(jnp.stack(layer_expected_LxB) * reach_LxB, axis=0)
     budget_loss, budget_metrics = budget_lib.budget_terms(
@@ -327,7 +405,62 @@ class Figure1Model(nnx.Module):
                        tokens_per_example=jnp.sum(mask, axis=-1), token_mask=mask,
                        flops_per_example=flops_B,
                        aux_loss=aux_loss, budget_loss=budget_loss, budget=budget_metrics,
-                       moe=moe_stats, ponder_cost=ponder_cost, halting=halting)
+                       moe=moe_stats, ponder_cost=ponder_cost, halting=halting, exits=exits)
+
+  def _layer_logits(self, pooled_L, states_L, pooled_only=False) -> dict:
+    """{task: [L, n_i, ...]} logits at every layer from the normed states (pooled [B, D] per
+    layer; per-token [B, L_max, D] per layer, or None with `pooled_only`)."""
+    out = {}
+    for i, name in enumerate(self.task_names):
+      if pooled_only and not self.pooled[i]:
+        continue
+      rows = np.asarray(self.layout.task_rows(i))
+      if pooled_only:  # halting's per-layer pooled logits, [L, n_i, C] in one matmul
+        out[name] = jnp.stack(pooled_L)[:, rows] @ self.heads[name][...]
+        continue
+      head = heads_lib.get(self.head_names[i])
+      out[name] = jnp.stack([
+          head.logits(self.heads[name][...], pooled[rows],
+                      None if states_L is None else states_L[l][rows])
+          for l, pooled in enumerate(pooled_L)])
+    return out
+
+  def _exit_candidates(self, batch, mask_BxL):
+    """[B, L_max] the tokens that may exit: every real token of a pooled row (they exit
+    together), the target positions of a per-position row (the positions a model generates;
+    a prompt is read at full depth, as in CALM)."""
+    candidate = mask_BxL
+    for i in range(len(self.task_names)):
+      if self.pooled[i]:
+        continue
+      rows = np.asarray(self.layout.task_rows(i))
+      _, w = heads_lib.get(self.head_names[i]).targets(batch, rows, self.layout)
+      targets = jnp.zeros(mask_BxL.shape, bool).at[rows, :w.shape[1]].set(w > 0)
+      candidate = candidate.at[rows].set(mask_BxL[rows] & targets[rows])
+    return candidate
+
+  def _exit_confidence(self, h_BxLxD, mask_BxL, candidate_BxL, frozen_BxL):
+    """The softmax maximum of each token's exit ([B, L_max]: a pooled row's is its example's)
+    and the FLOPs [B] of the checks (the head's matmul for every example or token still
+    running)."""
+    confidence = jnp.zeros(mask_BxL.shape, jnp.float32)
+    check_B = jnp.zeros(mask_BxL.shape[:1], jnp.float32)
+    d = h_BxLxD.shape[-1]
+    pooled_BxD = _masked_mean(h_BxLxD, mask_BxL)
+    running_BxL = candidate_BxL & ~frozen_BxL
+    for i, name in enumerate(self.task_names):
+      rows = np.asarray(self.layout.task_rows(i))
+      w = self.heads[name][...]
+      logits = heads_lib.get(self.head_names[i]).logits(w, pooled_BxD[rows], h_BxLxD[rows])
+      conf = adaptive.confidence(logits)
+      if self.pooled[i]:
+        conf = jnp.broadcast_to(conf[:, None], (len(rows), mask_BxL.shape[1]))
+        check = 2.0 * d * w.shape[-1] * jnp.any(running_BxL[rows], axis=-1)
+      else:
+        check = 2.0 * d * w.shape[-1] * jnp.sum(running_BxL[rows], axis=-1)
+      confidence = confidence.at[rows].set(conf)
+      check_B = check_B.at[rows].set(check)
+    return confidence, check_B
 
   def _task_ffns(self, layer: int, x_BxLxD, mask_BxL):
     """Applies the task FFNs grown after `layer` to their tasks' rows: (x, FLOPs [B, L])."""
@@ -380,8 +513,8 @@ class Figure1Model(nnx.Module):
     return p_LxB, jnp.minimum(halt_B, num_layers - 1)
 
 
-def _block(block, x, mask, causal, task_ids, bias, deterministic):
-  return block(x, mask, causal, task_ids, bias, deterministic)
+def _block(block, x, mask, causal, task_ids, bias, deterministic, active=None):
+  return block(x, mask, causal, task_ids, bias, deterministic, active)
 
 
 _remat_block = nnx.remat(_block, static_argnums=(6,))
@@ -392,10 +525,12 @@ def _masked_mean(x_BxLxD, mask_BxL):
   return jnp.sum(x_BxLxD * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
 
 
-def task_losses(model: Figure1Model, out: ModelOutput, batch):
+def task_losses(model: Figure1Model, out: ModelOutput, batch, halting_floor: float = 0.0):
   """Per-task mean loss (the task's registered loss) and accuracy over the examples (or
   positions) that count this step. With halting, a pooled task's loss is the expected loss
-  under the halting distribution (PonderNet)."""
+  under the halting distribution (PonderNet), each layer weighing at least `halting_floor`;
+  with trained exits (`ModelOutput.exits.weights`), sum_l w_l loss_l over every layer's
+  exit (deep supervision). Accuracy is always the prediction's (the final logits)."""
   losses, accuracy = {}, {}
   for i, name in enumerate(model.task_names):
     rows = np.asarray(model.layout.task_rows(i))
@@ -405,7 +540,12 @@ def task_losses(model: Figure1Model, out: ModelOutput, batch):
     ce = loss_fn(logits, labels)
     if out.halting is not None and name in out.halting.logits:
       p_LxN = out.halting.p_LxB[:, rows]
+      if halting_floor:
+        p_LxN = jnp.maximum(p_LxN, halting_floor)
       ce = jnp.sum(p_LxN * loss_fn(out.halting.logits[name].astype(jnp.float32), labels[None]), 0)
+    elif out.exits is not None and out.exits.weights is not None:
+      per_layer = loss_fn(out.exits.logits[name].astype(jnp.float32), labels[None])
+      ce = jnp.tensordot(jnp.asarray(out.exits.weights, jnp.float32), per_layer, axes=1)
     correct = (jnp.argmax(logits, -1) == labels)
     denom = jnp.maximum(jnp.sum(w), 1.0)
     losses[name] = jnp.sum(ce * w) / denom

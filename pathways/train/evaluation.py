@@ -12,12 +12,13 @@ from pathways.nn import model as model_lib
 
 
 def make_eval_step(model_graphdef):
-  """eval_step(model_state, batch) -> per-task sums (the model alone: a train state's
-  `state['model']`)."""
+  """eval_step(model_state, batch, exit_thresholds=None) -> per-task sums (the model alone: a
+  train state's `state['model']`); `exit_thresholds` [N]: with confidence exits (a traced
+  argument: changing the thresholds does not recompile)."""
   @jax.jit
-  def eval_step(model_state, batch):
+  def eval_step(model_state, batch, exit_thresholds=None):
     model = nnx.merge(model_graphdef, model_state)
-    out = model(batch, deterministic=True)
+    out = model(batch, deterministic=True, exit_thresholds=exit_thresholds)
     losses, accuracy = model_lib.task_losses(model, out, batch)
     weight = jnp.asarray(batch['weight'])
     per_task = {}
@@ -29,18 +30,23 @@ def make_eval_step(model_graphdef):
                         'flops': jnp.sum(out.flops_per_example[rows] * w)}
       if out.halting is not None and model.pooled[i]:
         per_task[name]['depth'] = jnp.sum((out.halting.layer_B[rows] + 1.0) * w)
+      if out.exits is not None:
+        per_task[name]['depth'] = jnp.sum(out.exits.depth_B[rows] * w)
     return per_task
   return eval_step
 
 
-def evaluate(eval_step, model_state, batches, tasks=()) -> dict:
+def evaluate(eval_step, model_state, batches, tasks=(), exit_thresholds=None) -> dict:
   """{'eval/<task>/accuracy|loss|flops_per_example|depth': value, 'eval/mean_accuracy'},
   plus each metric a task declares (`Task.metrics`, e.g. perplexity) from its loss and
   accuracy. Loss and accuracy are averaged over batches weighted by each batch's example
-  count."""
+  count. `exit_thresholds` ([N] or None): evaluate with confidence exits (depth: layers run,
+  mean over each example's tokens)."""
   sums = {}
+  thresholds = None if exit_thresholds is None else jnp.asarray(exit_thresholds, jnp.float32)
   for batch in batches:
-    out = jax.device_get(eval_step(model_state, batch))
+    out = jax.device_get(eval_step(model_state, batch) if thresholds is None
+                         else eval_step(model_state, batch, thresholds))
     for name, m in out.items():
       s = sums.setdefault(name, {'loss': 0.0, 'accuracy': 0.0, 'count': 0.0, 'flops': 0.0,
                                  'depth': 0.0})

@@ -23,6 +23,7 @@ from pathways import registry
 from pathways.data import layout as layout_lib
 from pathways.data import mixture as mixture_lib
 from pathways.data import pipeline as pipeline_lib
+from pathways.nn import adaptive
 from pathways.nn import grow as grow_lib
 from pathways.nn import model as model_lib
 from pathways.nn import router as router_lib
@@ -33,7 +34,9 @@ from pathways.train import optimizer as optimizer_lib
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # config.aux: the router losses (weights; every router loss is reachable), the ponder cost
 # weight and the budget multipliers' dual-ascent rate.
-AUX_KEYS = router_lib.AUX_LOSSES + ('ponder_cost', 'budget_rate')
+AUX_KEYS = router_lib.AUX_LOSSES + ('ponder_cost', 'ponder_kl', 'ponder_prior', 'ponder_warmup',
+                                    'ponder_floor', 'budget_rate')
+AUX_DEFAULTS = dict(ponder_kl=0.0, ponder_prior=0.2, ponder_warmup=0, ponder_floor=0.0)
 # Keys a user may give as one comma-separated string (--config.tasks=digits,parity).
 COMMA_LISTS = ('tasks', 'task_modules')
 
@@ -70,6 +73,11 @@ def upgrade(config):
     config.task_modules = []
   if 'aux' in config and 'importance_load_loss' not in config.aux:
     config.aux.importance_load_loss = 0.0
+  for key, value in AUX_DEFAULTS.items():
+    if 'aux' in config and key not in config.aux:
+      config.aux[key] = value
+  if 'model' in config and 'exit_weights' not in config.model:
+    config.model.exit_weights = ''
   if 'init_from' in config and 'upcycle_noise' not in config:
     config.upcycle_noise = 0.0
   if 'optim' in config and 'accumulate_steps' not in config.optim:
@@ -168,6 +176,11 @@ def validate(config, mesh=None, rules=None) -> None:
   for key, value in config.aux.items():
     if not _finite(value, 0.0):
       _bad(f'aux.{key}', value, 'must be a finite number >= 0')
+  if not 0.0 < config.aux.get('ponder_prior', 0.2) < 1.0:
+    _bad('aux.ponder_prior', config.aux.ponder_prior, "must be in (0, 1): the truncated "
+         "geometric prior's halting probability per layer")
+  if not _int(config.aux.get('ponder_warmup', 0), 0):
+    _bad('aux.ponder_warmup', config.aux.ponder_warmup, 'must be an int >= 0 (steps)')
   rules = rules or sharding_lib.rules_from_config(config.sharding_rules)
   allowed_axes = {'data', 'expert'} | sharding_lib.rule_axes(rules)
   for axis in config.mesh:
@@ -199,6 +212,10 @@ def _validate_model(m) -> None:
       _bad(f'model.{key}', m[key], 'must be an int >= 1')
   if m.d_model % m.num_heads:
     _bad('model.num_heads', m.num_heads, f'must divide model.d_model={m.d_model}')
+  adaptive.exit_weights(m.get('exit_weights', ''), m.num_layers)  # names key and value
+  if m.get('exit_weights', '') and m.halting:
+    _bad('model.exit_weights', m.exit_weights, "must be '' with model.halting=True: exits "
+         "(deep supervision + calibrated confidence) and PonderNet halting are alternatives")
   if not _int(m.moe_every, 0):
     _bad('model.moe_every', m.moe_every, 'must be an int >= 0 (0: no MoE layer)')
   banks = m.moe.banks
@@ -331,7 +348,9 @@ def model_from_config(config, tasks, layout, rngs: nnx.Rngs) -> model_lib.Figure
   return model_lib.Figure1Model(
       tasks, layout, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
       mlp_hidden=m.mlp_hidden, moe_every=m.moe_every, moe_kwargs=moe_kwargs, patch=m.patch,
-      halting=m.halting, remat=m.remat, grown=grown_from_config(config),
+      halting=m.halting, exit_weights=adaptive.exit_weights(m.get('exit_weights', ''),
+                                                            m.num_layers),
+      remat=m.remat, grown=grown_from_config(config),
       dtype=DTYPES[m.dtype], rngs=rngs)
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 from pathways.analysis import collect as collect_lib
 from pathways.analysis import report as report_lib
 from pathways.analysis import summary as summary_lib
+from pathways.nn import adaptive
 from pathways.nn import budget as budget_lib
 from pathways.nn import grow as grow_lib
 from pathways.nn import model as model_lib
@@ -43,12 +44,15 @@ def make_train_step(exp: experiment.Experiment):
   """train_step(state, batch) -> (state, scalars) over `TrainState` states.
 
   The loss: sum_task weight * task loss + the routers' weighted auxiliary loss
-  (`ModelOutput.aux_loss`) + aux.ponder_cost * ponder cost + the budget term. Scalars: the
+  (`ModelOutput.aux_loss`) + the halting terms (aux.ponder_cost * expected depth + aux.ponder_kl
+  * KL(p || truncated geometric(aux.ponder_prior)), both from step aux.ponder_warmup on) + the
+  budget term. Scalars: the
   loss, gradient norm, FLOPs per example, per-task train loss and accuracy, every scalar
   routing metric (mean over MoE layers), mean depth, budgets."""
   config = exp.config
   weights = {name: float(config.task_loss_weights.get(name, 1.0)) for name in config.tasks}
   ponder_weight, budget_rate = config.aux.ponder_cost, config.aux.budget_rate
+  aux = dict(experiment.AUX_DEFAULTS, **config.aux)
   graphdef = exp.graphdef
   accumulate = config.optim.get('accumulate_steps', 1)
   # auxiliary-loss-free balancing moves routing: never in a layer whose router is frozen
@@ -64,10 +68,17 @@ def make_train_step(exp: experiment.Experiment):
 
     def loss_fn(model):
       out = model(batch, deterministic=False)
-      losses, accuracy = model_lib.task_losses(model, out, batch)
+      losses, accuracy = model_lib.task_losses(model, out, batch,
+                                               halting_floor=aux['ponder_floor'])
       total = sum(weights[n] * losses[n] for n in losses) + out.aux_loss
       if out.ponder_cost is not None:
-        total = total + ponder_weight * out.ponder_cost
+        on = (opt.step[...] >= aux['ponder_warmup']).astype(jnp.float32)
+        ponder = ponder_weight * out.ponder_cost
+        if aux['ponder_kl']:
+          pooled = jnp.asarray(np.array(model.pooled))[jnp.asarray(batch['task_id'])]
+          ponder = ponder + aux['ponder_kl'] * adaptive.ponder_kl(
+              out.halting.p_LxB, aux['ponder_prior'], pooled * jnp.asarray(batch['weight']))
+        total = total + on * ponder
       total = total + out.budget_loss
       return total, (losses, accuracy, out)
 
@@ -149,7 +160,7 @@ class _Meter:
     """Takes one step's host scalars; returns the row to log at a logging step, else None."""
     now = time.time()
     for key, value in scalars.items():
-      if np.size(value) == 1:
+      if np.size(value) == 1 and key != 'data_wait_began':
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
     self.n += 1
     if self.timing:
@@ -157,7 +168,10 @@ class _Meter:
       self.timed['examples'] += float(scalars.get('examples', 0.0))
       self.timed['tokens'] += float(scalars.get('tokens', 0.0))
       self.timed['model_flops'] += float(scalars.get('model_flops', 0.0))
-      self.timed['data_wait_s'] += float(scalars.get('data_wait_s', 0.0))
+      # a batch fetched before the timed interval began (the host reads a step's scalars
+      # after fetching the next batch) waited outside it
+      if float(scalars.get('data_wait_began', 0.0)) >= self.clock:
+        self.timed['data_wait_s'] += float(scalars.get('data_wait_s', 0.0))
     else:  # this step compiled: time from its end
       self.timing, self.clock, self.paused = True, now, 0.0
     if self.bar is not None:
@@ -307,12 +321,14 @@ def _train(config, workdir, stop, allow_config_changes):
   total = config.train.num_steps
   profile = tuple(config.train.get('profile_steps', ()))
   last_eval, pending = {}, None
-  waits = {}  # step -> seconds the loop waited for its batch (host loading + transfer)
+  # step -> (when, seconds) the loop waited for its batch (host loading + transfer)
+  waits = {}
 
   def finish(step, scalars, state):
     """Reads a step's scalars (the host waits here), checks them, logs them."""
     nonlocal last_eval
-    scalars = dict(jax.device_get(scalars), data_wait_s=waits.pop(step, 0.0))
+    began, waited = waits.pop(step, (0.0, 0.0))
+    scalars = dict(jax.device_get(scalars), data_wait_s=waited, data_wait_began=began)
     for key in sorted(scalars, key=lambda k: k != 'loss'):  # the loss first, then the rest
       value = scalars[key]
       if not np.all(np.isfinite(value)):
@@ -342,9 +358,9 @@ def _train(config, workdir, stop, allow_config_changes):
       return {'stopped_by': stop.requested}
     step = start
     for step in range(start + 1, total + 1):
-      waiting = time.perf_counter()
+      began, waiting = time.time(), time.perf_counter()
       batch = exp.put(next(pipe))
-      waits[step] = time.perf_counter() - waiting
+      waits[step] = (began, time.perf_counter() - waiting)
       boundary = (step % config.ckpt.every == 0 or step % config.train.eval_every == 0
                   or step == total)
       if profile and step == profile[0] and jax.process_index() == 0:

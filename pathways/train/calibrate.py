@@ -1,0 +1,152 @@
+"""Calibrating confidence exits: each task's threshold, picked on held-out data.
+
+For every threshold of a grid, the model runs the calibration examples with confidence exits
+(`Figure1Model(..., exit_thresholds=...)`, one compiled step for the whole grid: thresholds are
+a traced argument); a task's threshold is the lowest one whose accuracy stays within
+`tolerance` of the same model at full depth on the same examples (the lowest exits most, so
+saves most). Tasks never compete: evaluation is dropless and examples never mix, so one pass
+per threshold calibrates every task at once.
+
+The examples come from each task's 'calibration' split (held out from training and from
+evaluation); a task without one is calibrated on its training split, and `exits.json` says
+so. The result lives in the workdir (`EXITS_FILE`): evaluation (`evaluate_workdir`), the
+routing report and bucketed inference read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from pathways.train import workdir as workdir_lib
+
+EXITS_FILE = 'exits.json'
+GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+NEVER = 2.0  # a threshold no softmax maximum reaches: full depth
+
+
+def read(workdir: str) -> dict | None:
+  """The workdir's calibrated exits ({'tasks': {task: {'threshold': t, ...}}, ...}), or None."""
+  path = os.path.join(workdir, EXITS_FILE)
+  if not os.path.exists(path):
+    return None
+  return workdir_lib.read_json(path, 'calibrated exits')
+
+
+def thresholds(exits: dict, task_names) -> np.ndarray:
+  """[N] thresholds in the model's task order; a task the calibration did not cover never
+  exits."""
+  return np.array([exits['tasks'].get(n, {}).get('threshold', NEVER) for n in task_names],
+                  np.float32)
+
+
+def calibration_tasks(tasks):
+  """The tasks with their 'calibration' role set (the training split where a task has no
+  held-out one), and {task: split used}."""
+  out, used = [], {}
+  for t in tasks:
+    if 'calibration' not in t.splits:
+      t = dataclasses.replace(t, splits=dict(t.splits, calibration=t.splits['train']))
+      used[t.name] = f"{t.splits['train']} (training split: the task has no calibration split)"
+    else:
+      used[t.name] = t.splits['calibration']
+    out.append(t)
+  return out, used
+
+
+def choose(curve: list[dict], full_accuracy: float, tolerance: float) -> dict:
+  """The point of `curve` (one dict per threshold: threshold, accuracy, ...) with the lowest
+  threshold whose accuracy is at least full_accuracy - tolerance; the full-depth point where
+  none is."""
+  ok = [p for p in curve if p['accuracy'] >= full_accuracy - tolerance]
+  return min(ok, key=lambda p: p['threshold']) if ok else None
+
+
+def calibrate(workdir: str, tolerance: float = 0.01, batches: int | None = None,
+              grid=GRID, checkpoint: str = 'latest') -> dict:
+  """Calibrates every task of the workdir's model, writes `workdir/exits.json` and
+  `exits.png` (accuracy against FLOPs per example along the grid), and returns the record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
+  from pathways.train import evaluation  # pylint: disable=g-import-not-at-top
+  from pathways.train import experiment  # pylint: disable=g-import-not-at-top
+
+  if not 0.0 <= tolerance < 1.0:
+    raise ValueError(f'tolerance={tolerance!r}: must be in [0, 1) (accuracy points as a '
+                     f'fraction).')
+  loaded = evaluate_workdir.load_workdir(workdir, checkpoint=checkpoint)
+  exp = loaded.experiment
+  if exp.config.model.halting:
+    raise ValueError(f'--workdir={workdir!r}: the model halts (model.halting=True); exits are '
+                     f'calibrated for models without PonderNet halting.')
+  tasks, used = calibration_tasks(exp.tasks)
+  n = batches or exp.config.train.eval_batches
+  pipe_batches = []
+  pipe = experiment.pipeline_from_config(exp.config, tasks, split='calibration', seed_offset=2,
+                                         **exp.data)
+  for _ in range(n):
+    pipe_batches.append(next(pipe))
+  step = evaluation.make_eval_step(exp.model_graphdef)
+  names = [t.name for t in exp.tasks]
+  with jax.set_mesh(exp.mesh):
+    def run(value):
+      thr = None if value is None else np.full((len(names),), value, np.float32)
+      return evaluation.evaluate(step, loaded.model_state, iter(pipe_batches), tasks=exp.tasks,
+                                 exit_thresholds=thr)
+    full = run(None)
+    points = {value: run(value) for value in grid}
+  record = {'step': loaded.step, 'tolerance': tolerance, 'batches': n,
+            'batch_size': exp.config.data.batch_size, 'splits': used, 'tasks': {}}
+  for name in names:
+    full_acc = full[f'eval/{name}/accuracy']
+    full_flops = full[f'eval/{name}/flops_per_example']
+    curve = [{'threshold': float(v), 'accuracy': r[f'eval/{name}/accuracy'],
+              'loss': r[f'eval/{name}/loss'],
+              'flops_per_example': r[f'eval/{name}/flops_per_example'],
+              'depth': r.get(f'eval/{name}/depth')} for v, r in points.items()]
+    pick = choose(curve, full_acc, tolerance)
+    entry = {'full_depth_accuracy': full_acc, 'full_depth_loss': full[f'eval/{name}/loss'],
+             'full_depth_flops_per_example': full_flops, 'curve': curve}
+    if pick is None:
+      entry.update(threshold=NEVER, accuracy=full_acc, flops_per_example=full_flops,
+                   flops_saved=0.0, depth=float(exp.config.model.num_layers),
+                   note='no threshold of the grid keeps accuracy within tolerance: full depth')
+    else:
+      entry.update(threshold=pick['threshold'], accuracy=pick['accuracy'],
+                   flops_per_example=pick['flops_per_example'], depth=pick['depth'],
+                   flops_saved=1.0 - pick['flops_per_example'] / full_flops)
+    record['tasks'][name] = entry
+  workdir_lib.write_text(os.path.join(workdir, EXITS_FILE), json.dumps(record, indent=1))
+  plot(record, os.path.join(workdir, 'exits.png'))
+  return record
+
+
+def plot(record: dict, path: str) -> None:
+  """Accuracy against FLOPs per example along the threshold grid, one line per task; the
+  chosen threshold ringed, full depth a square."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, t in record['tasks'].items():
+    full = t['full_depth_flops_per_example']
+    xs = [p['flops_per_example'] / full for p in t['curve']]
+    line, = ax.plot(xs, [p['accuracy'] for p in t['curve']], marker='.',
+                    label=f"{name}: threshold {t['threshold']:g}, {t['flops_saved']:.0%} saved")
+    ax.plot([1.0], [t['full_depth_accuracy']], marker='s', color=line.get_color())
+    ax.plot([t['flops_per_example'] / full], [t['accuracy']], marker='o', markersize=12,
+            fillstyle='none', color=line.get_color())
+  ax.set_xlabel('FLOPs per example / full depth')
+  ax.set_ylabel('accuracy (calibration examples)')
+  ax.set_title(f"Confidence exits, tolerance {record['tolerance']}", fontsize=10)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def summary(record: dict) -> str:
+  return json.dumps({n: {k: v for k, v in t.items() if k != 'curve'}
+                     for n, t in record['tasks'].items()}, indent=1)
