@@ -10,6 +10,7 @@ import jax
 import ml_collections
 
 from pathways import registry
+from pathways.train import calibrate
 from pathways.train import checkpoint as checkpoint_lib
 from pathways.train import evaluation
 from pathways.train import experiment
@@ -78,13 +79,30 @@ def load_workdir(workdir: str, mesh: dict | None = None, checkpoint: str = 'late
 
 
 def evaluate_workdir(workdir: str, eval_batches: int | None = None,
-                     mesh: dict | None = None, checkpoint: str = 'latest') -> dict:
+                     mesh: dict | None = None, checkpoint: str = 'latest',
+                     exits: bool = True) -> dict:
+  """{'eval/...': full-depth metrics, 'step'}; where the workdir holds calibrated exits
+  (`tools/calibrate_exits.py`) and `exits`, also 'exit/<task>/accuracy|loss|
+  flops_per_example|depth|threshold' and 'exit/<task>/flops_saved' on the same examples."""
   loaded = load_workdir(workdir, mesh, checkpoint)
   exp = loaded.experiment
-  eval_pipe = exp.eval_pipeline()
   n = eval_batches or exp.config.train.eval_batches
+  step = evaluation.make_eval_step(exp.model_graphdef)
   with jax.set_mesh(exp.mesh):
-    result = evaluation.evaluate(evaluation.make_eval_step(exp.model_graphdef),
-                                 loaded.model_state, (next(eval_pipe) for _ in range(n)),
-                                 tasks=exp.tasks)
+    eval_pipe = exp.eval_pipeline()
+    batches = [next(eval_pipe) for _ in range(n)]
+    result = evaluation.evaluate(step, loaded.model_state, iter(batches), tasks=exp.tasks)
+    calibrated = calibrate.read(workdir) if exits else None
+    if calibrated is not None:
+      names = [t.name for t in exp.tasks]
+      thresholds = calibrate.thresholds(calibrated, names)
+      exited = evaluation.evaluate(step, loaded.model_state, iter(batches), tasks=exp.tasks,
+                                   exit_thresholds=thresholds)
+      for name, value in zip(names, thresholds):
+        for key in ('accuracy', 'loss', 'flops_per_example', 'depth'):
+          if f'eval/{name}/{key}' in exited:
+            result[f'exit/{name}/{key}'] = exited[f'eval/{name}/{key}']
+        result[f'exit/{name}/threshold'] = float(value)
+        result[f'exit/{name}/flops_saved'] = 1.0 - (exited[f'eval/{name}/flops_per_example']
+                                                    / result[f'eval/{name}/flops_per_example'])
   return dict(result, step=loaded.step)

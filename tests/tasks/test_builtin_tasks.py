@@ -70,6 +70,38 @@ def test_addition_targets_spell_the_sum():
   np.testing.assert_array_equal(targets[:7], [-1, -1, -1, -1, ord('6'), ord('5'), -1])
 
 
+def test_addition_lsd_writes_every_number_backwards():
+  inputs, targets = algorithmic.addition_example(57, 8, lsd_first=True)
+  assert bytes(inputs[inputs > 0]).decode() == '75+8=56'
+  np.testing.assert_array_equal(targets[:7], [-1, -1, -1, -1, ord('5'), ord('6'), -1])
+
+
+@pytest.mark.parametrize('name', ['parity_count', 'addition_lsd'])
+def test_depth_tasks_have_three_splits_and_every_difficulty(name, data_dir):
+  """The tasks where depth is the knob: train, validation (exit calibration) and test, each
+  with every difficulty; parity_count's strings all have 16 bits, its class is the parity of
+  the ones and its difficulty their number."""
+  t = registry.get_task(name)
+  assert t.splits['calibration'] == 'validation'
+  for split in ('train', 'validation', 'test'):
+    src = t.data(split, data_dir)
+    examples = [src[i] for i in range(len(src))]
+    difficulty = np.array([e['difficulty'] for e in examples])
+    if name == 'parity_count':
+      assert len(src) == algorithmic.SIZES[split]
+      assert set(difficulty) == set(range(17)), split
+      for e in examples[:200]:
+        assert (e['inputs'] > 0).all()
+        ones = int((e['inputs'] == ord('1')).sum())
+        assert ones == e['difficulty'] and e['label'] == ones % 2
+    else:
+      assert set(difficulty) == set(range(1, 9)), split
+      text = bytes(examples[0]['inputs'][examples[0]['inputs'] > 0]).decode()
+      a, rest = text.split('+')
+      b, total = rest.split('=')
+      assert int(a[::-1]) + int(b[::-1]) == int(total[::-1])
+
+
 def test_pycode_splits_by_file():
   files = pycode._stdlib_files()
   splits = [pycode._split_of(f) for f in files]

@@ -187,6 +187,11 @@ def test_leftover_temporary_checkpoint_folders_are_cleaned_at_start(reference_ru
     ('model.num_layers', 0, r'config.model.num_layers=0'),
     ('model.mlp_hidden', -4, r'config.model.mlp_hidden=-4'),
     ('model.moe_every', -1, r'config.model.moe_every=-1'),
+    ('model.exit_weights', 'deep', r"model.exit_weights='deep': must be '' \(off\)"),
+    ('model.exit_weights', 'equal', r"config.model.exit_weights='equal': must be '' with "
+                                    r'model.halting=True'),
+    ('aux.ponder_prior', 1.0, r'config.aux.ponder_prior=1.0: must be in \(0, 1\)'),
+    ('aux.ponder_warmup', -1, r'config.aux.ponder_warmup=-1'),
     ('freeze', ('(',), r"config.freeze\[0\]='\(': must be a regular expression"),
     ('optim.learning_rate', float('inf'), r'config.optim.learning_rate=inf: must be > 0, finite'),
     ('optim.learning_rate', 1e39, r'config.optim.learning_rate=1e\+39'),

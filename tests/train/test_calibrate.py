@@ -1,0 +1,64 @@
+"""Calibrated exits on a small trained model: the threshold rule, the record in the workdir,
+and the evaluation that reads it."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments.configs import multitask
+from pathways.train import calibrate
+from pathways.train import evaluate_workdir
+from pathways.train import loop
+
+
+def test_choose_takes_the_lowest_threshold_within_tolerance():
+  curve = [{'threshold': 0.5, 'accuracy': 0.80}, {'threshold': 0.7, 'accuracy': 0.895},
+           {'threshold': 0.9, 'accuracy': 0.93}, {'threshold': 0.99, 'accuracy': 0.899}]
+  assert calibrate.choose(curve, 0.9, 0.01)['threshold'] == 0.7
+  assert calibrate.choose(curve, 0.9, 0.0)['threshold'] == 0.9
+  assert calibrate.choose(curve, 0.95, 0.01) is None
+
+
+def test_calibration_writes_thresholds_that_evaluation_uses(data_dir, tmp_path):
+  c = multitask.get_config('runlocal')
+  c.tasks = ['parity_count', 'digits']  # digits has no calibration split: its train split
+  c.data.update(batch_size=16, data_dir=data_dir)
+  c.mesh.data = 1
+  c.model.update(d_model=16, num_layers=3, num_heads=2, mlp_hidden=32, halting=False,
+                 exit_weights='equal')
+  c.model.moe.banks = [[2, 16]]
+  c.train.update(num_steps=20, log_every=20, eval_every=20, eval_batches=2, routing_batches=0)
+  c.ckpt.update(every=20, best_metric='')
+  workdir = str(tmp_path / 'run')
+  loop.train_and_evaluate(c, workdir)
+  record = calibrate.calibrate(workdir, tolerance=0.05, batches=2)
+  saved = json.load(open(os.path.join(workdir, calibrate.EXITS_FILE)))
+  assert saved == json.loads(json.dumps(record))
+  assert 'training split' in record['splits']['digits']
+  assert record['splits']['parity_count'] == 'validation'
+  assert os.path.getsize(os.path.join(workdir, 'exits.png')) > 1000
+  for name, t in record['tasks'].items():
+    assert [p['threshold'] for p in t['curve']] == list(calibrate.GRID)
+    ok = [p['threshold'] for p in t['curve']
+          if p['accuracy'] >= t['full_depth_accuracy'] - 0.05]
+    assert t['threshold'] == (min(ok) if ok else calibrate.NEVER), name
+    assert t['accuracy'] >= t['full_depth_accuracy'] - 0.05
+    # the lowest threshold exits most: depth never rises as the threshold falls
+    depths = [p['depth'] for p in t['curve']]
+    assert all(a <= b + 1e-6 for a, b in zip(depths, depths[1:])), depths
+    if name == 'parity_count':  # a 2-class softmax maximum is >= 0.5: all exit at layer 1
+      assert depths[0] == 1.0, depths
+  result = evaluate_workdir.evaluate_workdir(workdir)
+  for name, t in record['tasks'].items():
+    assert result[f'exit/{name}/threshold'] == pytest.approx(t['threshold'])
+    assert result[f'exit/{name}/flops_saved'] == pytest.approx(
+        1 - result[f'exit/{name}/flops_per_example'] / result[f'eval/{name}/flops_per_example'])
+  assert 'exit/digits/accuracy' not in evaluate_workdir.evaluate_workdir(workdir, exits=False)
+  np.testing.assert_allclose(calibrate.thresholds(record, ['digits', 'nope']),
+                             [record['tasks']['digits']['threshold'], calibrate.NEVER])
+
+
+def test_a_halting_model_is_not_calibrated(reference_run):
+  with pytest.raises(ValueError, match='halts'):
+    calibrate.calibrate(reference_run)
