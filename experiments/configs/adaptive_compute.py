@@ -1,59 +1,65 @@
-"""Compute follows difficulty (ACT, Graves 2016; PonderNet, Banino et al. 2021).
+"""Compute follows difficulty: exits (deep supervision + calibrated confidence; CALM),
+PonderNet halting with its KL prior, against the same model at fixed depth.
 
-One task per model, `parity` (1..16 bits; difficulty = bits) or `addition` (1..8 digits;
-difficulty = digits), with PonderNet halting on (`halting=1`) or off (`halting=0`: the same
-model at fixed depth; every other setting is equal). 4 layers of D=64, the 2nd and 4th MoE
-over one bank of 4 experts of width 128, top-2, no null experts: every token costs the
-same FLOPs in a layer, so at fixed depth an example's FLOPs depend on its length alone and
-what halting saves is the layers it skips. Halting acts on classification tasks only
-(`Figure1Model`: per-position tasks never halt), so for `addition` both settings run every
-layer.
+One task per model: `parity_count` (PonderNet's parity: 16 bits, 0..16 ones; difficulty =
+ones; the input length never changes, so depth is the only compute knob) or `addition_lsd`
+(least-significant digit first; per-token exits on the sum's digits). 4 layers of D=64, the
+2nd and 4th MoE over one bank of 4 experts of width 128, top-2, no null experts: every token
+costs the same FLOPs in a layer, so what adaptation saves is the layers an example (or a
+token) skips.
+
+Mechanisms (`mechanism=`):
+  fixed   every layer, no exits: the baseline that deep supervision must not weaken;
+  exits   deep supervision (equal weights on every layer's exit); at inference, confidence
+          exits calibrated by `tools/calibrate_exits.py`;
+  ponder  PonderNet halting: KL(p || truncated geometric(0.2)) with beta 0.01 after a
+          warm-up of a quarter of the steps, each layer's loss weight floored at 0.05, no
+          linear cost (pooled tasks only).
+The `multitask` task is the default `make run` mixture at the runlocal size with exits instead
+of halting (`mechanism=exits`), or as configured (`mechanism=fixed`: no exits, no halting).
 
   python -m experiments.reference.adaptive_compute --workdir=workdirs/adaptive_compute
 
-Argument: 'task=parity|addition,halting=1|0,ponder=C,seed=S,steps=N' (defaults parity, 1,
-0.001, 0, the task's steps below); `ponder` is the weight of the expected depth in the loss
-(PonderNet's cost of computing; the multitask default is 0.003). Batch and steps per task
-learn each task within the sweep's ~15 minutes on 2 CPU cores: 16-bit parity needs large
-batches (in trials, batch 64 for 2000 steps solved up to 5 bits only; batch 256 for 1000
-steps all 16, 0.99).
-Measured (seed 0, 15 min 7 s; results/reference/adaptive_compute/): fixed depth: parity
-0.986, addition 0.415 per position (chance 0.5 / 0.1). Halting saves 36% / 70% of parity's
-FLOPs at ponder 0.001 / 0.003 but loses accuracy (0.909 / 0.723), halting earliest on the
-longest strings; at ponder 0: 0.991, every layer, nothing saved. Addition never halts.
+Argument: 'task=parity_count|addition_lsd|multitask,mechanism=fixed|exits|ponder,seed=S,
+steps=N'.
 """
 from __future__ import annotations
 
+from experiments import configs as config_args
 from experiments.configs import multitask
 
-TASKS = {'parity': dict(batch_size=256, steps=800),
-         'addition': dict(batch_size=128, steps=400)}
+TASKS = {'parity_count': dict(batch_size=128, steps=1000),
+         'addition_lsd': dict(batch_size=64, steps=500),
+         'pycode_lm': dict(batch_size=32, steps=400),
+         'multitask': dict(batch_size=32, steps=400)}
+MECHANISMS = ('fixed', 'exits', 'ponder')
 
 
 def get_config(arg: str | None = None):
-  args = dict(part.partition('=')[::2] for part in filter(None, (arg or '').split(',')))
-  args.pop('runlocal', None)  # already sized for 2 CPU cores
-  unknown = set(args) - {'task', 'halting', 'ponder', 'seed', 'steps'}
-  if unknown:
-    raise ValueError(f'config argument {sorted(unknown)}: allowed are task=parity|addition, '
-                     f'halting=1|0, ponder=C, seed=S, steps=N.')
-  task = args.get('task', 'parity')
-  if task not in TASKS:
-    raise ValueError(f'config argument task={task!r}: allowed are {sorted(TASKS)}.')
-  if args.get('halting', '1') not in ('0', '1'):
-    raise ValueError(f"config argument halting={args['halting']!r}: allowed are 1 and 0.")
+  args = config_args.parse(arg, {'task': '|'.join(TASKS), 'mechanism': '|'.join(MECHANISMS),
+                                 'seed': 'S', 'steps': 'N'})
+  task = config_args.choice(args, 'task', 'parity_count', TASKS)
+  mechanism = config_args.choice(args, 'mechanism', 'exits', MECHANISMS)
+  if mechanism == 'ponder' and task != 'parity_count':
+    raise ValueError(f'config argument mechanism=ponder: PonderNet halts pooled (classification) '
+                     f'tasks; task={task!r} is not one. Allowed: task=parity_count.')
   steps = int(args.get('steps', TASKS[task]['steps']))
   c = multitask.get_config('runlocal')
   c.seed = int(args.get('seed', 0))
-  c.tasks = [task]
+  c.model.update(halting=mechanism == 'ponder',
+                 exit_weights='linear' if mechanism == 'exits' else '')
+  c.aux.ponder_cost = 0.0
+  if mechanism == 'ponder':
+    c.aux.update(ponder_kl=0.01, ponder_prior=0.2, ponder_warmup=steps // 4, ponder_floor=0.05)
   c.data.batch_size = TASKS[task]['batch_size']
-  c.model.update(d_model=64, num_layers=4, num_heads=4, mlp_hidden=128, moe_every=2,
-                 halting=args.get('halting', '1') == '1')
-  c.model.moe.update(banks=[[4, 128]])
-  c.model.moe.router.num_null_experts = 0
-  c.aux.ponder_cost = float(args.get('ponder', 0.001))
   c.optim.update(learning_rate=3e-3, warmup_steps=50)
   c.train.update(num_steps=steps, log_every=100, eval_every=steps, eval_batches=8,
                  routing_batches=0)
-  c.ckpt.every = 200
+  c.ckpt.update(every=steps, best_metric='')
+  if task == 'multitask':
+    return c
+  c.tasks = [task]
+  c.model.update(d_model=64, num_layers=4, num_heads=4, mlp_hidden=128, moe_every=2)
+  c.model.moe.update(banks=[[4, 128]])
+  c.model.moe.router.update(num_null_experts=0, noisy=False)
   return c

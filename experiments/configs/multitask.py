@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  # deep supervision: '' (off), 'equal', 'linear' or one weight per layer; a
                  # model with exits is calibrated by tools/calibrate_exits.py
                  exit_weights='',
+                 # what a confidence exit reads: 'softmax' or 'classifier' (learned, cheaper)
+                 exit_confidence='softmax',
                  moe=dict(banks=[[experts, d], [experts, 4 * d]],
                           # The router and its options (pathways.nn.router.ROUTERS);
                           # route_on: 'token', 'example' (per-position rows route on their

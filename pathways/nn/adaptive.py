@@ -7,6 +7,8 @@ confidence, and PonderNet's prior.
   first layer whose softmax maximum reaches its task's threshold; a per-position token stops
   the same way, and its state is copied to the layers it skips, so later tokens' attention
   reads keys and values computed from the copied state (CALM's state propagation).
+  The confidence is the softmax maximum (2 D C FLOPs per check: a third of a layer for a
+  256-byte vocabulary at D=64) or CALM's learned exit classifier (2 D FLOPs per check).
 * PonderNet (Banino et al. 2021, eq. 6): KL(p || truncated geometric(lambda_p)) regularizes
   the halting distribution p over layers.
 """
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 EXIT_WEIGHTS = ('equal', 'linear')
+EXIT_CONFIDENCE = ('softmax', 'classifier')
 
 
 def exit_weights(spec, num_layers: int) -> tuple[float, ...] | None:

@@ -85,7 +85,9 @@ def _pool_and_halt(graphdef, layer, state, x, mask, cum_B, survive_B, task_ids=N
   if thresholds is not None:
     confidence = jnp.zeros(pooled.shape[:1], jnp.float32)
     for i, name in enumerate(m.task_names):
-      if m.pooled[i]:
+      if m.pooled[i] and m.exit_confidence == 'classifier':
+        confidence = jnp.where(task_ids == i, m.exit_score(layer, pooled), confidence)
+      elif m.pooled[i]:
         c = adaptive.confidence(pooled @ m.heads[name][...])
         confidence = jnp.where(task_ids == i, c, confidence)
     return pooled, (confidence >= thresholds[task_ids]).astype(jnp.float32), survive_B
@@ -144,8 +146,10 @@ class BucketedInference:
       self.thresholds = jnp.asarray(thresholds)
       self.halting = True
       # the head matmul of each running example's check, per task
-      self.check_flops = np.array([2.0 * model.heads[n][...].shape[0] * model.heads[n][...].shape[1]
-                                   for n in model.task_names])
+      self.check_flops = np.array([
+          2.0 * model.heads[n][...].shape[0] * (
+              1 if model.exit_confidence == 'classifier' else model.heads[n][...].shape[1])
+          for n in model.task_names])
     graphdef, self.state = nnx.split(model)
     # The model's graph definition holds the batch layout (unhashable): closed over, not
     # passed as a static argument.

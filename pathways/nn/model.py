@@ -67,11 +67,15 @@ class Exits:
     logits: {task: [L, n_i, ...]} every task's logits at every layer, through the final norm
       and the task's head (training with `exit_weights` only; else empty).
     weights: the loss weight of each layer's exit (None: exits are not trained).
+    classifier_loss: the learned exit classifier's loss (CALM's consistency target: does the
+      layer's prediction equal the last layer's?), on states with their gradient stopped, so
+      it never moves the model; None without a classifier or outside training.
   """
   layer_BxL: Any
   depth_B: Any
   logits: dict
   weights: tuple | None = struct.field(pytree_node=False, default=None)
+  classifier_loss: Any = None
 
 
 @struct.dataclass
@@ -180,6 +184,9 @@ class Figure1Model(nnx.Module):
       evaluation predicts at the first layer whose cumulative halting probability reaches 1/2.
     exit_weights: deep supervision (`adaptive.exit_weights`): every layer's state goes through
       the final norm and the task's head, and training minimizes sum_l w_l CE_l; None: off.
+    exit_confidence: what a confidence exit reads: 'softmax' (the largest class probability
+      of the task's head: 2 D C FLOPs per check) or 'classifier' (a learned per-layer exit
+      classifier, sigmoid(w_l . state + b_l), trained beside the exits: 2 D FLOPs per check).
     grown: components the architecture search added for single tasks (`pathways.nn.grow`):
       expert clones inside MoE layers and task-private FFN blocks after layers.
     dtype: compute dtype (parameters float32, routers float32).
@@ -188,7 +195,8 @@ class Figure1Model(nnx.Module):
   def __init__(self, tasks: Sequence[task_lib.Task], layout: layout_lib.BatchLayout, *,
                d_model: int, num_layers: int, num_heads: int, mlp_hidden: int,
                moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
-               halting: bool = False, exit_weights: Sequence[float] | None = None, remat: bool = False,
+               halting: bool = False, exit_weights: Sequence[float] | None = None,
+               exit_confidence: str = 'softmax', remat: bool = False,
                grown: Sequence[grow_lib.Grown] = (), dtype=jnp.float32, rngs: nnx.Rngs):
     for t in tasks:
       if t.modality not in stems.STEMS:
@@ -248,6 +256,16 @@ class Figure1Model(nnx.Module):
       raise ValueError(f'exit_weights={list(exit_weights)}: must give one weight per layer '
                        f'({num_layers}).')
     self.exit_weights = None if exit_weights is None else tuple(float(w) for w in exit_weights)
+    if exit_confidence not in adaptive.EXIT_CONFIDENCE:
+      raise ValueError(f'exit_confidence={exit_confidence!r}: must be one of '
+                       f'{adaptive.EXIT_CONFIDENCE}.')
+    if exit_confidence == 'classifier' and exit_weights is None:
+      raise ValueError("exit_confidence='classifier': the classifier trains beside the exits; "
+                       "set exit_weights too.")
+    self.exit_confidence = exit_confidence
+    if exit_confidence == 'classifier':
+      self.exit_w_LxD = nnx.Param(jnp.zeros((num_layers, d_model)))
+      self.exit_b_L = nnx.Param(jnp.zeros((num_layers,)))
     self.flops_budget = tuple(None if t.flops_budget is None else float(t.flops_budget)
                               for t in tasks)
     self.budget_lambda = budget_lib.BudgetMultiplier(jnp.zeros((len(tasks),), jnp.float32))
@@ -356,8 +374,8 @@ class Figure1Model(nnx.Module):
       if keep_states:
         states_L.append(self.final_norm(x))
       if exiting and layer < num_layers - 1:
-        confidence_BxL, check_B = self._exit_confidence(states_L[-1], mask, candidate_BxL,
-                                                        frozen_BxL)
+        confidence_BxL, check_B = self._exit_confidence(layer, states_L[-1], mask,
+                                                        candidate_BxL, frozen_BxL)
         check_B = check_B * (threshold_B <= 1.0)  # a task that never exits checks nothing
         newly = candidate_BxL & ~frozen_BxL & (confidence_BxL >= threshold_B[:, None])
         exit_layer_BxL = jnp.where(newly, layer, exit_layer_BxL)
@@ -390,10 +408,14 @@ class Figure1Model(nnx.Module):
       train_exits = self.exit_weights is not None and not deterministic
       logits = (self._layer_logits([_masked_mean(h, mask) for h in states_L], states_L)
                 if train_exits else {})
+      classifier_loss = None
+      if train_exits and self.exit_confidence == 'classifier':
+        classifier_loss = self._exit_classifier_loss(batch, states_L, mask, logits)
       real = mask.astype(jnp.float32)
       depth_B = jnp.sum((exit_layer_BxL + 1.0) * real, -1) / jnp.maximum(jnp.sum(real, -1), 1.0)
       exits = Exits(layer_BxL=jnp.where(mask, exit_layer_BxL, 0), depth_B=depth_B,
-                    logits=logits, weights=self.exit_weights if train_exits else None)
+                    logits=logits, weights=self.exit_weights if train_exits else None,
+                    classifier_loss=classifier_loss)
     flops_B = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
     expected_B = jnp.sum(jnp.stack(layer_expected_LxB) * reach_LxB, axis=0)
     budget_loss, budget_metrics = budget_lib.budget_terms(
@@ -439,10 +461,37 @@ class Figure1Model(nnx.Module):
       candidate = candidate.at[rows].set(mask_BxL[rows] & targets[rows])
     return candidate
 
-  def _exit_confidence(self, h_BxLxD, mask_BxL, candidate_BxL, frozen_BxL):
-    """The softmax maximum of each token's exit ([B, L_max]: a pooled row's is its example's)
-    and the FLOPs [B] of the checks (the head's matmul for every example or token still
-    running)."""
+  def exit_score(self, layer: int, state):
+    """The learned exit classifier's probability that `layer`'s prediction is final, for
+    states [..., D]."""
+    return jax.nn.sigmoid(state @ self.exit_w_LxD[...][layer] + self.exit_b_L[...][layer])
+
+  def _exit_classifier_loss(self, batch, states_L, mask_BxL, logits):
+    """Mean binary cross-entropy of the exit classifier over every layer but the last and
+    every counted example (pooled) or target position (per-position); the target is 1 where
+    the layer's prediction equals the last layer's (CALM). States and targets carry no
+    gradient: the classifier learns to read the model, never moves it."""
+    total, count = 0.0, 0.0
+    for i, name in enumerate(self.task_names):
+      rows = np.asarray(self.layout.task_rows(i))
+      _, w = heads_lib.get(self.head_names[i]).targets(batch, rows, self.layout)
+      guess = jnp.argmax(jax.lax.stop_gradient(logits[name]), -1)  # [L, n(, l)]
+      target = (guess[:-1] == guess[-1:]).astype(jnp.float32)
+      for layer in range(len(states_L) - 1):
+        h = jax.lax.stop_gradient(states_L[layer])
+        state = _masked_mean(h, mask_BxL)[rows] if self.pooled[i] else h[rows][:, :w.shape[-1]]
+        p = jnp.clip(self.exit_score(layer, state), 1e-6, 1 - 1e-6)
+        t = target[layer]
+        bce = -(t * jnp.log(p) + (1 - t) * jnp.log(1 - p))
+        total = total + jnp.sum(bce * w)
+        count = count + jnp.sum(w)
+    return total / jnp.maximum(count, 1.0)
+
+  def _exit_confidence(self, layer, h_BxLxD, mask_BxL, candidate_BxL, frozen_BxL):
+    """The confidence of each token's exit after `layer` ([B, L_max]: a pooled row's is its
+    example's): the softmax maximum of the task's head, or the learned exit classifier's
+    score; and the FLOPs [B] of the checks (for every example or token still running: the
+    head's matmul, 2 D C, or the classifier's, 2 D)."""
     confidence = jnp.zeros(mask_BxL.shape, jnp.float32)
     check_B = jnp.zeros(mask_BxL.shape[:1], jnp.float32)
     d = h_BxLxD.shape[-1]
@@ -451,13 +500,18 @@ class Figure1Model(nnx.Module):
     for i, name in enumerate(self.task_names):
       rows = np.asarray(self.layout.task_rows(i))
       w = self.heads[name][...]
-      logits = heads_lib.get(self.head_names[i]).logits(w, pooled_BxD[rows], h_BxLxD[rows])
-      conf = adaptive.confidence(logits)
+      if self.exit_confidence == 'classifier':
+        conf = self.exit_score(layer, pooled_BxD[rows] if self.pooled[i] else h_BxLxD[rows])
+        cost = 2.0 * d
+      else:
+        logits = heads_lib.get(self.head_names[i]).logits(w, pooled_BxD[rows], h_BxLxD[rows])
+        conf = adaptive.confidence(logits)
+        cost = 2.0 * d * w.shape[-1]
       if self.pooled[i]:
         conf = jnp.broadcast_to(conf[:, None], (len(rows), mask_BxL.shape[1]))
-        check = 2.0 * d * w.shape[-1] * jnp.any(running_BxL[rows], axis=-1)
+        check = cost * jnp.any(running_BxL[rows], axis=-1)
       else:
-        check = 2.0 * d * w.shape[-1] * jnp.sum(running_BxL[rows], axis=-1)
+        check = cost * jnp.sum(running_BxL[rows], axis=-1)
       confidence = confidence.at[rows].set(conf)
       check_B = check_B.at[rows].set(check)
     return confidence, check_B

@@ -23,7 +23,7 @@ import numpy as np
 from pathways.train import workdir as workdir_lib
 
 EXITS_FILE = 'exits.json'
-GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 NEVER = 2.0  # a threshold no softmax maximum reaches: full depth
 
 
@@ -56,12 +56,15 @@ def calibration_tasks(tasks):
   return out, used
 
 
-def choose(curve: list[dict], full_accuracy: float, tolerance: float) -> dict:
-  """The point of `curve` (one dict per threshold: threshold, accuracy, ...) with the lowest
-  threshold whose accuracy is at least full_accuracy - tolerance; the full-depth point where
-  none is."""
-  ok = [p for p in curve if p['accuracy'] >= full_accuracy - tolerance]
-  return min(ok, key=lambda p: p['threshold']) if ok else None
+def choose(curve: list[dict], full_accuracy: float, tolerance: float,
+           full_flops: float = float('inf')) -> dict | None:
+  """The cheapest point of `curve` (one dict per threshold: threshold, accuracy,
+  flops_per_example) whose accuracy is at least full_accuracy - tolerance and whose FLOPs are
+  below full depth's `full_flops` (the checks cost FLOPs too); ties go to the lowest
+  threshold. None where no point qualifies: full depth."""
+  ok = [p for p in curve if p['accuracy'] >= full_accuracy - tolerance
+        and p.get('flops_per_example', 0.0) < full_flops]
+  return min(ok, key=lambda p: (p.get('flops_per_example', 0.0), p['threshold'])) if ok else None
 
 
 def calibrate(workdir: str, tolerance: float = 0.01, batches: int | None = None,
@@ -106,13 +109,14 @@ def calibrate(workdir: str, tolerance: float = 0.01, batches: int | None = None,
               'loss': r[f'eval/{name}/loss'],
               'flops_per_example': r[f'eval/{name}/flops_per_example'],
               'depth': r.get(f'eval/{name}/depth')} for v, r in points.items()]
-    pick = choose(curve, full_acc, tolerance)
+    pick = choose(curve, full_acc, tolerance, full_flops)
     entry = {'full_depth_accuracy': full_acc, 'full_depth_loss': full[f'eval/{name}/loss'],
              'full_depth_flops_per_example': full_flops, 'curve': curve}
     if pick is None:
       entry.update(threshold=NEVER, accuracy=full_acc, flops_per_example=full_flops,
                    flops_saved=0.0, depth=float(exp.config.model.num_layers),
-                   note='no threshold of the grid keeps accuracy within tolerance: full depth')
+                   note='no threshold of the grid keeps accuracy within tolerance and saves '
+                        'FLOPs: full depth')
     else:
       entry.update(threshold=pick['threshold'], accuracy=pick['accuracy'],
                    flops_per_example=pick['flops_per_example'], depth=pick['depth'],

@@ -78,6 +78,8 @@ def upgrade(config):
       config.aux[key] = value
   if 'model' in config and 'exit_weights' not in config.model:
     config.model.exit_weights = ''
+  if 'model' in config and 'exit_confidence' not in config.model:
+    config.model.exit_confidence = 'softmax'
   if 'init_from' in config and 'upcycle_noise' not in config:
     config.upcycle_noise = 0.0
   if 'optim' in config and 'accumulate_steps' not in config.optim:
@@ -213,6 +215,11 @@ def _validate_model(m) -> None:
   if m.d_model % m.num_heads:
     _bad('model.num_heads', m.num_heads, f'must divide model.d_model={m.d_model}')
   adaptive.exit_weights(m.get('exit_weights', ''), m.num_layers)  # names key and value
+  if m.get('exit_confidence', 'softmax') not in adaptive.EXIT_CONFIDENCE:
+    _bad('model.exit_confidence', m.exit_confidence, f'must be one of {adaptive.EXIT_CONFIDENCE}')
+  if m.get('exit_confidence', 'softmax') == 'classifier' and not m.get('exit_weights', ''):
+    _bad('model.exit_confidence', m.exit_confidence, "needs model.exit_weights (the classifier "
+         "trains beside the exits)")
   if m.get('exit_weights', '') and m.halting:
     _bad('model.exit_weights', m.exit_weights, "must be '' with model.halting=True: exits "
          "(deep supervision + calibrated confidence) and PonderNet halting are alternatives")
@@ -350,6 +357,7 @@ def model_from_config(config, tasks, layout, rngs: nnx.Rngs) -> model_lib.Figure
       mlp_hidden=m.mlp_hidden, moe_every=m.moe_every, moe_kwargs=moe_kwargs, patch=m.patch,
       halting=m.halting, exit_weights=adaptive.exit_weights(m.get('exit_weights', ''),
                                                             m.num_layers),
+      exit_confidence=m.get('exit_confidence', 'softmax'),
       remat=m.remat, grown=grown_from_config(config),
       dtype=DTYPES[m.dtype], rngs=rngs)
 

@@ -80,6 +80,8 @@ def make_train_step(exp: experiment.Experiment):
               out.halting.p_LxB, aux['ponder_prior'], pooled * jnp.asarray(batch['weight']))
         total = total + on * ponder
       total = total + out.budget_loss
+      if out.exits is not None and out.exits.classifier_loss is not None:
+        total = total + out.exits.classifier_loss  # on stopped states: moves no model weight
       return total, (losses, accuracy, out)
 
     (loss, (losses, accuracy, out)), grads = nnx.value_and_grad(

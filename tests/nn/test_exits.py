@@ -30,6 +30,14 @@ def _block(block, x, mask, causal, task_ids, bias, active):
   return block(x, mask, causal, task_ids, bias, True, active)
 
 
+def _score(m, layer, state, w):
+  """What an exit reads: the softmax maximum of the head, or the exit classifier's score."""
+  if m.exit_confidence == 'classifier':
+    z = state @ np.asarray(m.exit_w_LxD[...])[layer] + np.asarray(m.exit_b_L[...])[layer]
+    return float(1.0 / (1.0 + np.exp(-z))), 2.0 * state.shape[-1]
+  return _np_confidence(state @ w), 2.0 * state.shape[-1] * w.shape[1]
+
+
 def _reference(m, batch, thresholds):
   """Confidence exits, written out: blocks run on every token; after each layer but the last
   a Python loop visits every row (pooled) or target position (per-position) still running,
@@ -74,8 +82,8 @@ def _reference(m, batch, thresholds):
       if m.pooled[ids[r]]:
         if frozen[r].any():
           continue
-        flops[r] += 2.0 * d * w.shape[1]
-        conf = _np_confidence(h[r][mask[r]].mean(0) @ w)
+        conf, cost = _score(m, layer, h[r][mask[r]].mean(0), w)
+        flops[r] += cost
         seen[name].append(conf)
         if conf >= thresholds[ids[r]]:
           frozen[r] = mask[r]
@@ -83,8 +91,8 @@ def _reference(m, batch, thresholds):
       else:
         for t in range(l):
           if mask[r, t] and targets[r, t] and not frozen[r, t]:
-            flops[r] += 2.0 * d * w.shape[1]
-            conf = _np_confidence(h[r, t] @ w)
+            conf, cost = _score(m, layer, h[r, t], w)
+            flops[r] += cost
             seen[name].append(conf)
             if conf >= thresholds[ids[r]]:
               frozen[r, t] = True
@@ -97,11 +105,29 @@ def _forward(m, batch, thresholds):
   return m(batch, deterministic=True, exit_thresholds=thresholds)
 
 
-def test_confidence_exits_equal_the_per_token_loop():
-  m, batch = _model()
+def _between(values, q):
+  """A threshold at quantile `q` of `values` that no value equals (the two paths may round a
+  score differently in the last bit: a tie would decide by rounding)."""
+  v = np.unique(values)
+  i = min(max(int(q * len(v)), 1), len(v) - 1)
+  return float((v[i - 1] + v[i]) / 2)
+
+
+def _with_classifier():
+  """A model whose exit classifier has random weights (zeros would score every state 1/2)."""
+  m, batch = _model(exit_weights=adaptive.exit_weights('equal', 4), exit_confidence='classifier')
+  rng = np.random.default_rng(1)
+  m.exit_w_LxD[...] = jnp.asarray(rng.normal(0, 0.3, m.exit_w_LxD[...].shape), jnp.float32)
+  return m, batch
+
+
+@pytest.mark.parametrize('confidence', ['softmax', 'classifier'])
+def test_confidence_exits_equal_the_per_token_loop(confidence):
+  m, batch = _model() if confidence == 'softmax' else _with_classifier()
   # thresholds in the middle of what the model's exits see: some stop, some go on
   _, _, _, seen = _reference(m, batch, np.array([1.0, 1.0]))
-  thresholds = np.array([np.quantile(seen['images'], 0.4), np.quantile(seen['text'], 0.6)],
+  q = (0.4, 0.6) if confidence == 'softmax' else (0.8, 0.8)
+  thresholds = np.array([_between(seen['images'], q[0]), _between(seen['text'], q[1])],
                         np.float32)
   h, exit_layer, flops, _ = _reference(m, batch, thresholds)
   out = _forward(m, batch, jnp.asarray(thresholds))
@@ -202,13 +228,17 @@ def test_exit_weights_are_parsed_or_refused_naming_the_value():
     _model()[0](batch, deterministic=False, exit_thresholds=jnp.ones((2,)))
 
 
-def test_bucketed_inference_takes_the_exits_of_the_full_path():
+@pytest.mark.parametrize('confidence', ['softmax', 'classifier'])
+def test_bucketed_inference_takes_the_exits_of_the_full_path(confidence):
   """Pooled rows leave the buckets at their exit layer: the same predictions, exit layers
   and FLOPs as the full path's confidence exits (per-position rows run every layer there and
   never exit in this comparison)."""
-  m, batch = _model(slots=(12, 4))
+  if confidence == 'softmax':
+    m, batch = _model(slots=(12, 4))
+  else:
+    m, batch = _with_classifier()
   _, _, _, seen = _reference(m, batch, np.array([1.0, NEVER]))
-  thr = np.array([np.quantile(seen['images'], 0.5), NEVER], np.float32)
+  thr = np.array([_between(seen['images'], 0.5), NEVER], np.float32)
   full = _forward(m, batch, jnp.asarray(thr))
   runner = inference.BucketedInference(m, exit_thresholds=thr)
   logits, info = runner(batch)
@@ -243,3 +273,20 @@ def test_ponder_kl_and_floor_follow_their_formulas():
   ce = -np.take_along_axis(logp, labels[None, :, None], -1)[..., 0]
   w = np.maximum(np.asarray(out.halting.p_LxB)[:, rows], floor)
   np.testing.assert_allclose(float(losses['images']), (w * ce).sum(0).mean(), rtol=1e-5)
+
+
+def test_the_exit_classifier_learns_from_stopped_states_only():
+  """Its loss is the mean binary cross-entropy against 'this layer predicts what the last
+  does', and its gradient reaches the classifier alone."""
+  m, batch = _with_classifier()
+
+  def loss(m):
+    return m(batch, deterministic=False).exits.classifier_loss
+
+  value, grads = nnx.jit(nnx.value_and_grad(loss))(m)
+  assert float(value) > 0
+  moved = {'/'.join(map(str, path)) for path, g in nnx.to_flat_state(grads)
+           if np.any(np.asarray(g[...]) != 0)}
+  assert moved == {'exit_w_LxD', 'exit_b_L'}, moved
+  with pytest.raises(ValueError, match='exit_weights too'):
+    _model(exit_confidence='classifier')

@@ -12,12 +12,16 @@ from pathways.train import evaluate_workdir
 from pathways.train import loop
 
 
-def test_choose_takes_the_lowest_threshold_within_tolerance():
-  curve = [{'threshold': 0.5, 'accuracy': 0.80}, {'threshold': 0.7, 'accuracy': 0.895},
-           {'threshold': 0.9, 'accuracy': 0.93}, {'threshold': 0.99, 'accuracy': 0.899}]
-  assert calibrate.choose(curve, 0.9, 0.01)['threshold'] == 0.7
-  assert calibrate.choose(curve, 0.9, 0.0)['threshold'] == 0.9
-  assert calibrate.choose(curve, 0.95, 0.01) is None
+def test_choose_takes_the_cheapest_threshold_within_tolerance():
+  curve = [{'threshold': 0.5, 'accuracy': 0.80, 'flops_per_example': 1.0},
+           {'threshold': 0.7, 'accuracy': 0.895, 'flops_per_example': 2.0},
+           {'threshold': 0.8, 'accuracy': 0.91, 'flops_per_example': 2.0},
+           {'threshold': 0.9, 'accuracy': 0.93, 'flops_per_example': 3.0},
+           {'threshold': 0.99, 'accuracy': 0.899, 'flops_per_example': 5.0}]
+  assert calibrate.choose(curve, 0.9, 0.01, 4.0)['threshold'] == 0.7  # tie: the lower one
+  assert calibrate.choose(curve, 0.9, 0.0, 4.0)['threshold'] == 0.8
+  assert calibrate.choose(curve, 0.95, 0.01, 4.0) is None  # none is accurate enough
+  assert calibrate.choose(curve, 0.9, 0.01, 1.5) is None  # none saves anything
 
 
 def test_calibration_writes_thresholds_that_evaluation_uses(data_dir, tmp_path):
@@ -40,9 +44,10 @@ def test_calibration_writes_thresholds_that_evaluation_uses(data_dir, tmp_path):
   assert os.path.getsize(os.path.join(workdir, 'exits.png')) > 1000
   for name, t in record['tasks'].items():
     assert [p['threshold'] for p in t['curve']] == list(calibrate.GRID)
-    ok = [p['threshold'] for p in t['curve']
-          if p['accuracy'] >= t['full_depth_accuracy'] - 0.05]
-    assert t['threshold'] == (min(ok) if ok else calibrate.NEVER), name
+    ok = [(p['flops_per_example'], p['threshold']) for p in t['curve']
+          if p['accuracy'] >= t['full_depth_accuracy'] - 0.05
+          and p['flops_per_example'] < t['full_depth_flops_per_example']]
+    assert t['threshold'] == (min(ok)[1] if ok else calibrate.NEVER), name
     assert t['accuracy'] >= t['full_depth_accuracy'] - 0.05
     # the lowest threshold exits most: depth never rises as the threshold falls
     depths = [p['depth'] for p in t['curve']]
