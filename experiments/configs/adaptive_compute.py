@@ -14,7 +14,9 @@ Mechanisms (`mechanism=`):
           exits calibrated by `tools/calibrate_exits.py`;
   ponder  PonderNet halting: KL(p || truncated geometric(0.2)) with beta 0.01 after a
           warm-up of a quarter of the steps, each layer's loss weight floored at 0.05, no
-          linear cost (pooled tasks only).
+          linear cost (pooled tasks only);
+  mod     Mixture-of-Depths on the 2nd and 4th layer, half of each example's token slots per
+          block (pooled tasks only).
 The `multitask` task is the default `make run` mixture at the runlocal size with exits instead
 of halting (`mechanism=exits`), or as configured (`mechanism=fixed`: no exits, no halting).
 
@@ -32,7 +34,7 @@ TASKS = {'parity_count': dict(batch_size=128, steps=1000),
          'addition_lsd': dict(batch_size=64, steps=500),
          'pycode_lm': dict(batch_size=32, steps=400),
          'multitask': dict(batch_size=32, steps=400)}
-MECHANISMS = ('fixed', 'exits', 'ponder')
+MECHANISMS = ('fixed', 'exits', 'ponder', 'mod')
 
 
 def get_config(arg: str | None = None):
@@ -40,15 +42,18 @@ def get_config(arg: str | None = None):
                                  'seed': 'S', 'steps': 'N'})
   task = config_args.choice(args, 'task', 'parity_count', TASKS)
   mechanism = config_args.choice(args, 'mechanism', 'exits', MECHANISMS)
-  if mechanism == 'ponder' and task != 'parity_count':
-    raise ValueError(f'config argument mechanism=ponder: PonderNet halts pooled (classification) '
-                     f'tasks; task={task!r} is not one. Allowed: task=parity_count.')
+  if mechanism in ('ponder', 'mod') and task != 'parity_count':
+    raise ValueError(f'config argument mechanism={mechanism}: it acts on pooled '
+                     f'(classification) tasks; task={task!r} is not one. Allowed: '
+                     f'task=parity_count.')
   steps = int(args.get('steps', TASKS[task]['steps']))
   c = multitask.get_config('runlocal')
   c.seed = int(args.get('seed', 0))
   c.model.update(halting=mechanism == 'ponder',
                  exit_weights='linear' if mechanism == 'exits' else '')
   c.aux.ponder_cost = 0.0
+  if mechanism == 'mod':
+    c.model.update(mod_every=2, mod_capacity=0.5)
   if mechanism == 'ponder':
     c.aux.update(ponder_kl=0.01, ponder_prior=0.2, ponder_warmup=steps // 4, ponder_floor=0.05)
   c.data.batch_size = TASKS[task]['batch_size']
@@ -56,7 +61,8 @@ def get_config(arg: str | None = None):
   c.train.update(num_steps=steps, log_every=100, eval_every=steps, eval_batches=8,
                  routing_batches=0)
   c.ckpt.update(every=steps, best_metric='')
-  if task == 'multitask':
+  if task == 'multitask':  # 32 batches: 256 evaluation examples per task
+    c.train.eval_batches = 32
     return c
   c.tasks = [task]
   c.model.update(d_model=64, num_layers=4, num_heads=4, mlp_hidden=128, moe_every=2)

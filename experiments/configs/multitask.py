@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  exit_weights='',
                  # what a confidence exit reads: 'softmax' or 'classifier' (learned, cheaper)
                  exit_confidence='softmax',
+                 # Mixture-of-Depths every n-th layer (0: none; pooled tasks only) and the
+                 # share of each example's token slots its blocks process
+                 mod_every=0, mod_capacity=0.5,
                  moe=dict(banks=[[experts, d], [experts, 4 * d]],
                           # The router and its options (pathways.nn.router.ROUTERS);
                           # route_on: 'token', 'example' (per-position rows route on their

@@ -14,7 +14,9 @@ halting, FLOPs per example, budgets and each MoE layer's `MoEStats`).
 Adaptive computation: null experts / top-p in the MoE layers (per token), exits (deep
 supervision in training, `exit_weights`; confidence exits at inference, `exit_thresholds`, per
 example for pooled heads and per token for per-position heads; `pathways.nn.adaptive`),
-PonderNet halting (per example, pooled heads), per-task compute budgets
+PonderNet halting (per example, pooled heads), Mixture-of-Depths (`mod_every`: a per-block
+router sends each example's top-C tokens through the block, the rest skip it on the
+residual; pooled tasks only), per-task compute budgets
 (`pathways.nn.budget`), and `pathways.nn.inference.BucketedInference` to turn the counted
 saving into wall-clock.
 """
@@ -184,6 +186,13 @@ class Figure1Model(nnx.Module):
       evaluation predicts at the first layer whose cumulative halting probability reaches 1/2.
     exit_weights: deep supervision (`adaptive.exit_weights`): every layer's state goes through
       the final norm and the task's head, and training minimizes sum_l w_l CE_l; None: off.
+    mod_every, mod_capacity: Mixture-of-Depths (Raposo et al. 2024): every n-th layer (the
+      same rule as moe_every; 0: none) a router scores each token (w . x) and only each
+      example's top C = round(mod_capacity * L_max) real tokens go through the block (they
+      attend among themselves, take experts, and add sigmoid(score) * the block's update); the
+      others pass on the residual unchanged and cost 2 D FLOPs (the router). The choice
+      reads the whole sequence, so per-position (causal) tasks are refused (the paper's causal
+      predictor is not built).
     exit_confidence: what a confidence exit reads: 'softmax' (the largest class probability
       of the task's head: 2 D C FLOPs per check) or 'classifier' (a learned per-layer exit
       classifier, sigmoid(w_l . state + b_l), trained beside the exits: 2 D FLOPs per check).
@@ -196,7 +205,8 @@ class Figure1Model(nnx.Module):
                d_model: int, num_layers: int, num_heads: int, mlp_hidden: int,
                moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
                halting: bool = False, exit_weights: Sequence[float] | None = None,
-               exit_confidence: str = 'softmax', remat: bool = False,
+               exit_confidence: str = 'softmax', mod_every: int = 0,
+               mod_capacity: float = 0.5, remat: bool = False,
                grown: Sequence[grow_lib.Grown] = (), dtype=jnp.float32, rngs: nnx.Rngs):
     for t in tasks:
       if t.modality not in stems.STEMS:
@@ -232,6 +242,20 @@ class Figure1Model(nnx.Module):
         ffn = moe.DenseFFN(d_model, mlp_hidden, dtype=dtype, rngs=rngs)
       blocks.append(Block(d_model, num_heads, ffn, dtype=dtype, rngs=rngs))
     self.blocks = nnx.List(blocks)
+    self.mod_layers = tuple(l for l in range(num_layers) if mod_every and (l + 1) % mod_every == 0)
+    self.mod_capacity = float(mod_capacity)
+    if self.mod_layers:
+      causal = [t.name for t, h in zip(tasks, heads) if h.causal]
+      if causal:
+        raise ValueError(f'mod_every={mod_every}: Mixture-of-Depths picks the top tokens of a '
+                         f'whole sequence, which reads the future; per-position tasks {causal} '
+                         f'would need the paper\'s causal predictor, which is not built. Use '
+                         f'mod_every=0 or pooled (classification) tasks only.')
+      if not 0.0 < mod_capacity <= 1.0:
+        raise ValueError(f'mod_capacity={mod_capacity!r}: must be in (0, 1] (the share of an '
+                         f'example\'s token slots that go through a block).')
+      self.depth_w = nnx.Param(nnx.initializers.normal(0.02)(
+          rngs.params(), (len(self.mod_layers), d_model), jnp.float32))
     ffns = [g for g in self.grown if g.kind == 'ffn']
     for g in self.grown:
       if g.kind == 'clone' and g.layer not in self.moe_layers:
@@ -342,6 +366,9 @@ class Figure1Model(nnx.Module):
     if exiting and not deterministic:
       raise ValueError('exit_thresholds: confidence exits are an inference path '
                        '(deterministic=True); training uses exit_weights.')
+    if exiting and self.mod_layers:
+      raise ValueError('exit_thresholds: this model has Mixture-of-Depths layers; confidence '
+                       'exits are not combined with them yet.')
     if exiting and self.halting:
       raise ValueError('exit_thresholds: this model halts (PonderNet); exits and halting are '
                        'alternatives, not a combination.')
@@ -355,12 +382,20 @@ class Figure1Model(nnx.Module):
     for layer, block in enumerate(self.blocks):
       bias = self.router_bias(layer, task_ids, x.shape[1])
       active = mask & ~frozen_BxL if exiting else mask
+      block_mask, route_flops_BxL = mask, 0.0
+      if layer in self.mod_layers:  # Mixture-of-Depths: the block sees its chosen tokens only
+        selected_BxL, gate_BxL = self.depth_route(layer, x, mask)
+        block_mask = active = mask & selected_BxL
+        route_flops_BxL = 2.0 * d_model * mask
       call = _remat_block if self.remat else _block
-      x_new, stats = call(block, x, mask, causal_B, task_ids, bias, deterministic,
+      x_new, stats = call(block, x, block_mask, causal_B, task_ids, bias, deterministic,
                           active if exiting else None)
       x_new, grown_flops_BxL = self._task_ffns(layer, x_new, active)
+      if layer in self.mod_layers:
+        x_new = jnp.where(block_mask[..., None], x + gate_BxL[..., None] * (x_new - x), x)
       x = jnp.where(frozen_BxL[..., None], x, x_new) if exiting else x_new
-      flops_BxL = attention.flops_per_token(d_model, mask, causal_B) * active + grown_flops_BxL
+      flops_BxL = (attention.flops_per_token(d_model, block_mask, causal_B) * active
+                   + grown_flops_BxL + route_flops_BxL)
       if exiting:  # a frozen token of a per-position row still gives keys and values
         flops_BxL = flops_BxL + 4.0 * d_model * d_model * (frozen_BxL & causal_B[:, None])
       if stats is not None:
@@ -460,6 +495,19 @@ class Figure1Model(nnx.Module):
       targets = jnp.zeros(mask_BxL.shape, bool).at[rows, :w.shape[1]].set(w > 0)
       candidate = candidate.at[rows].set(mask_BxL[rows] & targets[rows])
     return candidate
+
+  def depth_route(self, layer: int, x_BxLxD, mask_BxL):
+    """Mixture-of-Depths routing of `layer`: (selected [B, L]: each row's top C real tokens by
+    score, gate [B, L] = sigmoid(score): the block's update is scaled by it, which trains the
+    router)."""
+    w = self.depth_w[...][self.mod_layers.index(layer)]
+    score = (x_BxLxD.astype(jnp.float32) @ w)
+    c = max(1, int(round(self.mod_capacity * mask_BxL.shape[1])))
+    masked = jnp.where(mask_BxL, score, -jnp.inf)
+    _, top = jax.lax.top_k(masked, c)
+    selected = jnp.zeros(mask_BxL.shape, bool).at[
+        jnp.arange(mask_BxL.shape[0])[:, None], top].set(True) & mask_BxL
+    return selected, jax.nn.sigmoid(score).astype(x_BxLxD.dtype)
 
   def exit_score(self, layer: int, state):
     """The learned exit classifier's probability that `layer`'s prediction is final, for

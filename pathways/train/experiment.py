@@ -80,6 +80,8 @@ def upgrade(config):
     config.model.exit_weights = ''
   if 'model' in config and 'exit_confidence' not in config.model:
     config.model.exit_confidence = 'softmax'
+  if 'model' in config and 'mod_every' not in config.model:
+    config.model.update(mod_every=0, mod_capacity=0.5)
   if 'init_from' in config and 'upcycle_noise' not in config:
     config.upcycle_noise = 0.0
   if 'optim' in config and 'accumulate_steps' not in config.optim:
@@ -215,6 +217,11 @@ def _validate_model(m) -> None:
   if m.d_model % m.num_heads:
     _bad('model.num_heads', m.num_heads, f'must divide model.d_model={m.d_model}')
   adaptive.exit_weights(m.get('exit_weights', ''), m.num_layers)  # names key and value
+  if not _int(m.get('mod_every', 0), 0):
+    _bad('model.mod_every', m.mod_every, 'must be an int >= 0 (0: no Mixture-of-Depths layer)')
+  if not _finite(m.get('mod_capacity', 0.5), 1e-9, 1.0 + 1e-9):
+    _bad('model.mod_capacity', m.mod_capacity, 'must be in (0, 1]: the share of token slots a '
+         'Mixture-of-Depths block processes')
   if m.get('exit_confidence', 'softmax') not in adaptive.EXIT_CONFIDENCE:
     _bad('model.exit_confidence', m.exit_confidence, f'must be one of {adaptive.EXIT_CONFIDENCE}')
   if m.get('exit_confidence', 'softmax') == 'classifier' and not m.get('exit_weights', ''):
@@ -357,7 +364,8 @@ def model_from_config(config, tasks, layout, rngs: nnx.Rngs) -> model_lib.Figure
       mlp_hidden=m.mlp_hidden, moe_every=m.moe_every, moe_kwargs=moe_kwargs, patch=m.patch,
       halting=m.halting, exit_weights=adaptive.exit_weights(m.get('exit_weights', ''),
                                                             m.num_layers),
-      exit_confidence=m.get('exit_confidence', 'softmax'),
+      exit_confidence=m.get('exit_confidence', 'softmax'), mod_every=m.get('mod_every', 0),
+      mod_capacity=m.get('mod_capacity', 0.5),
       remat=m.remat, grown=grown_from_config(config),
       dtype=DTYPES[m.dtype], rngs=rngs)
 

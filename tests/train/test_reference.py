@@ -4,6 +4,7 @@ are the README's commands)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments.configs import more_experts
@@ -194,60 +195,66 @@ def _tiny_adaptive_compute(data_dir):
           'train.eval_batches': 2, 'train.log_every': 1}
 
 
-def test_adaptive_compute_counts_flops_by_difficulty_against_full_depth(data_dir, tmp_path):
-  """Tiny parity runs with halting on and off: the per-example evaluation equals the
-  trainer's, the fixed-depth model's FLOPs are the full-depth count for every number of
-  bits (also counted here by hand), halting never costs more, and a near-chance model
-  claims nothing."""
+def test_adaptive_compute_evaluates_exits_against_full_depth(data_dir, tmp_path):
+  """Tiny parity_count runs at fixed depth and with exits: the per-example evaluation equals
+  the trainer's, every example of the fixed model costs the hand-counted full depth (16
+  bits: the length never changes), the exit model is calibrated on the validation split and
+  never spends more than full depth plus its checks."""
   from experiments.reference import adaptive_compute
-  result = adaptive_compute.sweep(str(tmp_path), ['parity'], [0], [0.001], steps=3,
-                                  overrides=_tiny_adaptive_compute(data_dir))
-  fixed, halting = result['runs']
-  assert (halting['halting'], fixed['halting']) == (True, False)
-  for run in (halting, fixed):
-    assert abs(run['accuracy'] - run['trainer_accuracy']) < 1e-6
-    assert abs(run['flops_per_example'] / run['trainer_flops_per_example'] - 1) < 1e-6
-    assert run['examples'] == 32 and run['accuracy'] == run['exact_match']
-  assert len(fixed['by_difficulty']) > 5
-  for d, f in fixed['by_difficulty'].items():
-    n = int(d)
-    # Per token, n bits, D=16: attention 8*16^2 + 4*16*n per layer (two layers); dense FFN
-    # 4*16*32 = 2048; MoE router 2*16*4 = 128 plus two experts of 4*16*16 = 1024 each:
-    # 2*(2048 + 64n) + 2048 + 128 + 2048 = 8320 + 128n.
-    assert f['flops_per_example'] == f['full_depth_flops_per_example'] == n * (8320 + 128 * n)
-    assert f['depth'] == 2
-    h = halting['by_difficulty'][d]
-    assert h['full_depth_flops_per_example'] == f['flops_per_example']
-    assert h['flops_per_example'] <= h['full_depth_flops_per_example']
-  assert result['tasks']['parity']['halts'] and not result['tasks']['parity']['claim']
-  task = result['tasks']['parity']['by_ponder_cost']['0.001']
-  assert task['threshold'] == 0.65 and task['fixed_flops_per_example'] > 0
-  assert not task['claim'] and 'below chance' in task['not_claimed_because'][0]
-  assert set(task['by_difficulty']) == set(fixed['by_difficulty'])
-  adaptive_compute.write(result, str(tmp_path))
-  with open(tmp_path / 'results.json') as f:
-    saved = json.load(f)['tasks']['parity']['by_ponder_cost']['0.001']['flops_saved']
-  assert saved == task['flops_saved']
-  assert os.path.getsize(tmp_path / 'adaptive_compute.png') > 1000
+  tiny = _tiny_adaptive_compute(data_dir)
+  (fixed,) = adaptive_compute.run_part(str(tmp_path), 'parity', 'fixed', 0, 3, tiny)
+  (exits,) = adaptive_compute.run_part(str(tmp_path), 'parity', 'exits', 0, 3, tiny)
+  # Per token, 16 bits seen by every token, D=16: attention 8*16^2 + 4*16*16 = 3072 per layer
+  # (two layers); dense FFN 4*16*32 = 2048; MoE router 2*16*4 = 128 plus two experts of
+  # 4*16*16 = 1024 each: 2*3072 + 2048 + 128 + 2048 = 10368, times 16 tokens.
+  for run in (fixed, exits):
+    assert run['examples'] == 32 and run['full_depth_flops_per_example'] == 16 * 10368
+    assert abs(run['full_depth_accuracy'] - run['trainer_accuracy']) < 1e-6
+    assert set(run['by_difficulty']) <= {str(d) for d in range(17)}
+  assert fixed['flops_per_example'] == 16 * 10368 and fixed['flops_saved'] == 0.0
+  assert fixed['depth'] == 2.0 and fixed['accuracy'] == fixed['full_depth_accuracy']
+  assert exits['calibration_split'] == 'validation' and 'threshold' in exits
+  checks = 2 * 16 * 2  # one softmax check of the 2-class head per example, after layer 0
+  assert exits['flops_per_example'] <= 16 * 10368 + checks
+  assert 1.0 <= exits['depth'] <= 2.0
+  assert os.path.exists(tmp_path / 'parity_count_exits_seed0' / 'exits.json')
 
 
-def test_adaptive_compute_claims_only_above_chance_at_equal_accuracy():
-  from experiments.reference import adaptive_compute
+def test_adaptive_compute_claims_are_computed_from_the_numbers():
+  from experiments.reference import adaptive_compute as ac
 
-  def run(accuracy, flops):
-    return {'accuracy': accuracy, 'flops_per_example': flops, 'depth': 2.0,
-            'flops_difficulty_spearman': 1.0, 'depth_difficulty_spearman': None,
-            'by_difficulty': {'1': {'flops_per_example': flops, 'accuracy': accuracy,
-                                    'depth': 2.0}}}
+  def agg(values):
+    return {'mean': float(np.mean(values)), 'stderr': 0.0, 'min': float(np.min(values)),
+            'max': float(np.max(values)), 'per_seed': list(values)}
 
-  out = adaptive_compute.compare('parity', [run(0.90, 30.0)], [run(0.91, 40.0)])
-  assert out['claim'] and out['flops_saved'] == 0.25  # 1 - 30/40
-  assert out['by_difficulty']['1']['flops_saved'] == 0.25
-  out = adaptive_compute.compare('parity', [run(0.80, 30.0)], [run(0.91, 40.0)])
-  assert not out['claim'] and 'more than 0.02 below' in out['not_claimed_because'][0]
-  out = adaptive_compute.compare('addition', [run(0.24, 40.0)], [run(0.24, 40.0)])
-  assert out['threshold'] == 0.25 and out['flops_saved'] == 0.0
-  assert len(out['not_claimed_because']) == 2  # below chance + margin, nothing saved
+  def result(saved=(0.4, 0.5, 0.35), drop=(0.0, 0.005, 0.01), rho=(0.6, 0.7, 0.55),
+             full=(0.99, 0.98, 0.99), fixed=(0.99, 0.99, 0.995), speedup=1.6,
+             mt_drop=(0.0, 0.02, -0.01)):
+    exits = {'flops_saved': agg(saved), 'accuracy_drop': agg(drop),
+             'depth_difficulty_spearman': agg(rho), 'full_depth_accuracy': agg(full)}
+    lm = {'flops_saved': agg(saved), 'accuracy_drop': agg(drop),
+          'full_depth_accuracy': agg([0.45, 0.45, 0.45])}
+    runs = [{'part': 'multitask', 'task': t, 'accuracy_drop': d}
+            for t in ('digits', 'parity') for d in mt_drop]
+    return {'by_task_and_mechanism': {'parity_count/exits': exits,
+                                      'parity_count/fixed': {'accuracy': agg(fixed)},
+                                      'pycode_lm/exits': lm},
+            'runs': runs, 'wall_clock': {'batch256_easy_speedup': speedup}}
+
+  every = ac.claims(result())
+  assert len(every) == 7 and all(c['met'] for c in every), every
+
+  def names_missed(**kw):
+    return [c['name'] for c in ac.claims(result(**kw)) if not c['met']]
+  assert len(names_missed(saved=(0.4, 0.19, 0.5))) == 2  # parity and lm savings, every seed
+  assert len(names_missed(saved=(0.4, 0.29, 0.5))) == 1  # parity 0.30, lm 0.20
+  assert 'layers run rise' in names_missed(rho=(0.6, 0.4, 0.9))[0]
+  assert 'fixed-depth' in names_missed(fixed=(1.0, 1.0, 1.0), full=(0.98, 0.99, 0.99))[0]
+  assert 'default mixture' in names_missed(mt_drop=(0.0, 0.03, 0.0))[0]
+  assert 'wall-clock' in names_missed(speedup=1.4)[0]
+  # at chance every exit is free: nothing is claimed from a model that did not learn
+  assert any('FLOPs saved' in n for n in names_missed(full=(0.6, 0.6, 0.6),
+                                                      fixed=(0.6, 0.6, 0.6)))
 
 
 def test_related_task_arms_differ_only_in_the_related_task():
