@@ -47,7 +47,15 @@ def workdir_stats(workdir: str, eval_batches: int | None = None,
       _say(f'  routing evaluation batch {i + 1}/{n} (step {loaded.step})')
       yield next(pipe)
 
-  record = collect.collect(exp.model_graphdef, loaded.model_state, batches())
+  from pathways.train import calibrate  # pylint: disable=g-import-not-at-top
+  exits = calibrate.read(workdir)
+  thresholds = None
+  if exits is not None and not exp.config.model.halting:
+    thresholds = calibrate.thresholds(exits, [t.name for t in exp.tasks])
+    _say(f'  with the calibrated exits of {calibrate.EXITS_FILE}: thresholds '
+         f'{dict(zip([t.name for t in exp.tasks], thresholds.round(3).tolist()))}')
+  record = collect.collect(exp.model_graphdef, loaded.model_state, batches(),
+                           exit_thresholds=thresholds)
   _say('  statistics (NMI with shuffled-task baselines)...')
   stats = dict(summary.summarize(record), step=loaded.step)
   cf = exp.config.model.moe.capacity_factor

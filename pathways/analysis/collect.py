@@ -8,23 +8,27 @@ from flax import nnx
 from pathways.nn import moe
 
 
-def make_forward(model_graphdef):
-  """forward(model_state, batch) -> ModelOutput, jitted once (reuse it across evaluations)."""
+def make_forward(model_graphdef, exit_thresholds=None):
+  """forward(model_state, batch) -> ModelOutput, jitted once (reuse it across evaluations);
+  with `exit_thresholds` ([N]), the model takes its confidence exits."""
+  thresholds = None if exit_thresholds is None else np.asarray(exit_thresholds, np.float32)
 
   @jax.jit
   def forward(model_state, batch):
-    return nnx.merge(model_graphdef, model_state)(batch, deterministic=True)
+    return nnx.merge(model_graphdef, model_state)(batch, deterministic=True,
+                                                   exit_thresholds=thresholds)
 
   return forward
 
 
-def collect(model_graphdef, model_state, batches, forward=None) -> dict:
+def collect(model_graphdef, model_state, batches, forward=None, exit_thresholds=None) -> dict:
   """Concatenated routing record over `batches` (only rows with weight > 0), plus
   'difficulty' [B], per-layer means of the scalar routing metrics ('scalars':
   {'layer<l>/<name>'}, names from `moe.SCALAR_METRICS`), 'num_experts' per MoE layer
   (routed plus grown: global ids), and 'grown': the components the architecture search
-  added (`pathways.nn.grow`), with each clone's global id."""
-  forward = forward or make_forward(model_graphdef)
+  added (`pathways.nn.grow`), with each clone's global id. `exit_thresholds`: the model
+  takes its calibrated exits (the record then holds 'exit_depth' per example)."""
+  forward = forward or make_forward(model_graphdef, exit_thresholds)
   parts, scalars = [], {}
   model = nnx.merge(model_graphdef, model_state)
   for batch in batches:
@@ -50,7 +54,8 @@ def collect(model_graphdef, model_state, batches, forward=None) -> dict:
   # Layers whose slots mix tokens (Soft MoE): their heatmaps show combine weights.
   out['soft_layers'] = [f'layer{l}' for l in model.moe_layers
                         if model.blocks[l].ffn.router.mixes_tokens]
-  out['adaptive_depth'] = [bool(model.halting and p) for p in model.pooled]
+  out['adaptive_depth'] = [bool((model.halting and p) or exit_thresholds is not None)
+                           for p in model.pooled]
   out['grown'] = grown_components(model)
   out['task_names'] = list(model.task_names)
   out['num_layers'] = len(model.blocks)

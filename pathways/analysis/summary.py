@@ -49,6 +49,8 @@ def summarize(record: dict, *, shuffle_repeats: int = 10) -> dict:
   depth = None
   if 'halting_layer' in record:
     depth = rs.per_task_mean(record['halting_layer'] + 1.0, task_B, n)
+  if 'exit_depth' in record:  # calibrated exits: layers run, mean over the example's tokens
+    depth = rs.per_task_mean(record['exit_depth'], task_B, n)
   adaptive = record.get('adaptive_depth', [True] * n)
   for i, name in enumerate(names):
     sel = task_B == i

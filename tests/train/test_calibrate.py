@@ -10,6 +10,7 @@ from experiments.configs import multitask
 from pathways.train import calibrate
 from pathways.train import evaluate_workdir
 from pathways.train import loop
+from tools import routing_report
 
 
 def test_choose_takes_the_cheapest_threshold_within_tolerance():
@@ -60,6 +61,9 @@ def test_calibration_writes_thresholds_that_evaluation_uses(data_dir, tmp_path):
     assert result[f'exit/{name}/flops_saved'] == pytest.approx(
         1 - result[f'exit/{name}/flops_per_example'] / result[f'eval/{name}/flops_per_example'])
   assert 'exit/digits/accuracy' not in evaluate_workdir.evaluate_workdir(workdir, exits=False)
+  stats = routing_report.write_report(workdir, eval_batches=1)  # reads the exits too
+  for name in record['tasks']:
+    assert 1.0 <= stats['tasks'][name]['depth'] <= 3.0
   np.testing.assert_allclose(calibrate.thresholds(record, ['digits', 'nope']),
                              [record['tasks']['digits']['threshold'], calibrate.NEVER])
 
