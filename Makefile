@@ -19,12 +19,14 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	touch $@
 
 # The main job: the default experiment end to end on embedded data (train with periodic
-# evaluation and checkpoints, then evaluate the last checkpoint). The runlocal variant
+# evaluation and checkpoints, calibrate its exits, then evaluate the last checkpoint at full
+# depth and with the exits). The runlocal variant
 # fits 2 CPU cores (~5 min); `make run CONFIG=experiments/configs/multitask.py` is the full one.
 CONFIG ?= experiments/configs/multitask.py:runlocal
 WORKDIR ?= workdirs/multitask
 run: $(VENV)/.installed
 	$(BIN)/python -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(BIN)/python -m tools.calibrate_exits --workdir=$(WORKDIR) --skip_without_exits
 	$(BIN)/python -m experiments.evaluate --workdir=$(WORKDIR)
 
 # The benchmarks: MoE layer against dense and the one-hot reference; inference by buckets.

@@ -4,7 +4,10 @@
       [--eval_batches=20] [--mesh=data=1,expert=2]
 
 Prints the metrics as JSON and writes them to workdir/eval.json. The plugin modules the
-workdir was trained with (`config.task_modules` in its config.json) are imported.
+workdir was trained with (`config.task_modules` in its config.json) are imported. Where the
+workdir holds calibrated exits (`tools/calibrate_exits.py` wrote workdir/exits.json), the same
+examples are also run with them: 'exit/<task>/accuracy|loss|flops_per_example|depth|
+threshold|flops_saved' beside the full-depth 'eval/...' metrics.
 """
 import json
 import os

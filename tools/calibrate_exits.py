@@ -22,6 +22,9 @@ flags.DEFINE_integer('batches', None, 'Calibration batches (default: the config\
                      'train.eval_batches).')
 flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.")
 flags.DEFINE_multi_string('task_module', [], 'Python modules that register extra tasks.')
+flags.DEFINE_bool('skip_without_exits', False, 'Exit quietly (status 0) when the workdir\'s '
+                  'model was not trained with exits (model.exit_weights empty), as `make run` '
+                  'does for any config.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -31,6 +34,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   registry.discover(task_modules=FLAGS.task_module)
   from pathways.train import calibrate  # pylint: disable=g-import-not-at-top
+  if FLAGS.skip_without_exits:
+    from pathways.train import evaluate_workdir  # pylint: disable=g-import-not-at-top
+    model = evaluate_workdir.read_config(FLAGS.workdir).model
+    if not model.get('exit_weights', '') or model.halting:
+      print(f'{FLAGS.workdir}: the model was not trained with exits; nothing to calibrate.')
+      return
   record = calibrate.calibrate(FLAGS.workdir, tolerance=FLAGS.tolerance, batches=FLAGS.batches,
                                checkpoint=FLAGS.checkpoint)
   for name, split in record['splits'].items():

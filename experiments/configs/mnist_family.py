@@ -23,6 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   runlocal = 'runlocal' in (arg or '')
   c.tasks = ['mnist', 'fashion_mnist', 'kmnist']
   c.model.patch = 4  # 49 patches per image
+  # the model of this experiment's measurements: PonderNet halting, no exits
+  c.model.update(halting=True, exit_weights='', exit_confidence='softmax')
   c.data.mixture = 'uniform'
   if not runlocal:
     c.data.batch_size = 192

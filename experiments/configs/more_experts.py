@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
   c.tasks = ('pycode_lm_full',)
   c.data.batch_size = 32
   c.model.update(d_model=D, num_layers=2, num_heads=4, mlp_hidden=WIDTH, moe_every=1,
-                 halting=False)
+                 halting=False, exit_weights='', exit_confidence='softmax')
   moe = c.model.moe
   moe.capacity_factor = 1.25
   if arm == 'dense':

@@ -3,8 +3,9 @@
 Tasks (all built from data on the machine, no download): `digits` (8x8 images, 10
 classes), `stdlib_package` (which stdlib package a source file belongs to), `parity` (bit
 strings), `addition` (per-position language modelling of sums). MoE every other layer with
-top-2 noisy gating over narrow and wide expert banks plus a null expert, PonderNet halting
-for the classification tasks; evaluation is dropless.
+top-2 noisy gating over narrow and wide expert banks plus a null expert, exits on every
+layer (deep supervision with linear weights and a learned exit classifier; `make run`
+calibrates their thresholds, `tools/calibrate_exits.py`); evaluation is dropless.
 
   python -m experiments.train --config=experiments/configs/multitask.py:runlocal --workdir=/tmp/mt
 
@@ -60,12 +61,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 data_dir='', shards=0)
   d = 64 if runlocal else 256
   c.model = dict(d_model=d, num_layers=4 if runlocal else 8, num_heads=4, mlp_hidden=2 * d,
-                 moe_every=2, patch=2, halting=True, remat=False, dtype='float32',
+                 # halting: PonderNet (an alternative to exits; aux.ponder_* below)
+                 moe_every=2, patch=2, halting=False, remat=False, dtype='float32',
                  # deep supervision: '' (off), 'equal', 'linear' or one weight per layer; a
                  # model with exits is calibrated by tools/calibrate_exits.py
-                 exit_weights='',
+                 exit_weights='linear',
                  # what a confidence exit reads: 'softmax' or 'classifier' (learned, cheaper)
-                 exit_confidence='softmax',
+                 exit_confidence='classifier',
                  # Mixture-of-Depths every n-th layer (0: none; pooled tasks only) and the
                  # share of each example's token slots its blocks process
                  mod_every=0, mod_capacity=0.5,

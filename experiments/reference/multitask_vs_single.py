@@ -35,6 +35,8 @@ def configs(steps):
   from experiments.configs import multitask  # pylint: disable=g-import-not-at-top
   shared = multitask.get_config(f'runlocal,steps={steps}')
   shared.train.routing_batches = 0
+  # the model this result was measured with: PonderNet halting (the default before exits)
+  shared.model.update(halting=True, exit_weights='', exit_confidence='softmax')
   per_task = shared.data.batch_size // len(shared.tasks)  # uniform mixture: equal slots
   out = {'multitask': shared}
   for name in shared.tasks:

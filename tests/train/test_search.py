@@ -28,7 +28,8 @@ def _config():
   c.tasks = ['products', 'sign']
   c.data.batch_size = 32
   c.mesh.data = 1
-  c.model.update(d_model=16, num_layers=2, num_heads=2, mlp_hidden=2, halting=False)
+  c.model.update(d_model=16, num_layers=2, num_heads=2, mlp_hidden=2, halting=False,
+                 exit_weights='', exit_confidence='softmax')
   c.model.moe.banks = [[2, 2]]
   c.model.moe.router.update(num_null_experts=0, noisy=False)
   c.optim.update(learning_rate=1e-2, warmup_steps=10)

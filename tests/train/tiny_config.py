@@ -23,6 +23,7 @@ def get_config(arg=None):
   c.model.num_heads = 2
   c.model.mlp_hidden = 32
   c.model.moe.banks = [[experts, 16], [experts, 32]]
+  c.model.update(halting=True, exit_weights='', exit_confidence='softmax')  # the launcher tests' model halts (PonderNet)
   c.optim.warmup_steps = 2
   c.train.num_steps = 12
   c.train.log_every = 1
