@@ -318,17 +318,26 @@ def test_rows_hold_interval_means_and_rates_over_training_steps_only(monkeypatch
   monkeypatch.setattr(loop.time, 'time', lambda: next(clock))
   meter = loop._Meter(0, 4, 3, peak_flops=1000.0)  # pylint: disable=protected-access
   one = {'loss': 1.0, 'examples': 4.0, 'tokens': 40.0, 'model_flops': 500.0,
-         'data_wait_s': 0.25}
+         'data_wait_s': 0.25, 'data_wait_began': 10.5}
   assert meter.add(1, dict(one, loss=3.0)) is None
   assert meter.add(2, one) is None
   meter.paused = 1.0  # an evaluation
-  row = meter.add(3, one)
+  row = meter.add(3, dict(one, data_wait_began=12.0))
   assert row['loss'] == pytest.approx(5.0 / 3)  # the mean of the three steps
   assert row['steps_per_s'] == pytest.approx(1.0)  # 2 timed steps in 3 - 1 s
   assert row['examples_per_s'] == pytest.approx(4.0) and row['tokens_per_s'] == 40.0
   assert row['model_flops_per_s'] == pytest.approx(500.0)  # 2 x 500 FLOPs in 2 s
   assert row['mfu'] == pytest.approx(0.5)
   assert row['data_wait_fraction'] == pytest.approx(0.25)  # 2 x 0.25 s of 2 s
+  assert 'data_wait_began' not in row
+  # A batch fetched before the interval began (the host reads a step's scalars after
+  # fetching the next batch) waited outside it: not counted (once it made the share > 1).
+  clock = iter([0.0, 10.0, 11.0, 13.0])
+  meter = loop._Meter(0, 4, 3, peak_flops=1000.0)  # pylint: disable=protected-access
+  meter.add(1, one)
+  meter.add(2, dict(one, data_wait_began=9.0))
+  row = meter.add(3, dict(one, data_wait_began=12.0))
+  assert row['data_wait_fraction'] == pytest.approx(0.25 / 3)  # one 0.25 s wait of 3 s
 
 
 def test_profile_steps_write_a_trace(data_dir, tmp_path):
