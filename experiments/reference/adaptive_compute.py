@@ -33,7 +33,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
 import numpy as np
 
@@ -396,18 +395,13 @@ def plot(result, path):
 
 
 def write(result, workdir):
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  common.write_summary(workdir, result)
   plot(result, os.path.join(workdir, 'adaptive_compute.png'))
 
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  from pathways import registry  # pylint: disable=g-import-not-at-top
-  registry.discover()
+  common.start(FLAGS.workdir)
   bad = sorted(set(FLAGS.parts) - set(PARTS))
   if bad:
     raise ValueError(f'--parts={FLAGS.parts}: {bad} unknown; parts are {PARTS}.')

@@ -28,6 +28,26 @@ def train(config, workdir: str) -> tuple[dict, float | None]:
   return final_eval(workdir, steps), time.time() - start
 
 
+def start(workdir: str) -> None:
+  """What every reference script does first: quiet logs (orbax and TFDS log every step at
+  INFO) unless --verbosity was given, the task plugins registered, the workdir made."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from pathways import registry  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  registry.discover()
+  os.makedirs(workdir, exist_ok=True)
+
+
+def write_summary(workdir: str, result: dict) -> None:
+  """workdir/summary.json (the folder made if needed)."""
+  import json  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+
+
 def figure():
   """A matplotlib (figure, axes) on the Agg backend."""
   import matplotlib  # pylint: disable=g-import-not-at-top

@@ -29,10 +29,8 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments.reference import common
-from pathways import registry
 
 FLAGS = flags.FLAGS
 TASK = 'pycode_lm_full'
@@ -174,18 +172,14 @@ def sweep(workdir, experts, seeds, steps, upcycle_steps) -> dict:
   result = {'task': TASK, 'steps': steps, 'upcycle_steps': upcycle_steps,
             'seeds': list(seeds), 'by_row': summary, 'runs': runs,
             'claims': claims(summary, runs, experts)}
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  common.write_summary(workdir, result)
   plot(runs, summary, os.path.join(workdir, 'loss_vs_experts.png'))
   return result
 
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  registry.discover()
-  os.makedirs(FLAGS.workdir, exist_ok=True)
+  common.start(FLAGS.workdir)
   result = sweep(FLAGS.workdir, [int(v) for v in FLAGS.experts], [int(v) for v in FLAGS.seeds],
                  FLAGS.steps, FLAGS.upcycle_steps)
   print(json.dumps({'by_row': {k: {m: v[m] for m in ('mean_loss', 'stderr', 'min_loss',

@@ -28,11 +28,9 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments.reference import common
 from experiments.reference import new_task
-from pathways import registry
 
 FLAGS = flags.FLAGS
 SOURCE = 'stdlib_package'
@@ -116,18 +114,14 @@ def sweep(workdir, examples, seeds, steps) -> dict:
                 by_accuracy, 'shared_beats_single_selected_by_accuracy',
                 '; early stopping by validation accuracy (post hoc: chosen after the '
                 'loss-selected runs stopped at steps 25-50)')}
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  common.write_summary(workdir, result)
   plot(runs, summary, os.path.join(workdir, 'multitask.png'), task)
   return result
 
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  registry.discover()
-  os.makedirs(FLAGS.workdir, exist_ok=True)
+  common.start(FLAGS.workdir)
   result = sweep(FLAGS.workdir, FLAGS.examples, [int(s) for s in FLAGS.seeds], FLAGS.steps)
   print(json.dumps({'by_arm': result['by_arm'], 'claims': result['claims']}, indent=1))
 

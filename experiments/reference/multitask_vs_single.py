@@ -16,10 +16,8 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments.reference import common
-from pathways import registry
 
 FLAGS = flags.FLAGS
 
@@ -51,9 +49,7 @@ def configs(steps):
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  registry.discover()
+  common.start(FLAGS.workdir)
   runs = {}
   for name, config in configs(FLAGS.steps).items():
     print(f'== {name}', flush=True)

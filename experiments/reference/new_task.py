@@ -31,10 +31,8 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments.reference import common
-from pathways import registry
 
 FLAGS = flags.FLAGS
 SOURCE = 'pycode_lm_heldout'
@@ -194,18 +192,14 @@ def sweep(workdir, examples, seeds, steps, base_steps) -> dict:
             'base_steps': base_steps, 'validation_windows': VALIDATION,
             'test_windows': TEST_WINDOWS, 'by_arm': summary,
             'runs': runs, 'claims': claims(summary, runs)}
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  common.write_summary(workdir, result)
   plot(runs, summary, os.path.join(workdir, 'new_task.png'))
   return result
 
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  registry.discover()
-  os.makedirs(FLAGS.workdir, exist_ok=True)
+  common.start(FLAGS.workdir)
   result = sweep(FLAGS.workdir, FLAGS.examples, [int(s) for s in FLAGS.seeds], FLAGS.steps,
                  FLAGS.base_steps)
   print(json.dumps({'by_arm': result['by_arm'], 'claims': result['claims']}, indent=1))

@@ -421,7 +421,9 @@ class Figure1Model(nnx.Module):
     x = self.final_norm(x)
     reach_LxB, halting, ponder_cost = jnp.ones_like(layer_flops_LxB), None, None
     pooled_BxD = _masked_mean(x, mask)
-    pooled_L = [_masked_mean(h, mask) for h in states_L] if self.halting else []
+    train_exits = self.exit_weights is not None and not deterministic
+    pooled_L = ([_masked_mean(h, mask) for h in states_L] if self.halting or train_exits
+                else [])
     if self.halting:
       p_LxB, halt_B = self._halting_distribution(jnp.stack(pooled_L))
       pooled_tasks = jnp.asarray(np.array(self.pooled))[task_ids]
@@ -440,9 +442,7 @@ class Figure1Model(nnx.Module):
       halting = Halting(p_LxB=p_LxB, layer_B=halt_B, logits=layer_logits)
     exits = None
     if exiting or self.exit_weights is not None:
-      train_exits = self.exit_weights is not None and not deterministic
-      logits = (self._layer_logits([_masked_mean(h, mask) for h in states_L], states_L)
-                if train_exits else {})
+      logits = self._layer_logits(pooled_L, states_L) if train_exits else {}
       classifier_loss = None
       if train_exits and self.exit_confidence == 'classifier':
         classifier_loss = self._exit_classifier_loss(batch, states_L, mask, logits)
@@ -492,8 +492,8 @@ class Figure1Model(nnx.Module):
         continue
       rows = np.asarray(self.layout.task_rows(i))
       _, w = heads_lib.get(self.head_names[i]).targets(batch, rows, self.layout)
-      targets = jnp.zeros(mask_BxL.shape, bool).at[rows, :w.shape[1]].set(w > 0)
-      candidate = candidate.at[rows].set(mask_BxL[rows] & targets[rows])
+      targets = jnp.zeros((len(rows), mask_BxL.shape[1]), bool).at[:, :w.shape[1]].set(w > 0)
+      candidate = candidate.at[rows].set(mask_BxL[rows] & targets)
     return candidate
 
   def depth_route(self, layer: int, x_BxLxD, mask_BxL):

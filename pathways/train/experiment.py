@@ -37,6 +37,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 AUX_KEYS = router_lib.AUX_LOSSES + ('ponder_cost', 'ponder_kl', 'ponder_prior', 'ponder_warmup',
                                     'ponder_floor', 'budget_rate')
 AUX_DEFAULTS = dict(ponder_kl=0.0, ponder_prior=0.2, ponder_warmup=0, ponder_floor=0.0)
+# model keys added after configs were saved, with the values that reproduce those runs
+MODEL_DEFAULTS = dict(exit_weights='', exit_confidence='softmax', mod_every=0, mod_capacity=0.5)
 # Keys a user may give as one comma-separated string (--config.tasks=digits,parity).
 COMMA_LISTS = ('tasks', 'task_modules')
 
@@ -76,12 +78,9 @@ def upgrade(config):
   for key, value in AUX_DEFAULTS.items():
     if 'aux' in config and key not in config.aux:
       config.aux[key] = value
-  if 'model' in config and 'exit_weights' not in config.model:
-    config.model.exit_weights = ''
-  if 'model' in config and 'exit_confidence' not in config.model:
-    config.model.exit_confidence = 'softmax'
-  if 'model' in config and 'mod_every' not in config.model:
-    config.model.update(mod_every=0, mod_capacity=0.5)
+  for key, value in MODEL_DEFAULTS.items():
+    if 'model' in config and key not in config.model:
+      config.model[key] = value
   if 'init_from' in config and 'upcycle_noise' not in config:
     config.upcycle_noise = 0.0
   if 'optim' in config and 'accumulate_steps' not in config.optim:

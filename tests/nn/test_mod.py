@@ -1,6 +1,5 @@
 """Mixture-of-Depths against a per-row loop: each example's top-C tokens go through the
 block (attending among themselves), the rest pass on the residual; FLOPs count what ran."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
