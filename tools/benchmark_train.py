@@ -15,9 +15,13 @@ the step), compiles, runs --warmup untimed steps, then times --steps steps endin
 Each prints one JSON line: the config and its overrides, device, mesh, variant, rows and
 tokens per step (real tokens and padded positions), lower + compile seconds, median (and
 min, max) step milliseconds, examples/s and tokens/s, two FLOP counts per step with the
-TFLOP/s they give, their ratio (`matmul_over_model_flops`: padding and recompute made
-visible), MFU against the device's peak (`pathways/train/peak.py`), the compiled step's
-memory and the device's peak memory. FLOP counts:
+TFLOP/s they give, their ratio (`matmul_to_model_flops`: padding and recompute made
+visible), `real_token_fraction` (real tokens over the token slots computed), MFU against the
+device's peak (`pathways/train/peak.py`), `data_wait_fraction` (--steps more steps fed live
+from the pipeline, as the loop feeds them: the time spent waiting for their batches over their
+wall time), the compiled step's memory and the device's peak memory. With --remat and
+--remat_hidden every variant runs once per rematerialization setting (memory and time of
+each). FLOP counts:
   * model: the model's own counter (`flops_per_example`: forward FLOPs of the layers each
     example reaches, over its real tokens and the experts it used), times 3 for forward +
     backward: the useful work;
@@ -30,6 +34,8 @@ memory and the device's peak memory. FLOP counts:
       --steps=5 --repeats=3
   python -m tools.benchmark_train --config=experiments/configs/multitask.py \
       --variants=sorted,ragged,dense --out=/tmp/train_step.jsonl
+  python -m tools.benchmark_train --config=experiments/configs/multitask.py \
+      --variants=sorted --remat=none,full,dots,dots_no_batch --remat_hidden=keep,recompute
 
 The device's peak memory (`memory_stats()['peak_bytes_in_use']`, absent on CPU) is the
 process's peak so far, so with several variants it is the largest of those run yet; the
@@ -39,6 +45,7 @@ is per variant.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
 
@@ -48,6 +55,7 @@ from absl import logging
 
 from pathways import registry
 from pathways.nn import experts as experts_lib
+from pathways.nn import model as model_lib
 from pathways.train import benchmark as benchmark_lib
 
 FLAGS = flags.FLAGS
@@ -65,6 +73,11 @@ def define_flags():
   flags.DEFINE_integer('batches', 8, 'Distinct real batches drawn from the pipeline, cycled.')
   flags.DEFINE_enum('bank_ffn', None, list(experts_lib.BANK_FFN_IMPLS),
                     "Expert FFN implementation (default: the backend's).")
+  flags.DEFINE_list('remat', [], "Rematerialization policies of the layers to run each variant "
+                    "with ('none' for no remat; pathways.nn.model.REMAT_POLICIES); empty: the "
+                    "config's.")
+  flags.DEFINE_list('remat_hidden', [], "The experts' backward: 'keep' the hidden activations "
+                    "or 'recompute' them (model.moe.remat_hidden); empty: the config's.")
   flags.DEFINE_string('out', None, 'Also write the JSON lines here.')
   flags.mark_flags_as_required(['config'])
 
@@ -79,11 +92,25 @@ def main(argv):
   experts_lib.set_default_impl(FLAGS.bank_ffn)
   named = {'config': config_flags.get_config_filename(FLAGS['config']),
            'overrides': config_flags.get_override_values(FLAGS['config'])}
+  remats = [('' if r == 'none' else r) for r in FLAGS.remat] or [None]
+  for r in remats:
+    if r is not None and r not in model_lib.REMAT_POLICIES:
+      raise app.UsageError(f"--remat={r!r}: must be 'none' or one of "
+                           f"{tuple(p for p in model_lib.REMAT_POLICIES if p)}")
+  hidden = {'keep': False, 'recompute': True}
+  bad = [h for h in FLAGS.remat_hidden if h not in hidden]
+  if bad:
+    raise app.UsageError(f"--remat_hidden={bad[0]!r}: must be 'keep' or 'recompute'")
+  hiddens = [hidden[h] for h in FLAGS.remat_hidden] or [None]
   with open(FLAGS.out, 'w') if FLAGS.out else contextlib.nullcontext() as out:
-    for variant in FLAGS.variants:  # each row written as it comes: a crash keeps the earlier
+    for variant, remat, remat_hidden in itertools.product(FLAGS.variants, remats, hiddens):
+      if variant == 'dense' and remat_hidden:  # no experts: the same step as 'keep'
+        continue
+      # each row written as it comes: a crash keeps the earlier ones
       line = json.dumps(dict(named, **benchmark_lib.benchmark(
           FLAGS.config, variant, steps=FLAGS.steps, repeats=FLAGS.repeats,
-          warmup=FLAGS.warmup, num_batches=FLAGS.batches)))
+          warmup=FLAGS.warmup, num_batches=FLAGS.batches, remat=remat,
+          remat_hidden=remat_hidden)))
       for stream in [sys.stdout] + ([out] if out else []):
         print(line, file=stream, flush=True)
 

@@ -62,7 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d = 64 if runlocal else 256
   c.model = dict(d_model=d, num_layers=4 if runlocal else 8, num_heads=4, mlp_hidden=2 * d,
                  # halting: PonderNet (an alternative to exits; aux.ponder_* below)
-                 moe_every=2, patch=2, halting=False, remat=False, dtype='float32',
+                 moe_every=2, patch=2, halting=False, dtype='float32',
+                 # what the backward recomputes of each layer: '' (nothing), 'full', 'dots'
+                 # (keeps matmul outputs), 'dots_no_batch' (pathways.nn.model.REMAT_POLICIES)
+                 remat='',
                  # deep supervision: '' (off), 'equal', 'linear' or one weight per layer; a
                  # model with exits is calibrated by tools/calibrate_exits.py
                  exit_weights='linear',
@@ -84,7 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           # width (None: the first bank's); granularity G splits every
                           # expert into G narrower ones with G * k choices (equal FLOPs).
                           shared_experts=0, shared_hidden=config_dict.placeholder(int),
-                          granularity=1),
+                          granularity=1,
+                          # the experts' backward recomputes their hidden activations
+                          # (7 matmuls instead of 6; less memory) instead of keeping them
+                          remat_hidden=False),
                  grown=[])  # components `tools/search.py` added for single tasks
   # Weights of the router losses (every one the routers compute; 0 = off), the halting terms
   # (ponder_cost: ACT's linear expected depth; ponder_kl: PonderNet's beta on KL(p || truncated
@@ -135,7 +141,7 @@ def _router(c, name):
 def _large(c):
   c.data.batch_size = 256
   c.model.update(d_model=1024, num_layers=16, num_heads=16, mlp_hidden=4096, dtype='bfloat16',
-                 remat=True)
+                 remat='full')
   # the shape as its scale report and GPU train-step numbers were measured: PonderNet
   # halting, no exits (exits keep every layer's logits for the loss: [16, B, L, vocab])
   c.model.update(halting=True, exit_weights='', exit_confidence='softmax')

@@ -4,7 +4,10 @@ layer throughput against a dense FFN and against the one-hot reference.
 Forward+backward (and forward-only) time of:
   * dense: the dense FFN with hidden width F_dense (same active FLOPs per token as the MoE
     when F_expert = F_dense / k);
-  * moe: `MoELayer` with the fast 'sorted' dispatcher, one capacity group;
+  * moe: `MoELayer` with the fast 'sorted' dispatcher, one capacity group; its experts'
+    backward keeps their hidden activations (6 matmuls);
+  * moe_recompute: the same layer with `remat_hidden=True` (the backward recomputes the
+    hidden activations: 7 matmuls, less memory);
   * einsum@S: the same layer with the one-hot [S, E, C] reference dispatcher and capacity
     groups of S tokens (the layout of vmoe/flaxformer/praxis), at each --einsum_groups size;
   * ragged: the dropless grouped-matmul dispatcher (skipped above --ragged_max_groups
@@ -15,6 +18,11 @@ Forward+backward (and forward-only) time of:
 All variants of one configuration are timed side by side, round-robin, in one process;
 reported numbers are medians over --repeats. Router logits get a fixed per-expert bias,
 calibrated so that the coefficient of variation of expert load is about --load_cv.
+
+The breakdown (fwd+bwd, side by side with the whole layer) measures each part directly, never
+as a difference: the expert FFN alone on full buffers (both backwards), the router alone, and
+the layer with every expert replaced by the identity (router, ranking, gathers, combine and
+metrics: everything but the expert matmuls).
 
 """
 from __future__ import annotations
@@ -120,6 +128,10 @@ def bench_config(t: int, e: int, cfg: Setting, log=lambda msg: None) -> dict:
   variants['moe'] = (moe.MoELayer(d, [(e, f_expert)], dict(name='top_k', k=k),
                                   capacity_factor=cfg.capacity_factor,
                                   dispatcher='sorted', rngs=rngs()), True)
+  variants['moe_recompute'] = (moe.MoELayer(d, [(e, f_expert)], dict(name='top_k', k=k),
+                                            capacity_factor=cfg.capacity_factor,
+                                            dispatcher='sorted', remat_hidden=True,
+                                            rngs=rngs()), True)
   for s in cfg.einsum_groups:
     if t % s == 0:
       variants[f'einsum@{s}'] = (moe.MoELayer(d, [(e, f_expert)], dict(name='top_k', k=k),
@@ -184,6 +196,22 @@ def bench_config(t: int, e: int, cfg: Setting, log=lambda msg: None) -> dict:
   return row
 
 
+def _without_expert_ffn(layer, bias_E, x):
+  """The layer's fwd+bwd with every expert the identity: everything but the expert matmuls.
+  Traced and compiled here with `experts.apply_banks` swapped out; the compiled function keeps
+  the identity after the swap is undone."""
+  from pathways.nn import experts as experts_lib  # pylint: disable=g-import-not-at-top
+  real = experts_lib.apply_banks
+  experts_lib.apply_banks = lambda buf, weights, dtype=jnp.float32, remat_hidden=False: (
+      buf.astype(dtype))
+  try:
+    params, train, _ = _make_fns(layer, bias_E, True)
+    _block(train(params, x))
+  finally:
+    experts_lib.apply_banks = real
+  return lambda: train(params, x)
+
+
 def _breakdown(layer, x, bias_E, compiled, t, e, cfg):
   """fwd+bwd seconds of the layer's parts, timed side by side with the whole layer."""
   from pathways.nn import capacity as capacity_lib  # pylint: disable=g-import-not-at-top
@@ -192,8 +220,9 @@ def _breakdown(layer, x, bias_E, compiled, t, e, cfg):
   c = capacity_lib.capacity(t, e, cfg.k, cfg.capacity_factor)
   bank = layer.banks[0]
   buf = jax.random.normal(jax.random.key(1), (e, c, d), jnp.float32)
-  experts = jax.jit(jax.grad(
-      lambda b, w1, w2: jnp.sum(experts_lib.bank_ffn(b, w1, w2)), argnums=(0, 1, 2)))
+  experts, experts_recompute = (jax.jit(jax.grad(
+      lambda b, w1, w2, r=r: jnp.sum(experts_lib.bank_ffn(b, w1, w2, remat_hidden=r)),
+      argnums=(0, 1, 2))) for r in (False, True))
   graphdef, params, rest = nnx.split(layer.router, nnx.Param, ...)
 
   def router_loss(params, x):
@@ -204,41 +233,43 @@ def _breakdown(layer, x, bias_E, compiled, t, e, cfg):
   router = jax.jit(jax.grad(router_loss, argnums=(0, 1)))
   p_moe, train_moe, _ = compiled['moe']
   w1, w2 = bank.weights()
-  parts = _time_round_robin({
+  return _time_round_robin({
       'layer': lambda: train_moe(p_moe, x),
+      'layer_without_expert_ffn': _without_expert_ffn(layer, bias_E, x),
       'expert_ffn': lambda: experts(buf, w1, w2),
+      'expert_ffn_recompute': lambda: experts_recompute(buf, w1, w2),
       'router': lambda: router(params, x),
   }, cfg.repeats)
-  parts['ranking_gathers_combine_rest'] = parts['layer'] - parts['expert_ffn'] - parts['router']
-  return parts
 
 
 def table(rows) -> str:
   """The README's markdown tables of benchmark rows."""
-  lines = ['| T | E | load CV | dropped | train: moe/dense | shared/dense | fine/dense | '
-           'ragged/dense | best einsum/dense | moe/best einsum | fwd: moe/dense | '
+  lines = ['| T | E | load CV | dropped | train: moe/dense | moe recompute/dense | shared/dense | '
+           'fine/dense | ragged/dense | best einsum/dense | moe/best einsum | fwd: moe/dense | '
            'fwd: moe/best einsum |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     tv, fv = r['train_vs_dense'], r.get('forward_vs_dense', {})
     best = max(v for n, v in tv.items() if n.startswith('einsum@'))
     rg = f"{tv['ragged']:.2f}" if 'ragged' in tv else 'n/a'
     fwd = f"{fv['moe']:.2f}" if fv else '-'
     fwd_ref = f"{r['forward_moe_vs_best_einsum']:.2f}" if fv else '-'
-    modern = [f"{tv[n]:.2f}" if n in tv else 'n/a' for n in ('shared', 'fine')]
+    modern = [f"{tv[n]:.2f}" if n in tv else 'n/a' for n in ('moe_recompute', 'shared', 'fine')]
     lines.append(f"| {r['tokens']} | {r['experts']} | {r['load_cv']:.2f} | "
                  f"{r['fraction_dropped']:.3f} | {tv['moe']:.2f} | {modern[0]} | {modern[1]} | "
+                 f"{modern[2]} | "
                  f"{rg} | {best:.2f} | "
                  f"{r['train_moe_vs_best_einsum']:.2f} | {fwd} | {fwd_ref} |")
   if any('breakdown_seconds' in r for r in rows):
-    lines += ['', '| T | E | dense | MoE layer | expert FFN | router | ranking+gathers+rest | '
-              'expert FFN / dense |', '|---|---|---|---|---|---|---|---|']
+    lines += ['', '| T | E | dense | MoE layer | layer without expert FFN | expert FFN kept / '
+              'recomputed | router | expert FFN kept / dense |',
+              '|---|---|---|---|---|---|---|---|']
     for r in rows:
       b = r.get('breakdown_seconds')
       if b:
         dense = r['train_seconds']['dense']
         lines.append(f"| {r['tokens']} | {r['experts']} | {dense:.2f} s | {b['layer']:.2f} s | "
-                     f"{b['expert_ffn']:.2f} s | {b['router']:.2f} s | "
-                     f"{b['ranking_gathers_combine_rest']:.2f} s | "
+                     f"{b['layer_without_expert_ffn']:.2f} s | {b['expert_ffn']:.2f} s / "
+                     f"{b['expert_ffn_recompute']:.2f} s | {b['router']:.2f} s | "
                      f"{b['expert_ffn'] / dense:.2f} |")
   return '\n'.join(lines)

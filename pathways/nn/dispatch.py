@@ -2,12 +2,13 @@
 
 Every dispatcher has one signature and returns the same numbers within float tolerance:
 
-  fn(x_GxSxD, routing, weights, capacity, dtype) -> (y_GxSxD, kept)
+  fn(x_GxSxD, routing, weights, capacity, dtype, *, remat_hidden=False) -> (y_GxSxD, kept)
 
 `routing` is a `pathways.nn.routing` type (token or expert choice) with a leading group
 axis; the dispatchers call its methods and never ask which kind it is. `weights` is a list
 of (w_in_ExDxF, w_out_ExFxD) per bank; `kept` marks the assignments that were computed (the
-routing's assignment shape). Capacity is per group. Dropped assignments contribute nothing: the
+routing's assignment shape); `remat_hidden` makes the experts' backward recompute their hidden
+activations instead of keeping them (`experts.bank_ffn`). Capacity is per group. Dropped assignments contribute nothing: the
 token's residual carries it past the layer. Groups are handled natively, never by
 `vmap`-ing the expert matmuls: expert buffers are laid out [E, G*C, D] so each expert runs
 one matmul over all its groups' slots (vmap over groups measured 30% slower on CPU).
@@ -38,20 +39,22 @@ def _num_experts(weights):
 
 
 @DISPATCHERS.register('einsum')
-def dispatch_einsum(x_GxSxD, routing, weights, capacity, dtype=jnp.float32):
+def dispatch_einsum(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
+                    remat_hidden=False):
   """Reference: one-hot [G, S, E, C] dispatch and combine tensors."""
   g, s, d = x_GxSxD.shape
   e = _num_experts(weights)
   dispatch_GxSxExC, combine_GxSxExC, kept = routing.onehot(e, capacity, dtype)
   buf_ExGxCxD = jnp.einsum('gsec,gsd->egcd', dispatch_GxSxExC, x_GxSxD.astype(dtype))
-  y = experts_lib.apply_banks(buf_ExGxCxD.reshape(e, g * capacity, d), weights, dtype)
+  y = experts_lib.apply_banks(buf_ExGxCxD.reshape(e, g * capacity, d), weights, dtype,
+                              remat_hidden)
   y_SxD = jnp.einsum('gsec,egcd->gsd', combine_GxSxExC, y.reshape(e, g, capacity, d))
   return y_SxD.astype(x_GxSxD.dtype), kept
 
 
 @DISPATCHERS.register('sorted')
 def dispatch_sorted(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
-                    run_experts=None, num_experts=None):
+                    remat_hidden=False, run_experts=None, num_experts=None):
   """Fast path: the routing's buffer plan (`routing.buffers`: gathers into [E, G*C, D]),
   batched expert matmuls, the plan's gate-weighted combine.
 
@@ -62,7 +65,8 @@ def dispatch_sorted(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
   g, s, d = x_GxSxD.shape
   e = num_experts or _num_experts(weights)
   if run_experts is None:
-    run_experts = lambda buf: experts_lib.apply_banks(buf, weights, dtype)  # noqa: E731
+    run_experts = lambda buf: experts_lib.apply_banks(  # noqa: E731
+        buf, weights, dtype, remat_hidden)
   plan = routing.buffers(e, capacity)
   buf_NxD = plan.gather(x_GxSxD.reshape(g * s, d).astype(dtype))
   y_NxD = run_experts(buf_NxD.reshape(e, g * capacity, d)).reshape(-1, d)
@@ -72,9 +76,15 @@ def dispatch_sorted(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
 # ----------------------------------------------------------------------------- dropless
 
 
-def ragged_experts(x_NxD, expert_N, weights, dtype=jnp.float32):
+def _ragged_ffn(x_NxD, w_in_ExDxF, w_out_ExFxD, sizes_E):
+  h = jax.nn.gelu(jax.lax.ragged_dot(x_NxD, w_in_ExDxF, sizes_E))
+  return jax.lax.ragged_dot(h, w_out_ExFxD, sizes_E)
+
+
+def ragged_experts(x_NxD, expert_N, weights, dtype=jnp.float32, remat_hidden=False):
   """Each row through its expert (ids over all banks; id E = no expert, output 0), as one
   grouped matmul per bank over the rows sorted by expert (`jax.lax.ragged_dot`)."""
+  ffn = jax.checkpoint(_ragged_ffn) if remat_hidden else _ragged_ffn
   e = _num_experts(weights)
   n = x_NxD.shape[0]
   order_N = jnp.argsort(expert_N, stable=True)
@@ -86,8 +96,7 @@ def ragged_experts(x_NxD, expert_N, weights, dtype=jnp.float32):
     start = jnp.sum(count_E[:offset])
     xb = jnp.roll(x_sorted, -start, axis=0)  # this bank's rows first; rows past its count -> 0
     sizes = count_E[offset:offset + e_b]
-    h = jax.nn.gelu(jax.lax.ragged_dot(xb, w_in.astype(dtype), sizes))
-    yb = jax.lax.ragged_dot(h, w_out.astype(dtype), sizes)
+    yb = ffn(xb, w_in.astype(dtype), w_out.astype(dtype), sizes)
     y_sorted = y_sorted + jnp.roll(yb, start, axis=0)
   inverse_N = jnp.zeros((n,), jnp.int32).at[order_N].set(jnp.arange(n, dtype=jnp.int32))
   return y_sorted[inverse_N]
@@ -95,7 +104,7 @@ def ragged_experts(x_NxD, expert_N, weights, dtype=jnp.float32):
 
 @DISPATCHERS.register('ragged')
 def dispatch_ragged(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
-                    run_rows=None, num_experts=None):
+                    remat_hidden=False, run_rows=None, num_experts=None):
   """Dropless grouped matmul over expert-sorted assignments (`capacity` is ignored).
 
   Dropless, so groups do not matter: all T tokens are sorted together
@@ -111,7 +120,7 @@ def dispatch_ragged(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
   x_TxD = x_GxSxD.reshape(g * s0, d)
   x_AxD = jnp.tile(x_TxD.astype(dtype), (k, 1))  # choice-major: a = k * T + t
   if run_rows is None:
-    y_AxD = ragged_experts(x_AxD, expert_A, weights, dtype)
+    y_AxD = ragged_experts(x_AxD, expert_A, weights, dtype, remat_hidden)
   else:
     y_AxD = run_rows(x_AxD, expert_A)
   out = jnp.einsum('ktd,tk->td', y_AxD.reshape(k, g * s0, d), w_TxK.astype(dtype))

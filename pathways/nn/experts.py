@@ -48,9 +48,26 @@ def _expert_ffn(x_CxD, w_in_DxF, w_out_FxD):
   return jax.nn.gelu(x_CxD @ w_in_DxF) @ w_out_FxD
 
 
+def _looped_forward(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
+  """Per expert: the pre-activation [E, C, F] and the output."""
+  def one(args):
+    x_CxD, w_in_DxF, w_out_FxD = args
+    pre_CxF = x_CxD @ w_in_DxF
+    return pre_CxF, jax.nn.gelu(pre_CxF) @ w_out_FxD
+  return jax.lax.map(one, (buf_ExCxD, w_in_ExDxF, w_out_ExFxD))
+
+
+def _looped_backward(x_CxD, w_in_DxF, w_out_FxD, pre_CxF, dy_CxD):
+  """One expert's four backward matmuls, given its pre-activation."""
+  h_CxF, gelu_vjp = jax.vjp(jax.nn.gelu, pre_CxF)
+  (dpre_CxF,) = gelu_vjp(dy_CxD @ w_out_FxD.T)
+  return dpre_CxF @ w_in_DxF.T, x_CxD.T @ dpre_CxF, h_CxF.T @ dy_CxD
+
+
 @jax.custom_vjp
 def _looped_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
-  return jax.lax.map(lambda a: _expert_ffn(*a), (buf_ExCxD, w_in_ExDxF, w_out_ExFxD))
+  """The looped FFN whose backward recomputes the hidden activations (7 matmuls in all)."""
+  return _looped_forward(buf_ExCxD, w_in_ExDxF, w_out_ExFxD)[1]
 
 
 def _looped_ffn_fwd(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
@@ -58,18 +75,36 @@ def _looped_ffn_fwd(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
 
 
 def _looped_ffn_bwd(res, dy_ExCxD):
-  """Per expert: recompute the hidden activations, then the five backward matmuls."""
-
-  def one(args):
-    x_CxD, w_in_DxF, w_out_FxD, dy_CxD = args
-    h_CxF, gelu_vjp = jax.vjp(jax.nn.gelu, x_CxD @ w_in_DxF)
-    (dpre_CxF,) = gelu_vjp(dy_CxD @ w_out_FxD.T)
-    return dpre_CxF @ w_in_DxF.T, x_CxD.T @ dpre_CxF, h_CxF.T @ dy_CxD
-
-  return jax.lax.map(one, res + (dy_ExCxD,))
+  return jax.lax.map(lambda a: _looped_backward(a[0], a[1], a[2], a[0] @ a[1], a[3]),
+                     res + (dy_ExCxD,))
 
 
 _looped_ffn.defvjp(_looped_ffn_fwd, _looped_ffn_bwd)
+
+
+@jax.custom_vjp
+def _looped_ffn_keep(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
+  """The looped FFN whose backward reuses the forward's pre-activation (6 matmuls in all;
+  keeps E x C x F numbers per bank until the backward)."""
+  return _looped_forward(buf_ExCxD, w_in_ExDxF, w_out_ExFxD)[1]
+
+
+def _looped_ffn_keep_fwd(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
+  pre_ExCxF, y_ExCxD = _looped_forward(buf_ExCxD, w_in_ExDxF, w_out_ExFxD)
+  return y_ExCxD, (buf_ExCxD, w_in_ExDxF, w_out_ExFxD, pre_ExCxF)
+
+
+def _looped_ffn_keep_bwd(res, dy_ExCxD):
+  return jax.lax.map(lambda a: _looped_backward(*a), res + (dy_ExCxD,))
+
+
+_looped_ffn_keep.defvjp(_looped_ffn_keep_fwd, _looped_ffn_keep_bwd)
+
+
+def _batched_ffn(x_ExCxD, w_in_ExDxF, w_out_ExFxD):
+  h = jax.nn.gelu(jnp.einsum('ecd,edf->ecf', x_ExCxD, w_in_ExDxF))
+  return jnp.einsum('ecf,efd->ecd', h, w_out_ExFxD)
+
 
 BANK_FFN_IMPLS = ('batched', 'loop')
 _default_impl = None  # None: by backend (see `bank_ffn`)
@@ -84,39 +119,44 @@ def set_default_impl(impl: str | None) -> None:
   _default_impl = impl
 
 
-def bank_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, dtype=jnp.float32, impl: str | None = None):
+def bank_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, dtype=jnp.float32, impl: str | None = None,
+             remat_hidden: bool = False):
   """Applies each expert to its own buffer.
 
   Two implementations of the same function (tests hold them equal, forwards and gradients):
     * 'batched': one batched einsum per weight: the GPU/TPU default.
-    * 'loop': `lax.map` over experts, one plain matmul each, with a custom VJP that
-      recomputes the hidden activations. The CPU default: XLA:CPU runs a batched matmul
-      with few rows per expert at a third of its plain-matmul speed (measured fwd+bwd,
-      T=16384, D=512, F=1024, k=2: 1.9 s vs 2.1 s at E=8, 3.1 s vs 5.6 s at E=512).
+    * 'loop': `lax.map` over experts, one plain matmul each, with a custom VJP. The CPU
+      default: XLA:CPU runs a batched matmul with few rows per expert at a third of its
+      plain-matmul speed (measured fwd+bwd, T=16384, D=512, F=1024, k=2: 1.9 s vs 2.1 s at
+      E=8, 3.1 s vs 5.6 s at E=512).
 
   Args:
     buf_ExCxD: per-expert inputs.
     w_in_ExDxF, w_out_ExFxD: the bank's weights.
     dtype: compute dtype.
     impl: 'batched', 'loop', or None for the backend's default.
+    remat_hidden: the backward recomputes the hidden activations from the inputs (one more
+      matmul, 7 instead of 6) instead of keeping the pre-activation [E, C, F] from the
+      forward. A rematerialization choice: the numbers are the same either way.
   """
   if impl is None:
     impl = _default_impl or ('loop' if jax.default_backend() == 'cpu' else 'batched')
   x, w_in, w_out = buf_ExCxD.astype(dtype), w_in_ExDxF.astype(dtype), w_out_ExFxD.astype(dtype)
   if impl == 'loop':
-    return _looped_ffn(x, w_in, w_out)
+    return (_looped_ffn if remat_hidden else _looped_ffn_keep)(x, w_in, w_out)
   if impl != 'batched':
     raise ValueError(f'impl={impl!r}: must be one of {BANK_FFN_IMPLS} or None.')
-  h = jax.nn.gelu(jnp.einsum('ecd,edf->ecf', x, w_in))
-  return jnp.einsum('ecf,efd->ecd', h, w_out)
+  return (jax.checkpoint(_batched_ffn) if remat_hidden else _batched_ffn)(x, w_in, w_out)
 
 
-def apply_banks(buf_ExCxD, weights: Sequence[tuple[jax.Array, jax.Array]], dtype=jnp.float32):
+def apply_banks(buf_ExCxD, weights: Sequence[tuple[jax.Array, jax.Array]], dtype=jnp.float32,
+                remat_hidden: bool = False):
   """Splits a buffer over all experts by bank, applies each bank, concatenates."""
   outs, start = [], 0
   for w_in, w_out in weights:
     e = w_in.shape[0]
-    outs.append(bank_ffn(buf_ExCxD[start:start + e], w_in, w_out, dtype))
+    outs.append(bank_ffn(buf_ExCxD[start:start + e], w_in, w_out, dtype,
+                         remat_hidden=remat_hidden))
     start += e
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 

@@ -177,8 +177,12 @@ class Figure1Model(nnx.Module):
     moe_kwargs: arguments of `MoELayer` (banks, router, capacity_factor, ...);
       eval_capacity_factor defaults to None (dropless evaluation).
     patch: image patch size.
-    remat: rematerialize each layer in the backward pass (saves activation memory, costs
-      a second forward of the layer).
+    remat: what the backward pass recomputes of each layer (`REMAT_POLICIES`): '' or False
+      nothing (every activation kept); 'full' or True every activation (a second forward of
+      the layer; least memory); 'dots' keeps the matrix products' outputs and recomputes the
+      rest (norms, activations, gathers); 'dots_no_batch' keeps only products without a batch
+      dimension (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`: the projections,
+      not attention's scores). The numbers are the same under every policy.
     halting: adaptive depth for pooled-head (classification) tasks (PonderNet): after every
       layer a halting unit gives lambda_l = sigmoid(w_l . pooled + b_l); the halting
       distribution is p_l = lambda_l prod_{j<l} (1 - lambda_j), the last layer taking the
@@ -206,13 +210,13 @@ class Figure1Model(nnx.Module):
                moe_every: int = 2, moe_kwargs: dict | None = None, patch: int = 4,
                halting: bool = False, exit_weights: Sequence[float] | None = None,
                exit_confidence: str = 'softmax', mod_every: int = 0,
-               mod_capacity: float = 0.5, remat: bool = False,
+               mod_capacity: float = 0.5, remat: bool | str = False,
                grown: Sequence[grow_lib.Grown] = (), dtype=jnp.float32, rngs: nnx.Rngs):
     for t in tasks:
       if t.modality not in stems.STEMS:
         raise ValueError(f'task {t.name!r}: modality {t.modality!r} has no stem; stems exist '
                          f'for {tuple(stems.STEMS.names(sort=False))}.')
-    self.remat = remat
+    self.remat = remat_policy(remat)
     self.task_names = tuple(t.name for t in tasks)
     self.head_names = tuple(t.head for t in tasks)
     self.loss_names = tuple(t.loss for t in tasks)
@@ -387,7 +391,7 @@ class Figure1Model(nnx.Module):
         selected_BxL, gate_BxL = self.depth_route(layer, x, mask)
         block_mask = active = mask & selected_BxL
         route_flops_BxL = 2.0 * d_model * mask
-      call = _remat_block if self.remat else _block
+      call = _BLOCK_CALLS[self.remat]
       x_new, stats = call(block, x, block_mask, causal_B, task_ids, bias, deterministic,
                           active if exiting else None)
       x_new, grown_flops_BxL = self._task_ffns(layer, x_new, active)
@@ -619,7 +623,21 @@ def _block(block, x, mask, causal, task_ids, bias, deterministic, active=None):
   return block(x, mask, causal, task_ids, bias, deterministic, active)
 
 
-_remat_block = nnx.remat(_block, static_argnums=(6,))
+REMAT_POLICIES = {'': None, 'full': jax.checkpoint_policies.nothing_saveable,
+                  'dots': jax.checkpoint_policies.dots_saveable,
+                  'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_BLOCK_CALLS = {name: _block if not name else nnx.remat(_block, static_argnums=(6,), policy=p)
+                for name, p in REMAT_POLICIES.items()}
+
+
+def remat_policy(remat: bool | str) -> str:
+  """The name in `REMAT_POLICIES` of a `remat` setting (True: 'full', False: '')."""
+  if isinstance(remat, bool):
+    return 'full' if remat else ''
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r}: must be True, False or one of '
+                     f'{tuple(REMAT_POLICIES)}.')
+  return remat
 
 
 def _masked_mean(x_BxLxD, mask_BxL):

@@ -132,6 +132,9 @@ class MoELayer(nnx.Module):
       move after them. Token choice only.
     loss_weights: {router loss name: weight} (`router.AUX_LOSSES`): `MoEStats.aux_loss`.
     dtype: compute dtype of the experts (parameters and router stay float32).
+    remat_hidden: the experts' backward recomputes their hidden activations (7 matmuls
+      instead of 6) instead of keeping each expert's pre-activation [C, F] from the forward:
+      less memory, more time; the numbers are the same (`experts.bank_ffn`).
     rngs: nnx.Rngs.
   """
 
@@ -142,7 +145,9 @@ class MoELayer(nnx.Module):
                causal: bool = False, shared_experts: int = 0, shared_hidden: int | None = None,
                granularity: int = 1, grown: Sequence[tuple[int, int, int]] = (),
                loss_weights: Mapping[str, float] | None = None, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               remat_hidden: bool = False, rngs: nnx.Rngs):
+    if not isinstance(remat_hidden, bool):
+      raise ValueError(f'remat_hidden={remat_hidden!r}: must be True or False.')
     if eval_capacity_factor == -1.0:
       eval_capacity_factor = capacity_factor
     self.dispatch_fn = dispatch_lib.DISPATCHERS.lookup(dispatcher)
@@ -199,6 +204,7 @@ class MoELayer(nnx.Module):
     self.eval_capacity_factor = eval_capacity_factor
     self.group_size = group_size
     self.dtype = dtype
+    self.remat_hidden = remat_hidden
 
   @property
   def k(self) -> int:
@@ -320,7 +326,8 @@ class MoELayer(nnx.Module):
         expert_parallel.warn_once(problem)
       else:
         dispatch_fn = functools.partial(expert_parallel.PARALLEL[dispatch_fn], mesh=mesh)
-    y_GxSxD, kept = dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity, self.dtype)
+    y_GxSxD, kept = dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity, self.dtype,
+                                remat_hidden=self.remat_hidden)
     y_BxLxD = y_GxSxD.reshape(b, l, d)
     if self.shared_experts:
       y_BxLxD = y_BxLxD + self.apply_shared(x_BxLxD, mask_BxL)

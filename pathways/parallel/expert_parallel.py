@@ -126,11 +126,13 @@ def _exchange_back(y_ExXMxD, x, expert_axis):
 
 
 def dispatch(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
-             dispatch_fn=dispatch_lib.dispatch_sorted, expert_axis=EXPERT_AXIS):
+             remat_hidden=False, dispatch_fn=dispatch_lib.dispatch_sorted,
+             expert_axis=EXPERT_AXIS):
   """Expert-parallel capacity dispatch; same signature and result as `dispatch_fn`.
 
   Args:
-    x_GxSxD, routing, weights, capacity, dtype: as the dispatchers (global shapes).
+    x_GxSxD, routing, weights, capacity, dtype, remat_hidden: as the dispatchers (global
+      shapes).
     mesh: the mesh (concrete or abstract); groups go over all its axes, experts over
       `expert_axis` (absent or size 1: data parallel only, no exchange).
     dispatch_fn: the local dispatcher ('sorted').
@@ -144,9 +146,10 @@ def dispatch(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
   def local(x_GxSxD, routing, weights):
     def run_experts(buf_ExMxD):
       if x == 1:
-        return experts_lib.apply_banks(buf_ExMxD, weights, dtype)
+        return experts_lib.apply_banks(buf_ExMxD, weights, dtype, remat_hidden)
       mine = _exchange(buf_ExMxD[perm], x, expert_axis)
-      y = _exchange_back(experts_lib.apply_banks(mine, weights, dtype), x, expert_axis)
+      y = _exchange_back(experts_lib.apply_banks(mine, weights, dtype, remat_hidden), x,
+                         expert_axis)
       return y[inverse]
 
     return dispatch_fn(x_GxSxD, routing, weights, capacity, dtype, run_experts=run_experts,
@@ -226,7 +229,7 @@ def default_exchange() -> str:
 
 
 def dispatch_dropless(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
-                      expert_axis=EXPERT_AXIS, exchange=None):
+                      remat_hidden=False, expert_axis=EXPERT_AXIS, exchange=None):
   """Expert-parallel dropless dispatch: same result as `dispatch_ragged` on one device.
 
   Per device: its tokens' assignments go to the devices holding their experts (`exchange`:
@@ -245,14 +248,14 @@ def dispatch_dropless(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
   def local(x_GxSxD, routing, weights):
     def run_rows(x_AxD, expert_A):
       if x == 1:
-        return dispatch_lib.ragged_experts(x_AxD, expert_A, weights, dtype)
+        return dispatch_lib.ragged_experts(x_AxD, expert_A, weights, dtype, remat_hidden)
       valid = expert_A < e
       place_A = jnp.asarray(inverse)[jnp.minimum(expert_A, e - 1)]  # device-major position
       dest_A = jnp.where(valid, place_A // e_loc, x)
       got, got_ids, back = exchange_fn(x_AxD, (place_A % e_loc).astype(jnp.int32), dest_A, x,
                                        expert_axis)
       got_ids = jnp.where(got_ids < 0, e_loc, got_ids)
-      return back(dispatch_lib.ragged_experts(got, got_ids, weights, dtype))
+      return back(dispatch_lib.ragged_experts(got, got_ids, weights, dtype, remat_hidden))
 
     return dispatch_lib.dispatch_ragged(x_GxSxD, routing, weights, None, dtype,
                                         run_rows=run_rows, num_experts=e)

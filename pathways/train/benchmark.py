@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from pathways.nn import experts as experts_lib
+from pathways.nn import model as model_lib
 from pathways.train import experiment
 from pathways.train import loop
 from pathways.train import peak as peak_lib
@@ -91,9 +92,20 @@ def _bytes(stats, key):
 
 
 def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
-              num_batches: int) -> dict:
-  """Times `steps` train steps `repeats` times for one variant; returns the JSON row."""
+              num_batches: int, remat: str | None = None,
+              remat_hidden: bool | None = None) -> dict:
+  """Times `steps` train steps `repeats` times for one variant; returns the JSON row.
+
+  `remat` (a `pathways.nn.model.REMAT_POLICIES` name) and `remat_hidden` override the
+  config's rematerialization when given. After the timed repeats, `steps` more steps run fed
+  live from the pipeline, as the training loop feeds them: `data_wait_fraction` is the time
+  spent waiting for their batches (`next` and the device put) over those steps' wall time.
+  """
   config = variant_config(config, variant)
+  if remat is not None:
+    config.model.remat = remat
+  if remat_hidden is not None:
+    config.model.moe.remat_hidden = remat_hidden
   exp = experiment.build(config)
   config, pipe, mesh, state = exp.config, exp.pipeline, exp.mesh, exp.init_state()
   t0 = time.perf_counter()
@@ -122,6 +134,15 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
         i += 1
       jax.block_until_ready((state, scalars))
       times.append((time.perf_counter() - t0) / steps)
+    jax.block_until_ready(state)
+    waited, t0 = 0.0, time.perf_counter()
+    for _ in range(steps):  # fed live: the wait for each batch, as the loop sees it
+      w0 = time.perf_counter()
+      batch = exp.put(next(pipe))
+      waited += time.perf_counter() - w0
+      state, scalars = compiled(state, batch)
+    jax.block_until_ready((state, scalars))
+    live_s = time.perf_counter() - t0
   scalars = jax.device_get(scalars)
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats()
@@ -144,11 +165,14 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
       'd_model': config.model.d_model,
       'layers': config.model.num_layers,
       'moe_layers': 0 if variant == 'dense' else config.model.num_layers // config.model.moe_every,
+      'remat': model_lib.remat_policy(config.model.remat),
+      'remat_hidden': None if variant == 'dense' else bool(moe.get('remat_hidden', False)),
       'banks': None if variant == 'dense' else [list(b) for b in moe.banks],
       'batch_rows': pipe.layout.batch_size,
       'examples_per_step': examples,
       'padded_tokens_per_step': padded_tokens,
       'tokens_per_step': real_tokens,
+      'real_token_fraction': real_tokens / padded_tokens,
       'compile_s': round(compile_s, 2),
       'step_ms_median': 1e3 * step_s,
       'step_ms_min': 1e3 * min(times),
@@ -157,12 +181,14 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
       'tokens_per_s': real_tokens / step_s,
       'padded_tokens_per_s': padded_tokens / step_s,
       'pipeline_ms_per_batch': pipeline_ms,
+      'live_step_ms': 1e3 * live_s / steps,
+      'data_wait_fraction': waited / live_s,
       'matmul_flops_per_step': executed_flops,
       'matmul_tflops_per_s': executed_flops / step_s / 1e12,
       'model_flops_per_step': model_flops,
       'model_tflops_per_s': model_flops / step_s / 1e12,
       # what the device multiplies per useful FLOP: padding and recompute made visible
-      'matmul_over_model_flops': executed_flops / model_flops if model_flops else None,
+      'matmul_to_model_flops': executed_flops / model_flops if model_flops else None,
       'mfu': (model_flops / step_s / (peak * jax.device_count())) if peak else None,
       'peak_flops_per_device': peak, 'peak_source': peak_source,
       'compiled_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes

@@ -229,6 +229,11 @@ def _validate_model(m) -> None:
   if m.get('exit_weights', '') and m.halting:
     _bad('model.exit_weights', m.exit_weights, "must be '' with model.halting=True: exits "
          "(deep supervision + calibrated confidence) and PonderNet halting are alternatives")
+  if not (isinstance(m.remat, bool) or m.remat in model_lib.REMAT_POLICIES):
+    _bad('model.remat', m.remat, f'must be one of {tuple(model_lib.REMAT_POLICIES)} (or '
+         f'True / False: \'full\' / \'\')')
+  if not isinstance(m.moe.get('remat_hidden', False), bool):
+    _bad('model.moe.remat_hidden', m.moe.remat_hidden, 'must be True or False')
   if not _int(m.moe_every, 0):
     _bad('model.moe_every', m.moe_every, 'must be an int >= 0 (0: no MoE layer)')
   banks = m.moe.banks

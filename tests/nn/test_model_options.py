@@ -21,9 +21,14 @@ def _loss_and_grads(m, batch):
   return nnx.jit(nnx.value_and_grad(loss_fn))(m)
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize('remat, remat_hidden', [(True, False), ('dots', False),
+                                                 ('dots_no_batch', False), ('', True)])
+def test_remat_gives_the_same_loss_and_gradients(remat, remat_hidden):
+  """Every rematerialization policy of the layers, and the experts' recomputed hidden
+  activations, give the loss and gradients of the model that keeps everything."""
   m, batch = synthetic.image_and_text(moe_kwargs=MOE, halting=True)
-  m_remat, _ = synthetic.image_and_text(moe_kwargs=MOE, halting=True, remat=True)
+  m_remat, _ = synthetic.image_and_text(moe_kwargs=dict(MOE, remat_hidden=remat_hidden),
+                                        halting=True, remat=remat)
   loss, grads = _loss_and_grads(m, batch)
   loss_r, grads_r = _loss_and_grads(m_remat, batch)
   np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
@@ -34,7 +39,13 @@ def test_remat_gives_the_same_loss_and_gradients():
   # The rematerialized layer really recomputes: its backward holds a checkpoint.
   jaxpr = str(jax.make_jaxpr(lambda s: _loss_and_grads(
       nnx.merge(*nnx.split(m_remat)[:1], s), batch)[0])(nnx.state(m_remat)))
-  assert 'checkpoint' in jaxpr or 'remat' in jaxpr
+  assert ('checkpoint' in jaxpr or 'remat' in jaxpr) == bool(remat)
+
+
+def test_unknown_remat_policy_refused():
+  with pytest.raises(ValueError, match=r"remat='all': must be True, False or one of \('', "
+                                       r"'full', 'dots', 'dots_no_batch'\)"):
+    model_lib.remat_policy('all')
 
 
 def test_bfloat16_compute_float32_parameters_and_router():

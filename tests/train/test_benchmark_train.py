@@ -30,14 +30,31 @@ def test_row_is_consistent(data_dir):
   assert r['matmul_flops_per_step'] > r['model_flops_per_step'] > 0
   assert r['matmul_tflops_per_s'] == pytest.approx(r['matmul_flops_per_step'] / seconds / 1e12)
   assert r['model_tflops_per_s'] == pytest.approx(r['model_flops_per_step'] / seconds / 1e12)
-  assert r['matmul_over_model_flops'] == pytest.approx(
-      r['matmul_flops_per_step'] / r['model_flops_per_step']) and r['matmul_over_model_flops'] > 1
+  assert r['matmul_to_model_flops'] == pytest.approx(
+      r['matmul_flops_per_step'] / r['model_flops_per_step']) and r['matmul_to_model_flops'] > 1
+  assert r['real_token_fraction'] == pytest.approx(
+      r['tokens_per_step'] / r['padded_tokens_per_step']) and 0 < r['real_token_fraction'] <= 1
+  assert 0 <= r['data_wait_fraction'] < 1 and r['live_step_ms'] > 0
+  assert r['remat'] == '' and r['remat_hidden'] is None
   assert r['peak_source'] == 'measured float32 matmul' and r['peak_flops_per_device'] > 0
   assert r['mfu'] == pytest.approx(r['model_tflops_per_s'] * 1e12 / (
       r['peak_flops_per_device'] * jax.device_count()))
   assert r['compiled_bytes'] > 0
   # 1 warm-up step + 2 x 2 timed steps of a real optimizer: the loss moved.
   assert math.isfinite(r['loss_last']) and r['loss_last'] != r['loss_after_warmup']
+
+
+def test_remat_overrides_recompute_more(data_dir):
+  """The rematerialization overrides reach the step: full remat and recomputed expert hidden
+  activations multiply more per step than the step that keeps everything."""
+  config = tiny_config.get_config(data_dir)
+  rows = {(remat, hidden): benchmark_train.benchmark(
+      config, 'sorted', steps=1, repeats=1, warmup=0, num_batches=1, remat=remat,
+      remat_hidden=hidden) for remat, hidden in (('', False), ('', True), ('full', False))}
+  assert [r['remat'] for r in rows.values()] == ['', '', 'full']
+  assert [r['remat_hidden'] for r in rows.values()] == [False, True, False]
+  keep = rows['', False]['matmul_flops_per_step']
+  assert keep < rows['', True]['matmul_flops_per_step'] < rows['full', False]['matmul_flops_per_step']
 
 
 def test_variant_config():

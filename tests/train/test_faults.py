@@ -190,6 +190,8 @@ def test_leftover_temporary_checkpoint_folders_are_cleaned_at_start(reference_ru
     ('model.exit_weights', 'deep', r"model.exit_weights='deep': must be '' \(off\)"),
     ('model.exit_weights', 'equal', r"config.model.exit_weights='equal': must be '' with "
                                     r'model.halting=True'),
+    ('model.remat', 'some', r"config.model.remat='some': must be one of \('', 'full', 'dots', "
+                            r"'dots_no_batch'\)"),
     ('aux.ponder_prior', 1.0, r'config.aux.ponder_prior=1.0: must be in \(0, 1\)'),
     ('aux.ponder_warmup', -1, r'config.aux.ponder_warmup=-1'),
     ('freeze', ('(',), r"config.freeze\[0\]='\(': must be a regular expression"),
