@@ -5,9 +5,12 @@
 * `addition`: 'a+b=' followed by the sum, a and b with 1..8 digits each; per-position
   prediction of the sum's digits (targets -1 elsewhere); difficulty = digits of the longer
   operand.
-* `parity_count`: PonderNet's parity: a fixed-length string of 16 ASCII bits whose number of
-  ones k is uniform in 0..16; the class is k mod 2 and difficulty = k. Every string has the
-  same length, so depth is the only compute knob.
+* `parity_count`: the parity task of ACT and PonderNet: a fixed-length string of 16 elements,
+  of which n (uniform in 1..16) are set to +1 or -1 at random and the rest to 0, written as the
+  bytes '+', '-' and '0'; the class is the parity of the number of +1s and difficulty = n, the
+  number of non-zero elements. Every string has the same length, so depth is the only compute
+  knob. (Version 1.0.0 was 16 bits with 0..16 ones: its hardest-looking strings, all ones,
+  were as easy as all zeros.)
 * `addition_lsd`: `addition` with every number written least-significant digit first
   ('321+54=861' for 123 + 45 = 168), the order in which a left-to-right model can carry;
   difficulty = digits of the longer operand.
@@ -20,6 +23,7 @@ Generated deterministically from a fixed seed per split; byte 0 is padding.
 from __future__ import annotations
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from pathways import registry
 from pathways.data import tfds_source
@@ -47,17 +51,20 @@ class PathwaysParity(tfds_source.OfflineBuilder):
 
 
 class PathwaysParityCount(tfds_source.OfflineBuilder):
-  """16 ASCII bits with k ones at random places, k uniform in 0..16; the parity of k; k."""
+  """16 elements in {+1, 0, -1} as '+', '0', '-', n of them non-zero (n uniform in 1..16);
+  the parity of the +1s; n."""
+  VERSION = tfds.core.Version('2.0.0')  # 2.0.0: +1/-1/0 elements (1.0.0: 0/1 bits, 0..16 ones)
   FEATURES = PathwaysParity.FEATURES
   SPLITS = ('train', 'validation', 'test')
 
   def _generate_examples(self, split):
     rng = np.random.default_rng(SEEDS[split] + 200)
     for i in range(SIZES[split]):
-      k = int(rng.integers(0, PARITY_BITS + 1))
-      bits = np.zeros(PARITY_BITS, np.uint8)
-      bits[rng.permutation(PARITY_BITS)[:k]] = 1
-      yield i, {'inputs': ord('0') + bits, 'label': k % 2, 'difficulty': k}
+      n = int(rng.integers(1, PARITY_BITS + 1))
+      signs = rng.integers(0, 2, size=n)  # 1: +1, 0: -1
+      inputs = np.full(PARITY_BITS, ord('0'), np.uint8)
+      inputs[rng.permutation(PARITY_BITS)[:n]] = np.where(signs == 1, ord('+'), ord('-'))
+      yield i, {'inputs': inputs, 'label': int(signs.sum() % 2), 'difficulty': n}
 
 
 def addition_example(a: int, b: int, lsd_first: bool = False):
@@ -111,7 +118,8 @@ registry.register_task(tfds_source.builder_task(
     modality='bytes', head='classify', num_classes=2, input_feature='inputs',
     target_feature='label', input_shape=(PARITY_BITS,), input_dtype='uint8',
     splits={'train': 'train', 'eval': 'test', 'calibration': 'validation'},
-    description='parity of the ones among 16 bits, 0..16 ones (difficulty: ones)'))
+    description='parity of the +1s among 16 elements of +1/0/-1, 1..16 non-zero '
+                '(difficulty: non-zero elements)'))
 registry.register_task(tfds_source.builder_task(
     PathwaysAdditionLsd, difficulty_feature='difficulty', name='addition_lsd',
     modality='bytes', head='per_position', num_classes=256, input_feature='inputs',

@@ -1,8 +1,9 @@
 """Compute follows difficulty: exits (deep supervision + calibrated confidence; CALM),
 PonderNet halting with its KL prior, against the same model at fixed depth.
 
-One task per model: `parity_count` (PonderNet's parity: 16 bits, 0..16 ones; difficulty =
-ones; the input length never changes, so depth is the only compute knob), `pycode_lm`
+One task per model: `parity_count` (PonderNet's parity: 16 elements of +1/0/-1, 1..16 of them
+non-zero; difficulty = non-zero elements; the input length never changes, so depth is the only
+compute knob), `pycode_lm`
 (per-token exits on Python source bytes) or `addition_lsd` (least-significant digit first;
 per-token exits on the sum's digits; not in the reference result: a first trial reached 0.28
 per digit after 500 steps of batch 64, too little to measure exits on). 4 layers of D=64, the

@@ -9,7 +9,8 @@ on its task's held-out calibration split (`pathways.train.calibrate`, tolerance 
 then evaluates every model on its evaluation split, per example: difficulty, correct targets,
 FLOPs at full depth and adapted, layers run. Parts:
 
-  parity      `parity_count` (16 bits, 0..16 ones; difficulty = ones): fixed depth, exits
+  parity      `parity_count` (16 elements of +1/0/-1, 1..16 non-zero; difficulty = non-zero
+              elements): fixed depth, exits
               (deep supervision + calibrated softmax exits), PonderNet (KL prior, warm-up,
               floor) and Mixture-of-Depths (half the token slots in layers 2 and 4; its "full
               depth" is the same weights with every token through every block), the same

@@ -79,8 +79,8 @@ def test_addition_lsd_writes_every_number_backwards():
 @pytest.mark.parametrize('name', ['parity_count', 'addition_lsd'])
 def test_depth_tasks_have_three_splits_and_every_difficulty(name, data_dir):
   """The tasks where depth is the knob: train, validation (exit calibration) and test, each
-  with every difficulty; parity_count's strings all have 16 bits, its class is the parity of
-  the ones and its difficulty their number."""
+  with every difficulty; parity_count's strings all have 16 elements of '+', '0', '-', its
+  class is the parity of the '+'s and its difficulty the number of non-zero elements."""
   t = registry.get_task(name)
   assert t.splits['calibration'] == 'validation'
   for split in ('train', 'validation', 'test'):
@@ -89,11 +89,14 @@ def test_depth_tasks_have_three_splits_and_every_difficulty(name, data_dir):
     difficulty = np.array([e['difficulty'] for e in examples])
     if name == 'parity_count':
       assert len(src) == algorithmic.SIZES[split]
-      assert set(difficulty) == set(range(17)), split
+      assert set(difficulty) == set(range(1, 17)), split
+      labels = np.array([e['label'] for e in examples])
+      for n in range(1, 17):  # both classes at every difficulty
+        assert set(labels[difficulty == n]) == {0, 1}, (split, n)
       for e in examples[:200]:
-        assert (e['inputs'] > 0).all()
-        ones = int((e['inputs'] == ord('1')).sum())
-        assert ones == e['difficulty'] and e['label'] == ones % 2
+        assert set(bytes(e['inputs']).decode()) <= set('+-0') and len(e['inputs']) == 16
+        plus, minus = (int((e['inputs'] == ord(c)).sum()) for c in '+-')
+        assert plus + minus == e['difficulty'] and e['label'] == plus % 2
     else:
       assert set(difficulty) == set(range(1, 9)), split
       text = bytes(examples[0]['inputs'][examples[0]['inputs'] > 0]).decode()
