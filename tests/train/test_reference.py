@@ -317,3 +317,46 @@ def test_the_related_code_model_never_reads_the_classification_tasks_files():
   assert kept['PathwaysPycodeLmOther'] == [files[1], files[3]]  # no package of the 8
   assert kept['PathwaysPycodeLmSeen'] == [files[0], files[1], files[3]]  # email held out
   assert kept['PathwaysPycodeLmHeldout'] == [files[2]]
+
+
+def test_glyph_family_arms_differ_only_in_the_other_alphabets():
+  from experiments.configs import glyph_family  # pylint: disable=g-import-not-at-top
+  registry.import_task_modules(['tasks'])
+  shared = glyph_family.get_config('arm=shared')
+  single = glyph_family.get_config('arm=single,task=glyphs_greek_5')
+  experiment.validate(shared)
+  experiment.validate(single)
+  assert list(shared.tasks) == ['glyphs_latin_5', 'glyphs_greek_5', 'glyphs_cyrillic_5']
+  assert list(single.tasks) == ['glyphs_greek_5']
+  assert shared.data.batch_size // 3 == single.data.batch_size == glyph_family.ROWS
+  a, b = shared.to_dict(), single.to_dict()
+  for d in (a, b):
+    d.pop('tasks'), d['data'].pop('batch_size')
+  assert a == b
+  with pytest.raises(ValueError, match=r"task='glyphs_runic_5': allowed are"):
+    glyph_family.get_config('arm=single,task=glyphs_runic_5')
+
+
+def test_glyph_family_claim_is_computed_from_the_runs(tmp_path):
+  from experiments.reference import glyph_family  # pylint: disable=g-import-not-at-top
+  tasks = ('a', 'b', 'c')
+  gains = {'a': 0.10, 'b': 0.04, 'c': 0.04}  # mean 0.06
+
+  def runs_with(gains, seeds=3, test=1024):
+    return [{'arm': arm, 'seed': s, 'task': t, 'best_step': 25,
+             'test_accuracy': 0.3 + 0.01 * s + (gains[t] if arm == 'shared' else 0.0),
+             'test_examples': test}
+            for s in range(seeds) for t in tasks for arm in ('single', 'shared')]
+
+  runs = runs_with(gains)
+  summary = glyph_family.summarize(runs, tasks)
+  claim, = glyph_family.claims(summary, runs, tasks)
+  assert claim['met'] and claim['measured']['mean_gain'] == pytest.approx(0.06)
+  assert claim['measured']['gain_per_task']['a'] == pytest.approx(0.10)
+  for bad in (runs_with(gains, seeds=2), runs_with(gains, test=512),
+              runs_with({'a': 0.10, 'b': 0.02, 'c': 0.02})):
+    claim, = glyph_family.claims(glyph_family.summarize(bad, tasks), bad, tasks)
+    assert not claim['met']
+  path = str(tmp_path / 'g.png')
+  glyph_family.plot(runs, summary, tasks, path)
+  assert os.path.getsize(path) > 1000
