@@ -12,6 +12,8 @@ three packages (`pycode_lm_seen`); the new task is language modelling of those p
     head and router prior train.
   * `arm=grown`: as probe, plus a task FFN (adapter, width 128, zero-initialized output)
     after each layer for the new task: components grown for it train too.
+  * `arm=clones`: as probe; the script adds expert clones for the new task where its first
+    batches route (`pathways.train.clones.choose`, which needs `init_from`): they train too.
 
 New-task arms: batch 8, evaluation every 25 steps on validation windows (the task's 'eval'
 split) with every evaluated checkpoint kept, so the script can take the best one (early
@@ -24,7 +26,7 @@ from __future__ import annotations
 from experiments import configs as config_args
 from experiments.configs import more_experts
 
-ARMS = ('base', 'scratch', 'probe', 'grown')
+ARMS = ('base', 'scratch', 'probe', 'grown', 'clones')
 EVAL_EVERY = 25
 ADAPTER_HIDDEN = 128
 
@@ -46,7 +48,7 @@ def get_config(arg: str | None = None):
   c.data.batch_size = 8
   c.train.update(eval_every=EVAL_EVERY, eval_batches=64, log_every=EVAL_EVERY)
   c.ckpt.update(every=EVAL_EVERY, keep=steps // EVAL_EVERY + 1, best_metric='')
-  if arm in ('probe', 'grown'):
+  if arm in ('probe', 'grown', 'clones'):
     c.freeze = ('shared',)  # needs config.init_from: the script sets the base workdir
   if arm == 'grown':
     c.model.grown = [dict(kind='ffn', task=task, layer=layer, hidden=ADAPTER_HIDDEN)

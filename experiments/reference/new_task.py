@@ -5,9 +5,11 @@
 
 Trains the base model (`experiments/configs/new_task.py`, arm=base: code language modelling
 on the standard library without the packages email, xml and http), then, for each seed, the
-three arms on the new task `pycode_lm_heldout_<examples>` (language modelling of those
-packages from `--examples` training windows): scratch, probe (everything shared frozen) and
-grown (probe plus an adapter per layer grown for the task). Every arm is early-stopped the
+four arms on the new task `pycode_lm_heldout_<examples>` (language modelling of those
+packages from `--examples` training windows): scratch, probe (everything shared frozen),
+grown (probe plus an adapter per layer grown for the task) and clones (probe plus clones of
+the CLONES_PER_LAYER experts of each MoE layer that the task's first 4 batches route to most,
+chosen on the model as the run starts: `pathways.train.clones`). Every arm is early-stopped the
 same way: evaluated every 25 steps on 512 validation windows (held-out windows of the
 packages' training files, never trained on), and the checkpoint with the lowest validation
 loss is evaluated on the packages' test files (1024 windows, 131k bytes). Each run is its own
@@ -20,6 +22,8 @@ and workdir/new_task.png. Targets:
     early-stopped scratch model's, and every probe seed below every scratch seed.
   * grown_beats_probe: the grown arm's mean test loss below the probe's, and lower on every
     seed.
+  * clones_beat_probe (added with the clones arm, before its runs): the same for the clones
+    arm.
   * old_task_unchanged: every parameter the probe and grown runs took from the base is bit for
     bit the base's (the base task's function cannot have changed).
 """
@@ -39,7 +43,8 @@ SOURCE = 'pycode_lm_heldout'
 VALIDATION = 512  # windows of the source's train split after the training examples
 # (tasks/few_shot.py's VALIDATION)
 TEST_WINDOWS = 1024  # of the source's test split (pycode_lm_heldout has 1031)
-ARMS = ('scratch', 'probe', 'grown')
+ARMS = ('scratch', 'probe', 'grown', 'clones')
+CLONES_PER_LAYER = 2  # the router's k
 
 
 def register_few_shot(examples: int, source: str = SOURCE) -> str:
@@ -51,9 +56,12 @@ def register_few_shot(examples: int, source: str = SOURCE) -> str:
 
 def config_for(arm: str, seed: int, steps: int, task: str, base_workdir: str):
   from experiments.configs import new_task as configs  # pylint: disable=g-import-not-at-top
+  from pathways.train import clones  # pylint: disable=g-import-not-at-top
   c = configs.get_config(f'arm={arm},seed={seed},steps={steps},task={task}')
-  if arm in ('probe', 'grown'):
+  if arm in ('probe', 'grown', 'clones'):
     c.init_from = os.path.abspath(base_workdir)
+  if arm == 'clones':
+    c.model.grown = clones.choose(c, task, batches=4, per_layer=CLONES_PER_LAYER)
   return c
 
 
@@ -121,16 +129,17 @@ def claims(summary, runs) -> list[dict]:
                              'min scratch': summary['scratch']['min_loss']},
                 'met': gap >= 0.3 and summary['probe']['max_loss'] < summary['scratch'][
                     'min_loss']})
-  seeds = sorted(set(by['grown']) & set(by['probe']))
-  if seeds:
-    mean_g = sum(by['grown'][s] for s in seeds) / len(seeds)
-    mean_p = sum(by['probe'][s] for s in seeds) / len(seeds)
-    out.append({'name': 'grown_beats_probe',
-                'target': 'grown mean test loss below the probe\'s, and lower on every seed',
-                'measured': {'grown': mean_g, 'probe': mean_p, 'per_seed_difference': {
-                    str(s): by['grown'][s] - by['probe'][s] for s in seeds}},
-                'met': mean_g < mean_p and all(by['grown'][s] < by['probe'][s] for s in seeds)})
-  checked = [r for r in runs if r['arm'] in ('probe', 'grown')]
+  for arm, name in (('grown', 'grown_beats_probe'), ('clones', 'clones_beat_probe')):
+    seeds = sorted(set(by[arm]) & set(by['probe']))
+    if seeds:
+      mean_a = sum(by[arm][s] for s in seeds) / len(seeds)
+      mean_p = sum(by['probe'][s] for s in seeds) / len(seeds)
+      out.append({'name': name,
+                  'target': f'{arm} mean test loss below the probe\'s, and lower on every seed',
+                  'measured': {arm: mean_a, 'probe': mean_p, 'per_seed_difference': {
+                      str(s): by[arm][s] - by['probe'][s] for s in seeds}},
+                  'met': mean_a < mean_p and all(by[arm][s] < by['probe'][s] for s in seeds)})
+  checked = [r for r in runs if r['arm'] != 'scratch']
   if checked:
     out.append({'name': 'old_task_unchanged',
                 'target': 'every parameter the transfer runs took from the base is bitwise '
@@ -145,7 +154,7 @@ def plot(runs, summary, path):
   arms = [a for a in ARMS if a in summary]
   fig, _ = common.early_stopping_figure(
       runs, summary, colors={'scratch': 'tab:gray', 'probe': 'tab:blue',
-                                   'grown': 'tab:green'},
+                                   'grown': 'tab:green', 'clones': 'tab:orange'},
       metric='loss', ylabel='test loss at the chosen step (nats/byte)',
       title='mean +- s.e. over seeds; dots: seeds',
       ylim=(min(summary[a]['min_loss'] for a in arms) - 0.3,

@@ -167,7 +167,7 @@ def test_new_task_claims_and_early_stopping_are_computed_from_the_runs(tmp_path)
   assert new_task.best_step(rows, 't', 'accuracy')[0] == 50  # highest; ties: earliest
   runs = []
   for seed in range(3):
-    for arm, loss in (('scratch', 3.0), ('probe', 2.6), ('grown', 2.5)):
+    for arm, loss in (('scratch', 3.0), ('probe', 2.6), ('grown', 2.5), ('clones', 2.7)):
       runs.append({'arm': arm, 'seed': seed, 'test_loss': loss + 0.01 * seed, 'best_step': 50,
                    'validation': [(25, 3.0), (50, 2.9)], 'base_parameters_unchanged': True,
                    'base_parameters_compared': 40})
@@ -176,10 +176,13 @@ def test_new_task_claims_and_early_stopping_are_computed_from_the_runs(tmp_path)
   assert got['probe_beats_best_scratch']['met']
   assert got['probe_beats_best_scratch']['measured']['gap'] == pytest.approx(0.4)
   assert got['grown_beats_probe']['met'] and got['old_task_unchanged']['met']
-  runs[5]['test_loss'] = 2.7  # grown seed 1 above probe seed 1 (2.61)
+  assert not got['clones_beat_probe']['met']  # 2.7 > 2.6
+  assert got['clones_beat_probe']['measured']['per_seed_difference']['0'] == pytest.approx(0.1)
+  assert got['old_task_unchanged']['measured'].keys() >= {'clones_seed0', 'grown_seed2'}
+  runs[6]['test_loss'] = 2.7  # grown seed 1 above probe seed 1 (2.61)
   got = {c['name']: c for c in new_task.claims(new_task.summarize(runs), runs)}
   assert not got['grown_beats_probe']['met']
-  runs[1]['base_parameters_unchanged'] = False
+  runs[11]['base_parameters_unchanged'] = False  # clones seed 2
   assert not {c['name']: c for c in new_task.claims(summary, runs)}['old_task_unchanged']['met']
   path = str(tmp_path / 'p.png')
   new_task.plot(runs, summary, path)

@@ -347,3 +347,31 @@ def test_profile_steps_write_a_trace(data_dir, tmp_path):
   loop.train_and_evaluate(c, workdir)
   traces = glob.glob(os.path.join(workdir, 'profile', '**', '*.xplane.pb'), recursive=True)
   assert traces and os.path.getsize(traces[0]) > 0
+
+
+def test_clones_are_chosen_where_the_new_task_routes(reference_run, data_dir):
+  """`clones.choose`: one clone per MoE layer of the expert the new task's tokens chose most
+  often on the model as the run would start; the entries build."""
+  from pathways.train import clones  # pylint: disable=g-import-not-at-top
+  c = _config(data_dir, num_steps=3, eval_every=3)
+  c.tasks = ('digits', 'parity', 'addition')
+  registry.get_task('addition').data('train', data_dir)
+  c.init_from = reference_run
+  c.freeze = ('shared',)
+  counts = clones.route_counts(c, 'addition', batches=2)
+  exp = experiment.build(c)
+  assert sorted(counts) == list(exp.model(exp.init_state()).moe_layers)
+  k = c.model.moe.router.k
+  for layer, n in counts.items():
+    # at most k choices per token of the new task's rows in 2 batches (addition strings are
+    # 32 bytes; null experts and drops not counted), and some of them
+    assert 0 < n.sum() <= 2 * k * c.data.batch_size * 32, layer
+  entries = clones.choose(c, 'addition', batches=2, per_layer=2)
+  assert [(e['layer'], e['expert']) for e in entries] == [
+      (layer, int(x)) for layer in sorted(counts)
+      for x in np.argsort(-counts[layer], kind='stable')[:2]]
+  assert all(e['kind'] == 'clone' and e['task'] == 'addition' for e in entries)
+  c.model.grown = entries
+  experiment.build(c)  # valid entries
+  with pytest.raises(ValueError, match=r"task='nope': must be one of config.tasks"):
+    clones.route_counts(c, 'nope')
