@@ -371,7 +371,7 @@ def plot(result, path):
     acc = np.mean([r['accuracy'] for r in rows])
     ax1.plot([int(d) for d in ds], depth, marker='o', color=colors[mech],
              label=f'{mech} (accuracy {acc:.3f})')
-  ax1.set_xlabel('difficulty (ones among 16 bits)')
+  ax1.set_xlabel('difficulty (non-zero elements among 16)')
   ax1.set_ylabel('layers run (mean over seeds)')
   ax1.set_title('parity_count: depth against difficulty', fontsize=10)
   ax1.legend(fontsize=7)
