@@ -220,7 +220,9 @@ def _breakdown(layer, x, bias_E, compiled, t, e, cfg):
   c = capacity_lib.capacity(t, e, cfg.k, cfg.capacity_factor)
   bank = layer.banks[0]
   buf = jax.random.normal(jax.random.key(1), (e, c, d), jnp.float32)
-  experts, experts_recompute = (jax.jit(jax.grad(
+  # value_and_grad, as the layer is timed: with grad alone the forward's output is dead code
+  # and XLA drops its matmuls (the recomputing backward then needs no forward at all)
+  experts, experts_recompute = (jax.jit(jax.value_and_grad(
       lambda b, w1, w2, r=r: jnp.sum(experts_lib.bank_ffn(b, w1, w2, remat_hidden=r)),
       argnums=(0, 1, 2))) for r in (False, True))
   graphdef, params, rest = nnx.split(layer.router, nnx.Param, ...)
@@ -230,7 +232,7 @@ def _breakdown(layer, x, bias_E, compiled, t, e, cfg):
         x.reshape(1, t, d), logit_bias_GxSxE=jnp.broadcast_to(bias_E, (1, t, e)))
     return jnp.sum(routing.weight_GxSxK)
 
-  router = jax.jit(jax.grad(router_loss, argnums=(0, 1)))
+  router = jax.jit(jax.value_and_grad(router_loss, argnums=(0, 1)))
   p_moe, train_moe, _ = compiled['moe']
   w1, w2 = bank.weights()
   return _time_round_robin({
