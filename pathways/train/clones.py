@@ -55,14 +55,18 @@ def choose(config, task: str, *, batches: int = 4, per_layer: int = 1,
   layer for `task` (ties: the lower id), of width `hidden` (None: the source's)."""
   if not isinstance(per_layer, int) or per_layer < 1:
     raise ValueError(f'per_layer={per_layer!r}: must be an int >= 1.')
-  counts = route_counts(config, task, batches)
+  return entries(route_counts(config, task, batches), config, task, per_layer, hidden)
+
+
+def entries(counts: dict[int, np.ndarray], config, task: str, per_layer: int = 1,
+            hidden: int | None = None) -> list[dict]:
+  """The clone entries `choose` returns, from its routing counts."""
   banks = [tuple(b) for b in config.model.moe.banks]
   granularity = config.model.moe.get('granularity', 1)
   widths = [f // granularity for e, f in banks for _ in range(e * granularity)]
   out = []
   for layer in sorted(counts):
-    order = np.argsort(-counts[layer], kind='stable')[:per_layer]
-    for expert in order:
+    for expert in np.argsort(-counts[layer], kind='stable')[:per_layer]:
       out.append(dict(kind='clone', task=task, layer=int(layer), expert=int(expert),
                       hidden=int(hidden or widths[expert])))
   return out

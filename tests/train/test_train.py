@@ -359,19 +359,22 @@ def test_clones_are_chosen_where_the_new_task_routes(reference_run, data_dir):
   c.init_from = reference_run
   c.freeze = ('shared',)
   counts = clones.route_counts(c, 'addition', batches=2)
-  exp = experiment.build(c)
-  assert sorted(counts) == list(exp.model(exp.init_state()).moe_layers)
   k = c.model.moe.router.k
   for layer, n in counts.items():
     # at most k choices per token of the new task's rows in 2 batches (addition strings are
     # 32 bytes; null experts and drops not counted), and some of them
     assert 0 < n.sum() <= 2 * k * c.data.batch_size * 32, layer
-  entries = clones.choose(c, 'addition', batches=2, per_layer=2)
+  entries = clones.entries(counts, c, 'addition', per_layer=2)
   assert [(e['layer'], e['expert']) for e in entries] == [
       (layer, int(x)) for layer in sorted(counts)
       for x in np.argsort(-counts[layer], kind='stable')[:2]]
   assert all(e['kind'] == 'clone' and e['task'] == 'addition' for e in entries)
+  widths = [w for e, w in c.model.moe.banks for _ in range(e)]
+  assert [e['hidden'] for e in entries] == [widths[e['expert']] for e in entries]
   c.model.grown = entries
-  experiment.build(c)  # valid entries
+  exp = experiment.build(c)  # valid entries
+  assert sorted(counts) == list(exp.model(exp.init_state()).moe_layers)
   with pytest.raises(ValueError, match=r"task='nope': must be one of config.tasks"):
     clones.route_counts(c, 'nope')
+  with pytest.raises(ValueError, match=r'per_layer=0: must be an int >= 1'):
+    clones.choose(c, 'addition', per_layer=0)
