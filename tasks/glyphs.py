@@ -196,11 +196,14 @@ def register_low_data(alphabet: str, k: int) -> str:
     return name
   base = registry.get_task(f'glyphs_{alphabet}')
 
+  @functools.cache  # the labels are read once per data directory, not per pipeline
+  def indices(data_dir):
+    train = base.data('train', data_dir)
+    return tuple(first_per_class((train[i]['label'] for i in range(len(train))), k))
+
   def data(split, data_dir=None):
     if split == 'train':
-      train = base.data('train', data_dir)
-      indices = first_per_class((train[i]['label'] for i in range(len(train))), k)
-      return Subset(train, indices)
+      return Subset(base.data('train', data_dir), indices(data_dir))
     if split in ('validation', 'test'):
       return base.data(split, data_dir)
     raise ValueError(f'split={split!r}: {name} has train, validation and test.')

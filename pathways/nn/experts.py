@@ -7,6 +7,7 @@ without padding narrow experts to the widest; global expert ids run over the ban
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -48,15 +49,6 @@ def _expert_ffn(x_CxD, w_in_DxF, w_out_FxD):
   return jax.nn.gelu(x_CxD @ w_in_DxF) @ w_out_FxD
 
 
-def _looped_forward(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
-  """Per expert: the pre-activation [E, C, F] and the output."""
-  def one(args):
-    x_CxD, w_in_DxF, w_out_FxD = args
-    pre_CxF = x_CxD @ w_in_DxF
-    return pre_CxF, jax.nn.gelu(pre_CxF) @ w_out_FxD
-  return jax.lax.map(one, (buf_ExCxD, w_in_ExDxF, w_out_ExFxD))
-
-
 def _looped_backward(x_CxD, w_in_DxF, w_out_FxD, pre_CxF, dy_CxD):
   """One expert's four backward matmuls, given its pre-activation."""
   h_CxF, gelu_vjp = jax.vjp(jax.nn.gelu, pre_CxF)
@@ -64,41 +56,37 @@ def _looped_backward(x_CxD, w_in_DxF, w_out_FxD, pre_CxF, dy_CxD):
   return dpre_CxF @ w_in_DxF.T, x_CxD.T @ dpre_CxF, h_CxF.T @ dy_CxD
 
 
-@jax.custom_vjp
-def _looped_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
-  """The looped FFN whose backward recomputes the hidden activations (7 matmuls in all)."""
-  return _looped_forward(buf_ExCxD, w_in_ExDxF, w_out_ExFxD)[1]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _looped_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, remat_hidden):
+  """One plain matmul pair per expert. The backward keeps the forward's pre-activation
+  [E, C, F] (6 matmuls in all) or, with `remat_hidden`, recomputes it (7)."""
+  del remat_hidden
+  return jax.lax.map(lambda a: _expert_ffn(*a), (buf_ExCxD, w_in_ExDxF, w_out_ExFxD))
 
 
-def _looped_ffn_fwd(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
-  return _looped_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD), (buf_ExCxD, w_in_ExDxF, w_out_ExFxD)
+def _looped_ffn_fwd(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, remat_hidden):
+  if remat_hidden:
+    y_ExCxD = _looped_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, True)
+    return y_ExCxD, (buf_ExCxD, w_in_ExDxF, w_out_ExFxD, None)
 
+  def one(args):
+    x_CxD, w_in_DxF, w_out_FxD = args
+    pre_CxF = x_CxD @ w_in_DxF
+    return pre_CxF, jax.nn.gelu(pre_CxF) @ w_out_FxD
 
-def _looped_ffn_bwd(res, dy_ExCxD):
-  return jax.lax.map(lambda a: _looped_backward(a[0], a[1], a[2], a[0] @ a[1], a[3]),
-                     res + (dy_ExCxD,))
-
-
-_looped_ffn.defvjp(_looped_ffn_fwd, _looped_ffn_bwd)
-
-
-@jax.custom_vjp
-def _looped_ffn_keep(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
-  """The looped FFN whose backward reuses the forward's pre-activation (6 matmuls in all;
-  keeps E x C x F numbers per bank until the backward)."""
-  return _looped_forward(buf_ExCxD, w_in_ExDxF, w_out_ExFxD)[1]
-
-
-def _looped_ffn_keep_fwd(buf_ExCxD, w_in_ExDxF, w_out_ExFxD):
-  pre_ExCxF, y_ExCxD = _looped_forward(buf_ExCxD, w_in_ExDxF, w_out_ExFxD)
+  pre_ExCxF, y_ExCxD = jax.lax.map(one, (buf_ExCxD, w_in_ExDxF, w_out_ExFxD))
   return y_ExCxD, (buf_ExCxD, w_in_ExDxF, w_out_ExFxD, pre_ExCxF)
 
 
-def _looped_ffn_keep_bwd(res, dy_ExCxD):
-  return jax.lax.map(lambda a: _looped_backward(*a), res + (dy_ExCxD,))
+def _looped_ffn_bwd(remat_hidden, res, dy_ExCxD):
+  x, w_in, w_out, pre = res
+  if remat_hidden:
+    return jax.lax.map(lambda a: _looped_backward(a[0], a[1], a[2], a[0] @ a[1], a[3]),
+                       (x, w_in, w_out, dy_ExCxD))
+  return jax.lax.map(lambda a: _looped_backward(*a), (x, w_in, w_out, pre, dy_ExCxD))
 
 
-_looped_ffn_keep.defvjp(_looped_ffn_keep_fwd, _looped_ffn_keep_bwd)
+_looped_ffn.defvjp(_looped_ffn_fwd, _looped_ffn_bwd)
 
 
 def _batched_ffn(x_ExCxD, w_in_ExDxF, w_out_ExFxD):
@@ -143,7 +131,7 @@ def bank_ffn(buf_ExCxD, w_in_ExDxF, w_out_ExFxD, dtype=jnp.float32, impl: str | 
     impl = _default_impl or ('loop' if jax.default_backend() == 'cpu' else 'batched')
   x, w_in, w_out = buf_ExCxD.astype(dtype), w_in_ExDxF.astype(dtype), w_out_ExFxD.astype(dtype)
   if impl == 'loop':
-    return (_looped_ffn if remat_hidden else _looped_ffn_keep)(x, w_in, w_out)
+    return _looped_ffn(x, w_in, w_out, remat_hidden)
   if impl != 'batched':
     raise ValueError(f'impl={impl!r}: must be one of {BANK_FFN_IMPLS} or None.')
   return (jax.checkpoint(_batched_ffn) if remat_hidden else _batched_ffn)(x, w_in, w_out)
