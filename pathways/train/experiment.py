@@ -229,7 +229,9 @@ def _validate_model(m) -> None:
   if m.get('exit_weights', '') and m.halting:
     _bad('model.exit_weights', m.exit_weights, "must be '' with model.halting=True: exits "
          "(deep supervision + calibrated confidence) and PonderNet halting are alternatives")
-  if not (isinstance(m.remat, bool) or m.remat in model_lib.REMAT_POLICIES):
+  try:
+    model_lib.remat_policy(m.remat)
+  except ValueError:
     _bad('model.remat', m.remat, f'must be one of {tuple(model_lib.REMAT_POLICIES)} (or '
          f'True / False: \'full\' / \'\')')
   if not isinstance(m.moe.get('remat_hidden', False), bool):
@@ -383,8 +385,12 @@ def grown_from_config(config) -> tuple[grow_lib.Grown, ...]:
 
 def model_signature(config) -> dict:
   """What a checkpoint's shapes depend on: a workdir refuses a config that changes it. The
-  router spec counts with its defaults filled in (an option left out equals its default)."""
+  router spec counts with its defaults filled in (an option left out equals its default);
+  rematerialization (`model.remat`, `model.moe.remat_hidden`) is left out: it changes what the
+  backward recomputes, not the parameters or the numbers."""
   model = config.model.to_dict()
+  model.pop('remat', None)
+  model['moe'].pop('remat_hidden', None)
   model['moe']['router'] = router_lib.resolved(model['moe']['router'])
   return {'tasks': comma_list(config.tasks), 'model': model}
 

@@ -271,6 +271,20 @@ def test_a_resume_that_changes_the_schedule_or_batch_is_refused_unless_allowed(
   assert json.load(open(os.path.join(workdir, 'config.json')))['train']['num_steps'] == 13
 
 
+def test_rematerialization_is_not_part_of_the_model_signature(data_dir):
+  """A run saved with remat=False and no remat_hidden key (older configs) resumes under any
+  rematerialization setting: it changes what the backward recomputes, not the checkpoint."""
+  old = _config(data_dir)
+  del old.model['remat'], old.model.moe['remat_hidden']
+  old.model.remat = False
+  new = _config(data_dir)
+  new.model.update(remat='dots')
+  new.model.moe.remat_hidden = True
+  assert experiment.model_signature(old) == experiment.model_signature(new)
+  new.model.d_model = 32
+  assert experiment.model_signature(old) != experiment.model_signature(new)
+
+
 def test_sigterm_during_start_up_exits_cleanly(data_dir, tmp_path):
   cmd, env = cli(str(tmp_path / 'early'), data_dir)
   proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
