@@ -56,7 +56,9 @@ def data_dir(tmp_path_factory):
   registry.import_task_modules(['tasks'])
   with _shared(tmp_path_factory, 'tfds') as (d, ready):
     if not ready:
-      for name in ('digits', 'parity'):  # prepare once, so subprocesses only read
+      # prepare once, so subprocesses and tests on other workers only read (two workers
+      # preparing one dataset at once collide renaming its folder)
+      for name in ('digits', 'parity', 'addition'):
         registry.get_task(name).data('train', d)
   return d
 

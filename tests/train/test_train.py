@@ -148,7 +148,6 @@ def test_more_tasks_start_from_fewer_and_frozen_parameters_stay(reference_run, d
                                                                 tmp_path):
   c = _config(data_dir, num_steps=3, eval_every=3)
   c.tasks = ['digits', 'parity', 'addition']
-  registry.get_task('addition').data('train', data_dir)
   c.init_from = reference_run
   c.freeze = ['blocks/1/ffn/banks']
   workdir = str(tmp_path / 'more')
@@ -174,7 +173,6 @@ def test_freeze_shared_trains_only_the_new_task_and_old_outputs_stay_bitwise(
   from pathways.nn import grow as grow_lib  # pylint: disable=g-import-not-at-top
   c = _config(data_dir, num_steps=3, eval_every=3)
   c.tasks = ('digits', 'parity', 'addition')
-  registry.get_task('addition').data('train', data_dir)
   c.init_from = reference_run
   c.freeze = ('shared',)
   c.model.grown = [dict(kind='clone', task='addition', layer=1, expert=0, hidden=16)]
@@ -355,7 +353,6 @@ def test_clones_are_chosen_where_the_new_task_routes(reference_run, data_dir):
   from pathways.train import clones  # pylint: disable=g-import-not-at-top
   c = _config(data_dir, num_steps=3, eval_every=3)
   c.tasks = ('digits', 'parity', 'addition')
-  registry.get_task('addition').data('train', data_dir)
   c.init_from = reference_run
   c.freeze = ('shared',)
   counts = clones.route_counts(c, 'addition', batches=2)
