@@ -2,12 +2,15 @@
 
 Before training starts (imports, compilation, restoring) there is nothing to save: the
 launcher installs `exit_cleanly_on_signal` first thing, so such a signal ends the process
-with status 0 and a line saying so. From the first step on, `Stop` takes over: the step in
+with status 0 and a line saying so; it leaves with `os._exit`, since an exception raised from
+a signal handler lands in whatever code runs (a class body under import turns SystemExit into
+RuntimeError). From the first step on, `Stop` takes over: the step in
 flight finishes, the state is saved, the process exits 0. Both restore the previous
 handlers when done, also when the run fails.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -18,7 +21,8 @@ def _exit(signum, frame):
   del frame
   print(f'{signal.Signals(signum).name} before training started: nothing to save; exiting.',
         flush=True)
-  sys.exit(0)
+  sys.stderr.flush()
+  os._exit(0)  # pylint: disable=protected-access
 
 
 def exit_cleanly_on_signal() -> None:

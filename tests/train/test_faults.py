@@ -295,3 +295,26 @@ def test_sigterm_during_start_up_exits_cleanly(data_dir, tmp_path):
   assert proc.returncode == 0, output[-3000:]
   assert 'SIGTERM' in output and ('nothing to save' in output or 'nothing trained' in output
                                   or 'saved step' in output), output[-3000:]
+
+
+def test_start_up_signal_exits_zero_even_inside_a_class_definition():
+  """A signal that lands while an import builds a class (CI once caught SIGTERM inside
+  grain's `cached_property.__set_name__`, which turned SystemExit into RuntimeError) still
+  ends the process with status 0."""
+  script = '\n'.join([
+      'import os, signal',
+      'from pathways.train import signals',
+      'signals.exit_cleanly_on_signal()',
+      'class Name:',
+      '  def __set_name__(self, owner, name):',
+      '    os.kill(os.getpid(), signal.SIGTERM)',
+      '    for _ in range(10**6): pass',
+      'class Owner:',
+      '  attribute = Name()',
+      'print("not reached")',
+  ])
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'SIGTERM before training started' in proc.stdout
+  assert 'not reached' not in proc.stdout
