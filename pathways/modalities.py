@@ -39,6 +39,13 @@ class Modality:
     """Tokens one example of this padded array shape takes in the stack."""
     raise NotImplementedError
 
+  def token_slots(self, input_shape, shape, patch: int) -> np.ndarray:
+    """bool [tokens(shape)]: the positions of the stem's tokens that an example of a task with
+    this `input_shape` can fill in an array of padded `shape` (sequence packing computes only
+    these). Default: the example's own tokens, first."""
+    own = self.tokens(self.example_shape(input_shape), patch)
+    return np.arange(self.tokens(shape, patch)) < own
+
   def finish(self, batch) -> None:
     """Fills the arrays derived from this modality's rows once a numpy batch is written."""
 
@@ -62,6 +69,12 @@ class Image(Modality):
 
   def tokens(self, shape, patch):
     return (shape[0] // patch) * (shape[1] // patch)
+
+  def token_slots(self, input_shape, shape, patch):
+    """The patches that overlap the task's own image (row-major, as the stem orders them)."""
+    rows = np.arange(shape[0] // patch) * patch < input_shape[0]
+    cols = np.arange(shape[1] // patch) * patch < input_shape[1]
+    return (rows[:, None] & cols[None, :]).reshape(-1)
 
 
 class Bytes(Modality):

@@ -13,7 +13,8 @@ the step), compiles, runs --warmup untimed steps, then times --steps steps endin
   * einsum: the one-hot reference dispatcher;
   * dense: no MoE layers (`moe_every=0`): every layer a dense FFN of width mlp_hidden.
 Each prints one JSON line: the config and its overrides, device, mesh, variant, rows and
-tokens per step (real tokens and padded positions), lower + compile seconds, median (and
+tokens per step (real tokens, and the token slots the blocks compute: B x L_max padded, or the
+packed rows with `model.pack`), lower + compile seconds, median (and
 min, max) step milliseconds, examples/s and tokens/s, two FLOP counts per step with the
 TFLOP/s they give, their ratio (`matmul_to_model_flops`: padding and recompute made
 visible), `real_token_fraction` (real tokens over the token slots computed), MFU against the
@@ -21,7 +22,7 @@ device's peak (`pathways/train/peak.py`), `data_wait_fraction` (--steps more ste
 from the pipeline, as the loop feeds them: the time spent waiting for their batches over their
 wall time), the compiled step's memory and the device's peak memory. With --remat and
 --remat_hidden every variant runs once per rematerialization setting (memory and time of
-each). FLOP counts:
+each); with --pack=off,on once without and once with sequence packing. FLOP counts:
   * model: the model's own counter (`flops_per_example`: forward FLOPs of the layers each
     example reaches, over its real tokens and the experts it used), times 3 for forward +
     backward: the useful work;
@@ -36,6 +37,8 @@ each). FLOP counts:
       --variants=sorted,ragged,dense --out=/tmp/train_step.jsonl
   python -m tools.benchmark_train --config=experiments/configs/multitask.py \
       --variants=sorted --remat=none,full,dots,dots_no_batch --remat_hidden=keep,recompute
+  python -m tools.benchmark_train --config=experiments/configs/multitask.py \
+      --variants=sorted,dense --pack=off,on
 
 The device's peak memory (`memory_stats()['peak_bytes_in_use']`, absent on CPU) is the
 process's peak so far, so with several variants it is the largest of those run yet; the
@@ -78,6 +81,8 @@ def define_flags():
                     "config's.")
   flags.DEFINE_list('remat_hidden', [], "The experts' backward: 'keep' the hidden activations "
                     "or 'recompute' them (model.moe.remat_hidden); empty: the config's.")
+  flags.DEFINE_list('pack', [], "Sequence packing to run each variant with: 'off', 'on' "
+                    "(model.pack); empty: the config's.")
   flags.DEFINE_string('out', None, 'Also write the JSON lines here.')
   flags.mark_flags_as_required(['config'])
 
@@ -102,15 +107,21 @@ def main(argv):
   if bad:
     raise app.UsageError(f"--remat_hidden={bad[0]!r}: must be 'keep' or 'recompute'")
   hiddens = [hidden[h] for h in FLAGS.remat_hidden] or [None]
+  switch = {'off': False, 'on': True}
+  bad = [p for p in FLAGS.pack if p not in switch]
+  if bad:
+    raise app.UsageError(f"--pack={bad[0]!r}: must be 'off' or 'on'")
+  packs = [switch[p] for p in FLAGS.pack] or [None]
   with open(FLAGS.out, 'w') if FLAGS.out else contextlib.nullcontext() as out:
-    for variant, remat, remat_hidden in itertools.product(FLAGS.variants, remats, hiddens):
+    for variant, remat, remat_hidden, pack in itertools.product(FLAGS.variants, remats, hiddens,
+                                                                packs):
       if variant == 'dense' and remat_hidden:  # no experts: the same step as 'keep'
         continue
       # each row written as it comes: a crash keeps the earlier ones
       line = json.dumps(dict(named, **benchmark_lib.benchmark(
           FLAGS.config, variant, steps=FLAGS.steps, repeats=FLAGS.repeats,
           warmup=FLAGS.warmup, num_batches=FLAGS.batches, remat=remat,
-          remat_hidden=remat_hidden)))
+          remat_hidden=remat_hidden, pack=pack)))
       for stream in [sys.stdout] + ([out] if out else []):
         print(line, file=stream, flush=True)
 

@@ -11,14 +11,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def attention_mask(mask_BxL, causal_B):
+def attention_mask(mask_BxL, causal_B, segment_BxL=None):
   """[B, L, L] bool: query i may see key j. Padding keys are hidden; causal rows see j <= i.
 
+  Packed rows (`pathways.nn.packing`): `segment_BxL` gives each slot's example; a query sees
+  keys of its own segment only, and `causal_B` may be per query token ([B, L]: causal within
+  the segment, whose positions are contiguous and in order).
   A padding query sees itself only, so its softmax stays finite (its output is ignored).
   """
   b, l = mask_BxL.shape
   tril = jnp.tril(jnp.ones((l, l), bool))
-  allowed = mask_BxL[:, None, :] & jnp.where(causal_B[:, None, None], tril[None], True)
+  causal_BxL = causal_B if causal_B.ndim == 2 else jnp.broadcast_to(causal_B[:, None], (b, l))
+  allowed = mask_BxL[:, None, :] & jnp.where(causal_BxL[:, :, None], tril[None], True)
+  if segment_BxL is not None:
+    allowed = allowed & (segment_BxL[:, :, None] == segment_BxL[:, None, :])
   return allowed | (~mask_BxL[:, :, None] & jnp.eye(l, dtype=bool)[None])
 
 
@@ -36,14 +42,15 @@ class SelfAttention(nnx.Module):
     self.w_out_DxD = nnx.Param(init(rngs.params(), (d_model, d_model), jnp.float32),
                                logical_axes=('heads', 'embed'))
 
-  def __call__(self, x_BxLxD, mask_BxL, causal_B):
+  def __call__(self, x_BxLxD, mask_BxL, causal_B, segment_BxL=None):
+    """`causal_B`: [B] per row, or [B, L] per query token with `segment_BxL` (packed rows)."""
     b, l, d = x_BxLxD.shape
     h = self.num_heads
     qkv = x_BxLxD.reshape(b * l, d).astype(self.dtype) @ self.w_qkv_Dx3D[...].astype(self.dtype)
     q, k, v = jnp.split(qkv.reshape(b, l, 3, h, d // h), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, L, H, K]
     logits_BxHxLxL = jnp.einsum('bqhk,bshk->bhqs', q, k).astype(jnp.float32) / jnp.sqrt(d // h)
-    allowed = attention_mask(mask_BxL, causal_B)[:, None]
+    allowed = attention_mask(mask_BxL, causal_B, segment_BxL)[:, None]
     probs = jax.nn.softmax(jnp.where(allowed, logits_BxHxLxL, -1e30), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqs,bshk->bqhk', probs, v).reshape(b * l, d)
     return (out @ self.w_out_DxD[...].astype(self.dtype)).reshape(b, l, d).astype(x_BxLxD.dtype)

@@ -40,6 +40,7 @@ from pathways.nn import attention
 from pathways.nn import budget as budget_lib
 from pathways.nn import grow as grow_lib
 from pathways.nn import moe
+from pathways.nn import packing
 from pathways.nn import router as router_lib
 from pathways.nn import stems
 
@@ -150,11 +151,12 @@ class Block(nnx.Module):
     self.ffn = ffn
 
   def __call__(self, x, mask_BxL, causal_B, task_ids_B, logit_bias, deterministic,
-               active_BxL=None):
+               active_BxL=None, segment_BxL=None):
     """Returns (x, MoEStats or None for a dense layer). `active_BxL` (default `mask_BxL`):
     the tokens the MoE layer routes (exited tokens take no expert; attention still reads
-    every real token)."""
-    x = x + self.attn(self.norm1(x), mask_BxL, causal_B)
+    every real token). Packed rows (`pathways.nn.packing`): `segment_BxL` keeps attention
+    within each example, and `causal_B` and `task_ids_B` are per token ([B, L])."""
+    x = x + self.attn(self.norm1(x), mask_BxL, causal_B, segment_BxL)
     h = self.norm2(x)
     if isinstance(self.ffn, moe.MoELayer):
       y, stats = self.ffn(h, mask_BxL=mask_BxL if active_BxL is None else active_BxL,
@@ -202,6 +204,12 @@ class Figure1Model(nnx.Module):
       classifier, sigmoid(w_l . state + b_l), trained beside the exits: 2 D FLOPs per check).
     grown: components the architecture search added for single tasks (`pathways.nn.grow`):
       expert clones inside MoE layers and task-private FFN blocks after layers.
+    pack: sequence packing (`pathways.nn.packing`): each block computes the examples' possible
+      token slots packed into fewer rows (segments attend within themselves) instead of
+      [B, L_max]; the numbers are the same up to float rounding, except that MoE capacity
+      (capacity_factor x tokens per group) counts the packed slots, so it stops growing with
+      padding. MoE layers that route on whole examples (route_on='example') or mix tokens
+      (Soft MoE) need one example per row and are refused.
     dtype: compute dtype (parameters float32, routers float32).
   """
 
@@ -211,7 +219,8 @@ class Figure1Model(nnx.Module):
                halting: bool = False, exit_weights: Sequence[float] | None = None,
                exit_confidence: str = 'softmax', mod_every: int = 0,
                mod_capacity: float = 0.5, remat: bool | str = False,
-               grown: Sequence[grow_lib.Grown] = (), dtype=jnp.float32, rngs: nnx.Rngs):
+               grown: Sequence[grow_lib.Grown] = (), pack: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     for t in tasks:
       if t.modality not in stems.STEMS:
         raise ValueError(f'task {t.name!r}: modality {t.modality!r} has no stem; stems exist '
@@ -246,6 +255,10 @@ class Figure1Model(nnx.Module):
         ffn = moe.DenseFFN(d_model, mlp_hidden, dtype=dtype, rngs=rngs)
       blocks.append(Block(d_model, num_heads, ffn, dtype=dtype, rngs=rngs))
     self.blocks = nnx.List(blocks)
+    self.seq_len = max(modalities_lib.get(m).tokens(layout.shapes[modalities_lib.get(m).array],
+                                                    patch) for m in layout.rows)  # L_max
+    # static graph data (hashable, compared by value like the layout)
+    self.plan = self._pack_plan(tasks, layout, patch, moe_kwargs) if pack else None
     self.mod_layers = tuple(l for l in range(num_layers) if mod_every and (l + 1) % mod_every == 0)
     self.mod_capacity = float(mod_capacity)
     if self.mod_layers:
@@ -304,6 +317,25 @@ class Figure1Model(nnx.Module):
     self.heads = nnx.Dict({
         t.name: nnx.Param(init(rngs.params(), (d_model, t.num_classes), jnp.float32))
         for t in tasks})
+
+  def _pack_plan(self, tasks, layout, patch, moe_kwargs):
+    """The packing plan of this layout, refusing MoE routers that need one example per row."""
+    for layer in self.moe_layers:
+      ffn = self.blocks[layer].ffn
+      if ffn.route_on == 'example' or ffn.router.mixes_tokens:
+        what = ("route_on='example' (routes a row on its mean token)" if ffn.route_on ==
+                'example' else f'router {type(ffn.router).__name__} (its slots mix a row\'s tokens)')
+        raise ValueError(f'pack=True: MoE layer {layer} uses {what}, which needs one example '
+                         f'per row; use pack=False.')
+    return packing.plan_for(tasks, layout, patch,
+                            moe_kwargs.get('group_size') if self.moe_layers else None)
+
+  @property
+  def computed_token_slots(self) -> int:
+    """Token slots each block computes per batch: packed rows x L, or B x L_max unpacked."""
+    if self.plan is not None:
+      return self.plan.computed_slots
+    return self.layout.batch_size * self.seq_len
 
   @staticmethod
   def _moe_layer(d_model, tasks, heads, clones, moe_kwargs, dtype, rngs):
@@ -391,9 +423,8 @@ class Figure1Model(nnx.Module):
         selected_BxL, gate_BxL = self.depth_route(layer, x, mask)
         block_mask = active = mask & selected_BxL
         route_flops_BxL = 2.0 * d_model * mask
-      call = _BLOCK_CALLS[self.remat]
-      x_new, stats = call(block, x, block_mask, causal_B, task_ids, bias, deterministic,
-                          active if exiting else None)
+      x_new, stats = self._call_block(block, x, block_mask, causal_B, task_ids, bias,
+                                      deterministic, active if exiting else None)
       x_new, grown_flops_BxL = self._task_ffns(layer, x_new, active)
       if layer in self.mod_layers:
         x_new = jnp.where(block_mask[..., None], x + gate_BxL[..., None] * (x_new - x), x)
@@ -467,6 +498,29 @@ class Figure1Model(nnx.Module):
                        flops_per_example=flops_B,
                        aux_loss=aux_loss, budget_loss=budget_loss, budget=budget_metrics,
                        moe=moe_stats, ponder_cost=ponder_cost, halting=halting, exits=exits)
+
+  def _call_block(self, block, x, mask, causal_B, task_ids, bias, deterministic, active):
+    """One block on the canonical [B, L_max] layout, computed packed when the model packs
+    (`pathways.nn.packing`): inputs gathered into packed rows, the output and the MoE
+    layer's per-token stats scattered back (slots no example fills pass x through)."""
+    call = _BLOCK_CALLS[self.remat]
+    plan = self.plan
+    if plan is None:
+      return call(block, x, mask, causal_B, task_ids, bias, deterministic, active)
+    b, l = mask.shape
+    filled = packing.filled(plan)
+    per_token = lambda a_B: packing.pack(plan, jnp.broadcast_to(a_B[:, None], (b, l)))  # noqa: E731
+    y, stats = call(block, packing.pack(plan, x), packing.pack(plan, mask) & filled,
+                    per_token(causal_B), per_token(task_ids),
+                    None if bias is None else packing.pack(plan, bias), deterministic,
+                    None if active is None else packing.pack(plan, active) & filled,
+                    packing.segments(plan))
+    if stats is not None:
+      back = lambda a: packing.unpack(plan, a, jnp.zeros((b, l) + a.shape[2:], a.dtype))  # noqa: E731
+      stats = stats.replace(flops_BxL=back(stats.flops_BxL),
+                            expected_flops_BxL=back(stats.expected_flops_BxL),
+                            record={k: back(v) for k, v in stats.record.items()})
+    return packing.unpack(plan, y, x), stats
 
   def _layer_logits(self, pooled_L, states_L, pooled_only=False) -> dict:
     """{task: [L, n_i, ...]} logits at every layer from the normed states (pooled [B, D] per
@@ -619,8 +673,8 @@ class Figure1Model(nnx.Module):
     return p_LxB, jnp.minimum(halt_B, num_layers - 1)
 
 
-def _block(block, x, mask, causal, task_ids, bias, deterministic, active=None):
-  return block(x, mask, causal, task_ids, bias, deterministic, active)
+def _block(block, x, mask, causal, task_ids, bias, deterministic, active=None, segment=None):
+  return block(x, mask, causal, task_ids, bias, deterministic, active, segment)
 
 
 REMAT_POLICIES = {'': None, 'full': jax.checkpoint_policies.nothing_saveable,

@@ -222,7 +222,8 @@ class MoELayer(nnx.Module):
     Args:
       x_BxLxD: input tokens.
       mask_BxL: active tokens (False: padding or halted; such tokens take no expert).
-      task_ids_B: task of each example (needed for route_on='task' and grown experts).
+      task_ids_B: task of each example (needed for route_on='task' and grown experts), or
+        of each token ([B, L]: packed rows, several examples per row).
       causal_B: rows of per-position (causal) tasks; route_on='example' routes them on the
         mean of their tokens so far. None: every row is causal when the layer is.
       logit_bias_BxLxE: added to router logits (E' wide): per-task priors, -inf masks.
@@ -280,9 +281,12 @@ class MoELayer(nnx.Module):
       raise ValueError(f'mask_BxL.shape={mask_BxL.shape}: must be (B, L) = {(b, l)}.')
     task_ids_GxS = None
     if task_ids_B is not None:
-      if task_ids_B.shape != (b,):
-        raise ValueError(f'task_ids_B.shape={task_ids_B.shape}: must be (B,) = {(b,)}.')
-      task_ids_GxS = jnp.broadcast_to(task_ids_B[:, None], (b, l)).reshape(g, s)
+      if task_ids_B.shape not in ((b,), (b, l)):
+        raise ValueError(f'task_ids_B.shape={task_ids_B.shape}: must be (B,) = {(b,)} or, per '
+                         f'token (packed rows), (B, L) = {(b, l)}.')
+      if task_ids_B.ndim == 1:
+        task_ids_B = jnp.broadcast_to(task_ids_B[:, None], (b, l))
+      task_ids_GxS = task_ids_B.reshape(g, s)
     if causal_B is None and self.causal:
       causal_B = jnp.ones((b,), bool)
     signal = router_lib.routing_signal(x_BxLxD, mask_BxL, self.route_on, causal_B)

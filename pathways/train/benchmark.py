@@ -73,18 +73,20 @@ def matmul_flops(jaxpr) -> float:
 
 
 def _token_counts(model_graphdef, state, batches):
-  """(padded tokens per step, mean real tokens per step, mean counted examples per step):
-  the stems' mask over rows whose weight is 1."""
+  """(token slots the blocks compute per step, mean real tokens per step, mean counted
+  examples per step): real tokens are the stems' mask over rows whose weight is 1; the
+  computed slots are B x L_max, or the packed rows' slots when the model packs."""
   @jax.jit
   def count(state, batch):
     model = nnx.merge(model_graphdef, state['model'])
     _, mask_BxL, _ = model.embed(batch)
     real_B = batch['weight'] > 0
-    return mask_BxL.size, (mask_BxL * real_B[:, None]).sum(), real_B.sum()
+    return (mask_BxL * real_B[:, None]).sum(), real_B.sum()
 
   counts = [jax.device_get(count(state, b)) for b in batches]
-  return int(counts[0][0]), float(np.mean([c[1] for c in counts])), float(
-      np.mean([c[2] for c in counts]))
+  slots = nnx.merge(model_graphdef, state['model']).computed_token_slots
+  return int(slots), float(np.mean([c[0] for c in counts])), float(
+      np.mean([c[1] for c in counts]))
 
 
 def _bytes(stats, key):
@@ -93,11 +95,11 @@ def _bytes(stats, key):
 
 def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
               num_batches: int, remat: str | None = None,
-              remat_hidden: bool | None = None) -> dict:
+              remat_hidden: bool | None = None, pack: bool | None = None) -> dict:
   """Times `steps` train steps `repeats` times for one variant; returns the JSON row.
 
-  `remat` (a `pathways.nn.model.REMAT_POLICIES` name) and `remat_hidden` override the
-  config's rematerialization when given. After the timed repeats, `steps` more steps run fed
+  `remat` (a `pathways.nn.model.REMAT_POLICIES` name), `remat_hidden` and `pack` (sequence
+  packing) override the config's when given. After the timed repeats, `steps` more steps run fed
   live from the pipeline, as the training loop feeds them: `data_wait_fraction` is the time
   spent waiting for their batches (`next` and the device put) over those steps' wall time.
   """
@@ -106,13 +108,15 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
     config.model.remat = remat
   if remat_hidden is not None:
     config.model.moe.remat_hidden = remat_hidden
+  if pack is not None:
+    config.model.pack = pack
   exp = experiment.build(config)
   config, pipe, mesh, state = exp.config, exp.pipeline, exp.mesh, exp.init_state()
   t0 = time.perf_counter()
   host = [next(pipe) for _ in range(num_batches)]
   pipeline_ms = 1e3 * (time.perf_counter() - t0) / num_batches
   batches = [exp.put(b) for b in host]
-  padded_tokens, real_tokens, examples = _token_counts(exp.model_graphdef, state, batches)
+  slots, real_tokens, examples = _token_counts(exp.model_graphdef, state, batches)
   step = loop.jit_train_step(exp)
   with jax.set_mesh(mesh):  # MoE layers trace expert parallel under it
     t0 = time.perf_counter()
@@ -170,16 +174,17 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
       'banks': None if variant == 'dense' else [list(b) for b in moe.banks],
       'batch_rows': pipe.layout.batch_size,
       'examples_per_step': examples,
-      'padded_tokens_per_step': padded_tokens,
+      'pack': bool(config.model.get('pack', False)),
+      'computed_token_slots_per_step': slots,
       'tokens_per_step': real_tokens,
-      'real_token_fraction': real_tokens / padded_tokens,
+      'real_token_fraction': real_tokens / slots,
       'compile_s': round(compile_s, 2),
       'step_ms_median': 1e3 * step_s,
       'step_ms_min': 1e3 * min(times),
       'step_ms_max': 1e3 * max(times),
       'examples_per_s': examples / step_s,
       'tokens_per_s': real_tokens / step_s,
-      'padded_tokens_per_s': padded_tokens / step_s,
+      'computed_token_slots_per_s': slots / step_s,
       'pipeline_ms_per_batch': pipeline_ms,
       'live_step_ms': 1e3 * live_s / steps,
       'data_wait_fraction': waited / live_s,

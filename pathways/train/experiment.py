@@ -234,6 +234,8 @@ def _validate_model(m) -> None:
   except ValueError:
     _bad('model.remat', m.remat, f'must be one of {tuple(model_lib.REMAT_POLICIES)} (or '
          f'True / False: \'full\' / \'\')')
+  if not isinstance(m.get('pack', False), bool):
+    _bad('model.pack', m.pack, 'must be True or False')
   if not isinstance(m.moe.get('remat_hidden', False), bool):
     _bad('model.moe.remat_hidden', m.moe.remat_hidden, 'must be True or False')
   if not _int(m.moe_every, 0):
@@ -372,7 +374,7 @@ def model_from_config(config, tasks, layout, rngs: nnx.Rngs) -> model_lib.Figure
                                                             m.num_layers),
       exit_confidence=m.get('exit_confidence', 'softmax'), mod_every=m.get('mod_every', 0),
       mod_capacity=m.get('mod_capacity', 0.5),
-      remat=m.remat, grown=grown_from_config(config),
+      remat=m.remat, grown=grown_from_config(config), pack=m.get('pack', False),
       dtype=DTYPES[m.dtype], rngs=rngs)
 
 
@@ -386,10 +388,11 @@ def grown_from_config(config) -> tuple[grow_lib.Grown, ...]:
 def model_signature(config) -> dict:
   """What a checkpoint's shapes depend on: a workdir refuses a config that changes it. The
   router spec counts with its defaults filled in (an option left out equals its default);
-  rematerialization (`model.remat`, `model.moe.remat_hidden`) is left out: it changes what the
-  backward recomputes, not the parameters or the numbers."""
+  rematerialization (`model.remat`, `model.moe.remat_hidden`) and packing (`model.pack`) are
+  left out: they change what the step computes on, not the parameters."""
   model = config.model.to_dict()
   model.pop('remat', None)
+  model.pop('pack', None)
   model['moe'].pop('remat_hidden', None)
   model['moe']['router'] = router_lib.resolved(model['moe']['router'])
   return {'tasks': comma_list(config.tasks), 'model': model}

@@ -19,8 +19,9 @@ def test_row_is_consistent(data_dir):
   assert r['mesh'] == {'data': 1, 'expert': 1}
   assert r['batch_rows'] == config.data.batch_size
   assert 0 < r['examples_per_step'] <= r['batch_rows']
-  assert 0 < r['tokens_per_step'] <= r['padded_tokens_per_step']
-  assert r['padded_tokens_per_step'] % r['batch_rows'] == 0  # rows x the longest sequence
+  assert 0 < r['tokens_per_step'] <= r['computed_token_slots_per_step']
+  assert r['computed_token_slots_per_step'] % r['batch_rows'] == 0  # rows x the longest sequence
+  assert r['pack'] is False
   assert r['compile_s'] > 0
   assert 0 < r['step_ms_min'] <= r['step_ms_median'] <= r['step_ms_max']
   seconds = r['step_ms_median'] / 1e3
@@ -33,7 +34,7 @@ def test_row_is_consistent(data_dir):
   assert r['matmul_to_model_flops'] == pytest.approx(
       r['matmul_flops_per_step'] / r['model_flops_per_step']) and r['matmul_to_model_flops'] > 1
   assert r['real_token_fraction'] == pytest.approx(
-      r['tokens_per_step'] / r['padded_tokens_per_step']) and 0 < r['real_token_fraction'] <= 1
+      r['tokens_per_step'] / r['computed_token_slots_per_step']) and 0 < r['real_token_fraction'] <= 1
   assert 0 <= r['data_wait_fraction'] < 1 and r['live_step_ms'] > 0
   assert r['remat'] == '' and r['remat_hidden'] is None
   assert r['peak_source'] == 'measured float32 matmul' and r['peak_flops_per_device'] > 0
@@ -55,6 +56,33 @@ def test_remat_overrides_recompute_more(data_dir):
   assert [r['remat_hidden'] for r in rows.values()] == [False, True, False]
   keep = rows['', False]['matmul_flops_per_step']
   assert keep < rows['', True]['matmul_flops_per_step'] < rows['full', False]['matmul_flops_per_step']
+
+
+def test_packing_computes_fewer_slots_for_the_same_tokens(data_dir):
+  """digits (16 patches) beside addition (32 bytes): two digits per packed row of 32 slots."""
+  config = tiny_config.get_config(data_dir)
+  config.tasks = ['digits', 'addition']
+  rows = [benchmark_train.benchmark(config, 'dense', steps=1, repeats=1, warmup=0,
+                                    num_batches=2, pack=p) for p in (False, True)]
+  assert [r['pack'] for r in rows] == [False, True]
+  assert rows[0]['tokens_per_step'] == rows[1]['tokens_per_step']
+  assert rows[1]['computed_token_slots_per_step'] < rows[0]['computed_token_slots_per_step']
+  assert rows[1]['matmul_flops_per_step'] < rows[0]['matmul_flops_per_step']
+  assert rows[1]['real_token_fraction'] > rows[0]['real_token_fraction']
+
+
+def test_packing_report_counts_the_same_tokens_in_fewer_slots(data_dir):
+  from tools import packing_report  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config(data_dir)
+  config.tasks = ['digits', 'addition']
+  r = packing_report.report(config, batches=2, shards=2)
+  assert r['batch_rows'] == 8 and r['shards'] == 2 and r['l_max'] == 32
+  # a block: 2 digits (16 patches) + 2 additions (32 bytes) = 96 slots in rows of 32 or more
+  assert r['possible_slots_per_step'] == 2 * 96 == r['packed_slots_per_step']
+  assert r['padded_slots_per_step'] == 8 * 32
+  assert 0 < r['tokens_per_step'] <= r['possible_slots_per_step']
+  assert r['real_token_fraction_packed'] == pytest.approx(r['tokens_per_step'] / (2 * 96))
+  assert r['real_token_fraction_packed'] > r['real_token_fraction_padded']
 
 
 def test_variant_config():
