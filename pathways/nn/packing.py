@@ -16,7 +16,10 @@ example can fill pass through unchanged), so everything outside the blocks (pool
 exits, halting, FLOPs accounting, the routing record) keeps the batch contract's layout.
 
 With several data shards the batch is `shards` equal blocks (`BatchLayout`); each block packs
-into its own rows with the same plan, so packed rows shard like batch rows.
+into its own rows with the same plan, so packed rows shard like batch rows. Traced under a
+mesh (`jax.set_mesh`), the block axis is pinned to the mesh axes that split the batch (the
+leading axes whose sizes multiply to `shards`), so the gathers stay on each device; left to
+itself the compiler may follow FSDP weights onto the model axis and exchange activations.
 
 Vocabulary: B batch rows, L length (L_max), R packed rows, T tokens.
 """
@@ -25,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from pathways import modalities as modalities_lib
 
@@ -173,21 +178,44 @@ def plan_for(tasks, layout, patch: int, group_size: int | None = None) -> PackPl
   return make_plan(possible_mask(tasks, layout, patch), layout.shards, group_size)
 
 
+def block_axes(shards: int) -> tuple[str, ...] | None:
+  """The context mesh's leading axes whose sizes multiply to `shards` (the axes that split
+  the batch into its blocks), or None without a mesh of several devices or such axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or shards == 1:
+    return None
+  size = 1
+  for i, n in enumerate(mesh.axis_sizes):
+    size *= n
+    if size == shards:
+      return tuple(mesh.axis_names[:i + 1])
+    if size > shards:
+      return None
+  return None
+
+
+def _on_blocks(a):
+  """a [shards, ...] with its block axis split over the batch's mesh axes (see the module
+  docstring); unchanged without a mesh."""
+  axes = block_axes(a.shape[0])
+  return a if axes is None else jax.lax.with_sharding_constraint(a, P(axes))
+
+
 def pack(plan: PackPlan, a_BxL):
   """[B, L, ...] canonical -> [shards * R_s, L_p, ...] packed (empty slots hold row 0's first
   token: mask them with `filled`)."""
   rest = a_BxL.shape[2:]
-  a = a_BxL.reshape((plan.shards, plan.block_rows * plan.canonical_length) + rest)
-  out = jnp.take(a, jnp.asarray(plan.source_T, jnp.int32), axis=1)
+  a = _on_blocks(a_BxL.reshape((plan.shards, plan.block_rows * plan.canonical_length) + rest))
+  out = _on_blocks(jnp.take(a, jnp.asarray(plan.source_T, jnp.int32), axis=1))
   return out.reshape((plan.shards * plan.rows, plan.length) + rest)
 
 
 def unpack(plan: PackPlan, a_RxL, fill_BxL):
   """[shards * R_s, L_p, ...] packed -> [B, L, ...]; slots not computed take `fill_BxL`."""
   rest = a_RxL.shape[2:]
-  a = a_RxL.reshape((plan.shards, plan.rows * plan.length) + rest)
+  a = _on_blocks(a_RxL.reshape((plan.shards, plan.rows * plan.length) + rest))
   index = jnp.asarray(np.maximum(plan.target_T, 0), jnp.int32)
-  out = jnp.take(a, index, axis=1).reshape(fill_BxL.shape)
+  out = _on_blocks(jnp.take(a, index, axis=1)).reshape(fill_BxL.shape)
   computed = jnp.asarray(plan.target_T >= 0).reshape(
       (1, plan.block_rows, plan.canonical_length) + (1,) * len(rest))
   out = out.reshape((plan.shards, plan.block_rows, plan.canonical_length) + rest)

@@ -14,7 +14,8 @@ from pathways.train import benchmark as benchmark_train
 
 def test_row_is_consistent(data_dir):
   config = tiny_config.get_config(data_dir)
-  r = benchmark_train.benchmark(config, 'dense', steps=2, repeats=2, warmup=1, num_batches=2)
+  r = benchmark_train.benchmark(config, 'dense', steps=2, repeats=2, warmup=1, num_batches=2,
+                                pack=False)  # padded: slots are rows x the longest sequence
   assert r['variant'] == 'dense' and r['dispatcher'] is None and r['moe_layers'] == 0
   assert r['mesh'] == {'data': 1, 'expert': 1}
   assert r['batch_rows'] == config.data.batch_size
