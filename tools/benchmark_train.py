@@ -10,6 +10,8 @@ the step), compiles, runs --warmup untimed steps, then times --steps steps endin
 `block_until_ready`, --repeats times. The variants run one after another in one process:
   * sorted: the config as given with dispatcher 'sorted' (capacity; the config's factor);
   * ragged: dispatcher 'ragged' (dropless grouped matmul, `jax.lax.ragged_dot`);
+  * pallas: dispatcher 'ragged' with the Pallas grouped-matmul kernel
+    (`model.moe.grouped_matmul='pallas'`; GPU; on CPU it runs interpreted: never time it there);
   * einsum: the one-hot reference dispatcher;
   * dense: no MoE layers (`moe_every=0`): every layer a dense FFN of width mlp_hidden.
 Each prints one JSON line: the config and its overrides, device, mesh, variant, rows and

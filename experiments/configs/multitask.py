@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                       route_on='token'),
                           capacity_factor=1.25,
                           dispatcher='sorted',  # group_size None: one group per call
+                          # dropless ('ragged') only: 'ragged_dot' or 'pallas' (kernel)
+                          grouped_matmul='ragged_dot',
                           group_size=config_dict.placeholder(int),
                           # always-on experts beside the routed ones (DeepSeekMoE) and their
                           # width (None: the first bank's); granularity G splits every

@@ -157,6 +157,14 @@ def bench_config(t: int, e: int, cfg: Setting, log=lambda msg: None) -> dict:
     ragged_note = (f'not run: E={e} > --ragged_max_groups={cfg.ragged_max_groups} (XLA does '
                    f'per-expert dense work for ragged_dot on CPU, and ran out of memory '
                    f'compiling it at E=512 on a GPU)')
+  pallas_note = None
+  if jax.default_backend() != 'cpu':
+    variants['pallas'] = (moe.MoELayer(d, [(e, f_expert)], dict(name='top_k', k=k),
+                                       capacity_factor=None, eval_capacity_factor=None,
+                                       dispatcher='ragged', grouped_matmul='pallas',
+                                       rngs=rngs()), True)
+  else:
+    pallas_note = 'not run: on CPU the Pallas kernel runs interpreted (tested, never timed)'
   # fine-grained experts split each coarse expert in two: each half keeps its parent's bias
   compiled = {name: _make_fns(m, jnp.repeat(bias, m.num_experts // e) if is_moe else bias,
                               is_moe) for name, (m, is_moe) in variants.items()}
@@ -193,6 +201,8 @@ def bench_config(t: int, e: int, cfg: Setting, log=lambda msg: None) -> dict:
     row[f'{mode}_tokens_per_second'] = {n: t / v for n, v in secs.items()}
   if ragged_note:
     row['ragged'] = ragged_note
+  if pallas_note:
+    row['pallas'] = pallas_note
   return row
 
 

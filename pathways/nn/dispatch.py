@@ -19,9 +19,11 @@ one matmul over all its groups' slots (vmap over groups measured 30% slower on C
     gathered into [E, C, D] buffers, one batched matmul per bank, gathered back. Both the
     forward and the backward pass are gathers (`pathways.nn.gather`): no [S, E, C] tensor
     and no scatter-add on the hot path.
-  * 'ragged': dropless grouped matmul with `jax.lax.ragged_dot` over expert-sorted tokens,
-    for GPU/TPU. XLA:CPU lowers ragged_dot to one dense matmul per group, so it is correct
-    but slow on CPU and never the CPU default.
+  * 'ragged': dropless grouped matmul over expert-sorted tokens, for GPU/TPU. The grouped
+    FFN is `pathways.nn.grouped_matmul.GROUPED_MATMULS[grouped_matmul]`: 'ragged_dot'
+    (`jax.lax.ragged_dot`; XLA:CPU lowers it to one dense matmul per group, so it is correct
+    but slow on CPU and never the CPU default) or 'pallas' (a tiled grouped-matmul kernel;
+    interpret mode on CPU).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 
 from pathways import registry
 from pathways.nn import experts as experts_lib
+from pathways.nn import grouped_matmul as grouped_lib
 
 DISPATCHERS = registry.Registry('dispatcher')
 
@@ -76,15 +79,12 @@ def dispatch_sorted(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
 # ----------------------------------------------------------------------------- dropless
 
 
-def _ragged_ffn(x_NxD, w_in_ExDxF, w_out_ExFxD, sizes_E):
-  h = jax.nn.gelu(jax.lax.ragged_dot(x_NxD, w_in_ExDxF, sizes_E))
-  return jax.lax.ragged_dot(h, w_out_ExFxD, sizes_E)
-
-
-def ragged_experts(x_NxD, expert_N, weights, dtype=jnp.float32, remat_hidden=False):
+def ragged_experts(x_NxD, expert_N, weights, dtype=jnp.float32, remat_hidden=False,
+                   grouped_matmul='ragged_dot'):
   """Each row through its expert (ids over all banks; id E = no expert, output 0), as one
-  grouped matmul per bank over the rows sorted by expert (`jax.lax.ragged_dot`)."""
-  ffn = jax.checkpoint(_ragged_ffn) if remat_hidden else _ragged_ffn
+  grouped FFN per bank over the rows sorted by expert (`grouped_lib.GROUPED_MATMULS`)."""
+  ffn = grouped_lib.GROUPED_MATMULS.lookup(grouped_matmul)
+  ffn = jax.checkpoint(ffn) if remat_hidden else ffn
   e = _num_experts(weights)
   n = x_NxD.shape[0]
   order_N = jnp.argsort(expert_N, stable=True)
@@ -104,7 +104,8 @@ def ragged_experts(x_NxD, expert_N, weights, dtype=jnp.float32, remat_hidden=Fal
 
 @DISPATCHERS.register('ragged')
 def dispatch_ragged(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
-                    remat_hidden=False, run_rows=None, num_experts=None):
+                    remat_hidden=False, run_rows=None, num_experts=None,
+                    grouped_matmul='ragged_dot'):
   """Dropless grouped matmul over expert-sorted assignments (`capacity` is ignored).
 
   Dropless, so groups do not matter: all T tokens are sorted together
@@ -120,7 +121,7 @@ def dispatch_ragged(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
   x_TxD = x_GxSxD.reshape(g * s0, d)
   x_AxD = jnp.tile(x_TxD.astype(dtype), (k, 1))  # choice-major: a = k * T + t
   if run_rows is None:
-    y_AxD = ragged_experts(x_AxD, expert_A, weights, dtype, remat_hidden)
+    y_AxD = ragged_experts(x_AxD, expert_A, weights, dtype, remat_hidden, grouped_matmul)
   else:
     y_AxD = run_rows(x_AxD, expert_A)
   out = jnp.einsum('ktd,tk->td', y_AxD.reshape(k, g * s0, d), w_TxK.astype(dtype))

@@ -32,6 +32,7 @@ from flax import struct
 
 from pathways.nn import dispatch as dispatch_lib
 from pathways.nn import experts as experts_lib
+from pathways.nn import grouped_matmul as grouped_lib
 from pathways.nn import router as router_lib
 from pathways.parallel import expert_parallel
 
@@ -111,6 +112,9 @@ class MoELayer(nnx.Module):
     eval_capacity_factor: capacity factor when deterministic; defaults to capacity_factor.
     dispatcher: 'sorted' (fast default), 'einsum' (reference) or 'ragged' (dropless,
       GPU/TPU).
+    grouped_matmul: the dropless dispatcher's grouped FFN
+      (`pathways.nn.grouped_matmul.GROUPED_MATMULS`): 'ragged_dot' or 'pallas' (a tiled
+      Pallas kernel; interpret mode on CPU). Only with dispatcher='ragged'.
     group_size: S, tokens per capacity group; None puts all T tokens in one group.
     num_tasks: N, for route_on='task'.
     causal: the layer serves per-position (causal) prediction; refuses expert choice.
@@ -145,9 +149,15 @@ class MoELayer(nnx.Module):
                causal: bool = False, shared_experts: int = 0, shared_hidden: int | None = None,
                granularity: int = 1, grown: Sequence[tuple[int, int, int]] = (),
                loss_weights: Mapping[str, float] | None = None, dtype=jnp.float32,
-               remat_hidden: bool = False, rngs: nnx.Rngs):
+               remat_hidden: bool = False, grouped_matmul: str = 'ragged_dot',
+               rngs: nnx.Rngs):
     if not isinstance(remat_hidden, bool):
       raise ValueError(f'remat_hidden={remat_hidden!r}: must be True or False.')
+    grouped_lib.GROUPED_MATMULS.lookup(grouped_matmul)  # an unknown name fails here
+    if grouped_matmul != 'ragged_dot' and dispatcher != 'ragged':
+      raise ValueError(f'grouped_matmul={grouped_matmul!r} needs the dropless '
+                       f"dispatcher='ragged' (got dispatcher={dispatcher!r}).")
+    self.grouped_matmul = grouped_matmul
     if eval_capacity_factor == -1.0:
       eval_capacity_factor = capacity_factor
     self.dispatch_fn = dispatch_lib.DISPATCHERS.lookup(dispatcher)
@@ -330,8 +340,10 @@ class MoELayer(nnx.Module):
         expert_parallel.warn_once(problem)
       else:
         dispatch_fn = functools.partial(expert_parallel.PARALLEL[dispatch_fn], mesh=mesh)
+    extra = ({'grouped_matmul': self.grouped_matmul}
+             if self.dispatch_fn is dispatch_lib.dispatch_ragged else {})
     y_GxSxD, kept = dispatch_fn(x_BxLxD.reshape(g, s, d), routing, weights, capacity, self.dtype,
-                                remat_hidden=self.remat_hidden)
+                                remat_hidden=self.remat_hidden, **extra)
     y_BxLxD = y_GxSxD.reshape(b, l, d)
     if self.shared_experts:
       y_BxLxD = y_BxLxD + self.apply_shared(x_BxLxD, mask_BxL)

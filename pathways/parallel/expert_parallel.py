@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from pathways.nn import dispatch as dispatch_lib
 from pathways.nn import experts as experts_lib
+from pathways.nn import grouped_matmul as grouped_lib
 
 EXPERT_AXIS = 'expert'
 
@@ -90,11 +91,12 @@ def warn_once(message):
                   f'the compiler.')
 
 
-def _sharded(local, mesh, weights, routing, x_GxSxD, expert_axis):
+def _sharded(local, mesh, weights, routing, x_GxSxD, expert_axis, check_vma=True):
   """Runs `local(x, routing, weights)` per device: groups over every mesh axis, each bank's
   experts over `expert_axis`; weights marked varying over the other axes (each device's
   weight gradient is its groups' part, and autodiff then sums the parts; custom VJPs need
-  the match)."""
+  the match). `check_vma=False` only where a body cannot be type-checked (the Pallas
+  interpreter's block slicing mixes varying and invariant operands)."""
   x = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(expert_axis, 1)
   groups = P(tuple(mesh.axis_names))
   replicated_over = tuple(a for a in mesh.axis_names if a != expert_axis or x == 1)
@@ -106,7 +108,7 @@ def _sharded(local, mesh, weights, routing, x_GxSxD, expert_axis):
   fn = jax.shard_map(body, mesh=mesh,
                      in_specs=(groups, jax.tree.map(lambda _: groups, routing),
                                P(expert_axis) if x > 1 else P()),
-                     out_specs=(groups, groups))
+                     out_specs=(groups, groups), check_vma=check_vma)
   return fn(x_GxSxD, routing, weights)
 
 
@@ -229,12 +231,13 @@ def default_exchange() -> str:
 
 
 def dispatch_dropless(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *, mesh,
-                      remat_hidden=False, expert_axis=EXPERT_AXIS, exchange=None):
+                      remat_hidden=False, expert_axis=EXPERT_AXIS, exchange=None,
+                      grouped_matmul='ragged_dot'):
   """Expert-parallel dropless dispatch: same result as `dispatch_ragged` on one device.
 
   Per device: its tokens' assignments go to the devices holding their experts (`exchange`:
   'ragged' all-to-all on GPU/TPU, a padded dense all-to-all on CPU), each device runs its
-  experts as grouped matmuls (`ragged_dot`) over what it received, results come back.
+  experts as grouped matmuls (`grouped_matmul`) over what it received, results come back.
   """
   del capacity
   bank_sizes = [w_in.shape[0] for w_in, _ in weights]
@@ -248,19 +251,23 @@ def dispatch_dropless(x_GxSxD, routing, weights, capacity, dtype=jnp.float32, *,
   def local(x_GxSxD, routing, weights):
     def run_rows(x_AxD, expert_A):
       if x == 1:
-        return dispatch_lib.ragged_experts(x_AxD, expert_A, weights, dtype, remat_hidden)
+        return dispatch_lib.ragged_experts(x_AxD, expert_A, weights, dtype, remat_hidden,
+                                           grouped_matmul)
       valid = expert_A < e
       place_A = jnp.asarray(inverse)[jnp.minimum(expert_A, e - 1)]  # device-major position
       dest_A = jnp.where(valid, place_A // e_loc, x)
       got, got_ids, back = exchange_fn(x_AxD, (place_A % e_loc).astype(jnp.int32), dest_A, x,
                                        expert_axis)
       got_ids = jnp.where(got_ids < 0, e_loc, got_ids)
-      return back(dispatch_lib.ragged_experts(got, got_ids, weights, dtype, remat_hidden))
+      return back(dispatch_lib.ragged_experts(got, got_ids, weights, dtype, remat_hidden,
+                                              grouped_matmul))
 
     return dispatch_lib.dispatch_ragged(x_GxSxD, routing, weights, None, dtype,
                                         run_rows=run_rows, num_experts=e)
 
-  return _sharded(local, mesh, weights, routing, x_GxSxD, expert_axis)
+  interpreted = grouped_matmul == 'pallas' and grouped_lib.interpreted()
+  return _sharded(local, mesh, weights, routing, x_GxSxD, expert_axis,
+                  check_vma=not interpreted)
 
 
 PARALLEL = {dispatch_lib.dispatch_sorted: dispatch, dispatch_lib.dispatch_ragged:

@@ -28,7 +28,7 @@ from pathways.train import experiment
 from pathways.train import loop
 from pathways.train import peak as peak_lib
 
-VARIANTS = ('sorted', 'ragged', 'einsum', 'dense')
+VARIANTS = ('sorted', 'ragged', 'pallas', 'einsum', 'dense')
 
 
 def variant_config(config, variant: str):
@@ -38,9 +38,12 @@ def variant_config(config, variant: str):
   c = config.copy_and_resolve_references()
   if variant == 'dense':
     c.model.moe_every = 0
+  elif variant == 'pallas':  # the dropless dispatcher with the Pallas grouped-matmul kernel
+    c.model.moe.dispatcher = 'ragged'
+    c.model.moe.grouped_matmul = 'pallas'
   else:
     c.model.moe.dispatcher = variant
-  if variant == 'ragged':  # dropless: no capacity in training or evaluation
+  if variant in ('ragged', 'pallas'):  # dropless: no capacity in training or evaluation
     c.model.moe.capacity_factor = None
     if 'eval_capacity_factor' in c.model.moe:
       c.model.moe.eval_capacity_factor = None
@@ -50,7 +53,8 @@ def variant_config(config, variant: str):
 def matmul_flops(jaxpr) -> float:
   """2 x the multiply-adds of every matrix product (dot_general, ragged_dot) in a jaxpr,
   nested jaxprs included: scan bodies times their length, the costliest branch of a cond,
-  while-loop bodies once. A ragged product counts every row once (against its group)."""
+  while-loop bodies once. A ragged product counts every row once (against its group); a
+  Pallas kernel counts its `cost_estimate` FLOPs (`pathways.nn.grouped_matmul`: every tile)."""
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   total = 0.0
   for eqn in jaxpr.eqns:
@@ -65,6 +69,10 @@ def matmul_flops(jaxpr) -> float:
         # each row feeds only its own group's block.
         flops /= eqn.invars[2].aval.shape[-1]
       total += flops
+    if eqn.primitive.name == 'pallas_call':  # a kernel: its own cost estimate, grid included
+      cost = eqn.params.get('cost_estimate')
+      total += float(cost.flops) if cost is not None else 0.0
+      continue
     subs = [v for v in eqn.params.values() if hasattr(v, 'eqns') or hasattr(v, 'jaxpr')]
     branches = eqn.params.get('branches', ())
     total += eqn.params.get('length', 1) * sum(matmul_flops(j) for j in subs)
@@ -161,6 +169,8 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
       'mesh': {k: int(v) for k, v in mesh.shape.items()},
       'variant': variant,
       'dispatcher': None if variant == 'dense' else moe.dispatcher,
+      'grouped_matmul': (moe.get('grouped_matmul', 'ragged_dot') if moe.dispatcher == 'ragged'
+                         and variant != 'dense' else None),
       'capacity_factor': None if variant == 'dense' else moe.capacity_factor,
       'bank_ffn': None if variant == 'dense' else (
           experts_lib._default_impl  # pylint: disable=protected-access

@@ -24,6 +24,7 @@ from pathways.data import layout as layout_lib
 from pathways.data import mixture as mixture_lib
 from pathways.data import pipeline as pipeline_lib
 from pathways.nn import adaptive
+from pathways.nn import grouped_matmul as grouped_lib
 from pathways.nn import grow as grow_lib
 from pathways.nn import model as model_lib
 from pathways.nn import router as router_lib
@@ -238,6 +239,13 @@ def _validate_model(m) -> None:
     _bad('model.pack', m.pack, 'must be True or False')
   if not isinstance(m.moe.get('remat_hidden', False), bool):
     _bad('model.moe.remat_hidden', m.moe.remat_hidden, 'must be True or False')
+  grouped = m.moe.get('grouped_matmul', 'ragged_dot')
+  if grouped not in grouped_lib.GROUPED_MATMULS:
+    _bad('model.moe.grouped_matmul', grouped,
+         f'must be one of {grouped_lib.GROUPED_MATMULS.names()}')
+  if grouped != 'ragged_dot' and m.moe.get('dispatcher', 'sorted') != 'ragged':
+    _bad('model.moe.grouped_matmul', grouped, "needs model.moe.dispatcher='ragged' (the "
+         "dropless dispatcher runs the grouped matmul)")
   if not _int(m.moe_every, 0):
     _bad('model.moe_every', m.moe_every, 'must be an int >= 0 (0: no MoE layer)')
   banks = m.moe.banks
@@ -388,12 +396,14 @@ def grown_from_config(config) -> tuple[grow_lib.Grown, ...]:
 def model_signature(config) -> dict:
   """What a checkpoint's shapes depend on: a workdir refuses a config that changes it. The
   router spec counts with its defaults filled in (an option left out equals its default);
-  rematerialization (`model.remat`, `model.moe.remat_hidden`) and packing (`model.pack`) are
-  left out: they change what the step computes on, not the parameters."""
+  rematerialization (`model.remat`, `model.moe.remat_hidden`), packing (`model.pack`) and the
+  grouped-matmul implementation (`model.moe.grouped_matmul`) are left out: they change how the
+  step computes, not the parameters."""
   model = config.model.to_dict()
   model.pop('remat', None)
   model.pop('pack', None)
   model['moe'].pop('remat_hidden', None)
+  model['moe'].pop('grouped_matmul', None)
   model['moe']['router'] = router_lib.resolved(model['moe']['router'])
   return {'tasks': comma_list(config.tasks), 'model': model}
 

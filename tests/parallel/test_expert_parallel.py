@@ -103,6 +103,18 @@ def test_dropless_expert_parallel_equals_single_device(shape):
     np.testing.assert_allclose(b, a, atol=1e-5)
 
 
+def test_dropless_expert_parallel_runs_the_kernel_on_each_device():
+  """The Pallas grouped matmul (interpret mode) under the expert-parallel dropless layer equals
+  the single-device `ragged_dot` layer."""
+  x = _x()
+  ((_, (y0, _)), g0), _ = _loss_and_grads(_dropless(), x)
+  kernel = _layer(dispatcher='ragged', capacity_factor=None, grouped_matmul='pallas')
+  ((_, (y1, _)), g1), _ = _loss_and_grads(kernel, x, _mesh((2, 4)))
+  np.testing.assert_allclose(y1, y0, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
 def test_ragged_exchange_lowers_for_accelerators():
   """The GPU/TPU program (ragged_all_to_all) traces and lowers here, forwards and gradients;
   XLA:CPU cannot compile it (UNIMPLEMENTED), so it runs only on GPU/TPU."""

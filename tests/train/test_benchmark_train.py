@@ -10,6 +10,8 @@ import pytest
 
 from tests.train import tiny_config
 from pathways.train import benchmark as benchmark_train
+from pathways import registry
+from pathways.train import experiment
 
 
 def test_row_is_consistent(data_dir):
@@ -90,6 +92,12 @@ def test_variant_config():
   config = tiny_config.get_config('')
   ragged = benchmark_train.variant_config(config, 'ragged')
   assert ragged.model.moe.dispatcher == 'ragged' and ragged.model.moe.capacity_factor is None
+  assert ragged.model.moe.grouped_matmul == 'ragged_dot'
+  pallas = benchmark_train.variant_config(config, 'pallas')
+  assert pallas.model.moe.dispatcher == 'ragged' and pallas.model.moe.grouped_matmul == 'pallas'
+  assert pallas.model.moe.capacity_factor is None
+  registry.import_task_modules(['tasks'])
+  experiment.validate(experiment.parse(pallas))  # a valid config
   einsum = benchmark_train.variant_config(config, 'einsum')
   assert einsum.model.moe.dispatcher == 'einsum' and einsum.model.moe.capacity_factor == 1.25
   assert config.model.moe.dispatcher == 'sorted'  # a copy: the given config is unchanged

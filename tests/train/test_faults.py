@@ -192,6 +192,10 @@ def test_leftover_temporary_checkpoint_folders_are_cleaned_at_start(reference_ru
                                     r'model.halting=True'),
     ('model.remat', 'some', r"config.model.remat='some': must be one of \('', 'full', 'dots', "
                             r"'dots_no_batch'\)"),
+    ('model.moe.grouped_matmul', 'cuda', r"config.model.moe.grouped_matmul='cuda': must be one "
+                                         r"of \['pallas', 'ragged_dot'\]"),
+    ('model.moe.grouped_matmul', 'pallas', r"config.model.moe.grouped_matmul='pallas': needs "
+                                           r"model.moe.dispatcher='ragged'"),
     ('aux.ponder_prior', 1.0, r'config.aux.ponder_prior=1.0: must be in \(0, 1\)'),
     ('aux.ponder_warmup', -1, r'config.aux.ponder_warmup=-1'),
     ('freeze', ('(',), r"config.freeze\[0\]='\(': must be a regular expression"),
