@@ -57,8 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task_connectivity = ml_collections.ConfigDict({})
   # shards: blocks of the global batch, one per device that takes its own examples (0: as
   # the 'batch' sharding rule splits the mesh); each process loads only its blocks.
+  # prefetch: training batches a background thread builds ahead (0: built between steps).
   c.data = dict(batch_size=32 if runlocal else 128, mixture='uniform', temperature=2.0,
-                data_dir='', shards=0)
+                data_dir='', shards=0, prefetch=2)
   d = 64 if runlocal else 256
   c.model = dict(d_model=d, num_layers=4 if runlocal else 8, num_heads=4, mlp_hidden=2 * d,
                  # halting: PonderNet (an alternative to exits; aux.ponder_* below)

@@ -72,6 +72,8 @@ def upgrade(config):
                              for k, v in sharding_lib.DEFAULT_RULES[:2]]
   if 'shards' not in config.data:
     config.data.shards = 0
+  if 'prefetch' not in config.data:
+    config.data.prefetch = 2
   if 'task_modules' not in config:
     config.task_modules = []
   if 'aux' in config and 'importance_load_loss' not in config.aux:
@@ -317,6 +319,8 @@ def _validate_data(d) -> None:
     _bad('data.mixture', d.mixture, f'must be one of {mixture_lib.SCHEMES}')
   if not _finite(d.temperature, 1e-9):
     _bad('data.temperature', d.temperature, 'must be a finite number > 0')
+  if not _int(d.get('prefetch', 2), 0):
+    _bad('data.prefetch', d.prefetch, 'must be an int >= 0 (batches built ahead; 0: none)')
 
 
 def _validate_mesh(config, mesh, rules) -> None:

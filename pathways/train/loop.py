@@ -24,6 +24,7 @@ from flax import nnx
 from pathways.analysis import collect as collect_lib
 from pathways.analysis import report as report_lib
 from pathways.analysis import summary as summary_lib
+from pathways.data import prefetch as prefetch_lib
 from pathways.nn import adaptive
 from pathways.nn import budget as budget_lib
 from pathways.nn import grow as grow_lib
@@ -286,7 +287,8 @@ def _train(config, workdir, stop, allow_config_changes):
     raise
   state = jax.device_put(state, exp.shardings)
   meta = {'task_ids': exp.task_ids, 'signature': experiment.model_signature(config)}
-  pipe = exp.pipeline
+  # built ahead in a thread; get_state() is that of the batches taken (exact resume)
+  pipe = prefetch_lib.Prefetcher(exp.pipeline, config.data.get('prefetch', 2))
   train_step = jit_train_step(exp)
   eval_step = evaluation.make_eval_step(exp.model_graphdef)
   routing_forward = collect_lib.make_forward(exp.model_graphdef)
@@ -397,7 +399,7 @@ def _train(config, workdir, stop, allow_config_changes):
   finally:
     mesh_context.__exit__(None, None, None)
     # Cleanup never hides the error that ended the run, and never hangs on a second one.
-    for close in (ckpt.wait, ckpt.close, writer.close, meter.close):
+    for close in (pipe.close, ckpt.wait, ckpt.close, writer.close, meter.close):
       try:
         close()
       except Exception as e:  # pylint: disable=broad-except

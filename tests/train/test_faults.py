@@ -205,6 +205,7 @@ def test_leftover_temporary_checkpoint_folders_are_cleaned_at_start(reference_ru
     ('optim.weight_decay', -1.0, r'config.optim.weight_decay=-1.0'),
     ('optim.b1', 1.5, r'config.optim.b1=1.5: must be a number in \[0, 1\)'),
     ('data.temperature', 0.0, r'config.data.temperature=0.0'),
+    ('data.prefetch', -1, r'config.data.prefetch=-1: must be an int >= 0 \(batches built ahead'),
     ('aux.load_balance_loss', float('nan'), r'config.aux.load_balance_loss=nan'),
     ('train.routing_batches', -1, r'config.train.routing_batches=-1'),
     ('ckpt.best_metric', 'eval/nope', r"config.ckpt.best_metric='eval/nope': must be ''"),
