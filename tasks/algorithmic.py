@@ -15,8 +15,9 @@
   ('321+54=861' for 123 + 45 = 168), the order in which a left-to-right model can carry;
   difficulty = digits of the longer operand.
 
-`parity_count` and `addition_lsd` also have a 'validation' split (2,000 examples, its own
-seed), which exit thresholds are calibrated on (`tools/calibrate_exits.py`).
+Every task here also has a 'validation' split (2,000 examples, its own seed), which exit
+thresholds are calibrated on (`tools/calibrate_exits.py`); `parity` and `addition` gained it
+in version 1.1.0 (their train and test splits unchanged).
 
 Generated deterministically from a fixed seed per split; byte 0 is padding.
 """
@@ -37,8 +38,10 @@ SEEDS = {'train': 1, 'test': 2, 'validation': 3}
 
 class PathwaysParity(tfds_source.OfflineBuilder):
   """Bit strings of 1..16 ASCII bits, their parity and their length."""
+  VERSION = tfds.core.Version('1.1.0')  # 1.1.0: a validation split (train and test unchanged)
   FEATURES = {'inputs': ((PARITY_BITS,), np.uint8), 'label': ((), np.int64),
               'difficulty': ((), np.int64)}
+  SPLITS = ('train', 'validation', 'test')
 
   def _generate_examples(self, split):
     rng = np.random.default_rng(SEEDS[split])
@@ -82,9 +85,11 @@ def addition_example(a: int, b: int, lsd_first: bool = False):
 
 class PathwaysAddition(tfds_source.OfflineBuilder):
   """'a+b=sum' strings with per-position targets on the sum, and the operands' digits."""
+  VERSION = tfds.core.Version('1.1.0')  # 1.1.0: a validation split (train and test unchanged)
   FEATURES = {'inputs': ((ADD_LENGTH,), np.uint8), 'targets': ((ADD_LENGTH,), np.int32),
               'difficulty': ((), np.int64)}
   LSD_FIRST = False
+  SPLITS = ('train', 'validation', 'test')
 
   def _generate_examples(self, split):
     rng = np.random.default_rng(SEEDS[split] + 100)
@@ -97,22 +102,23 @@ class PathwaysAddition(tfds_source.OfflineBuilder):
 
 
 class PathwaysAdditionLsd(PathwaysAddition):
-  """`PathwaysAddition` with every number least-significant digit first, and a validation
-  split."""
+  """`PathwaysAddition` with every number least-significant digit first."""
+  VERSION = tfds.core.Version('1.0.0')
   LSD_FIRST = True
-  SPLITS = ('train', 'validation', 'test')
 
 
 registry.register_task(tfds_source.builder_task(
     PathwaysParity, difficulty_feature='difficulty', name='parity', modality='bytes',
     head='classify', num_classes=2,
     input_feature='inputs', target_feature='label', input_shape=(PARITY_BITS,),
-    input_dtype='uint8', description='parity of 1..16 bits (difficulty: bits)'))
+    input_dtype='uint8', splits={'train': 'train', 'eval': 'test', 'calibration': 'validation'},
+    description='parity of 1..16 bits (difficulty: bits)'))
 registry.register_task(tfds_source.builder_task(
     PathwaysAddition, difficulty_feature='difficulty', name='addition', modality='bytes',
     head='per_position', num_classes=256,
     input_feature='inputs', target_feature='targets', input_shape=(ADD_LENGTH,),
-    input_dtype='uint8', description='a+b= and the sum, 1..8 digits (difficulty: digits)'))
+    input_dtype='uint8', splits={'train': 'train', 'eval': 'test', 'calibration': 'validation'},
+    description='a+b= and the sum, 1..8 digits (difficulty: digits)'))
 registry.register_task(tfds_source.builder_task(
     PathwaysParityCount, difficulty_feature='difficulty', name='parity_count',
     modality='bytes', head='classify', num_classes=2, input_feature='inputs',

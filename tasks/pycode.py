@@ -13,8 +13,9 @@
 
 Files are listed in sorted order and split by a hash of their path (about 10% to test), so a
 file never lands in both splits. `stdlib_package` splits each package's files separately
-(stratified): its files in hash order, every tenth to test starting with the first, so every
-package has test files (a plain hash split left json, http and logging without any). The
+(stratified): its files in hash order, every tenth to test starting with the first and every
+tenth to validation starting with the second (exit calibration), so every package has test
+and validation files (a plain hash split left json, http and logging without any test). The
 data depend on the installed Python's standard library.
 Byte 0 is padding (it does not occur in source text).
 """
@@ -55,11 +56,18 @@ def _hash(path: str) -> int:
 
 
 def _stratified_split(files) -> dict[str, str]:
-  """{path: 'train' | 'test'} for one class's files: in hash order, every tenth file (the
-  first included) to test, so a class with any file has a test file (deterministic)."""
+  """{path: 'train' | 'validation' | 'test'} for one class's files: in hash order, every
+  tenth file (the first included) to test and every tenth from the second to validation, so a
+  class with three files or more has a file in each (deterministic)."""
   ordered = sorted(files, key=_hash)
-  return {path: 'test' if i % 10 == 0 and len(ordered) > 1 else 'train'
-          for i, path in enumerate(ordered)}
+
+  def split(i):
+    if i % 10 == 0 and len(ordered) > 1:
+      return 'test'
+    if i % 10 == 1 and len(ordered) > 2:
+      return 'validation'
+    return 'train'
+  return {path: split(i) for i, path in enumerate(ordered)}
 
 
 def _windows(path: str, width: int, limit: int | None):
@@ -124,8 +132,11 @@ class PathwaysPycodeLmHeldout(PathwaysPycodeLmFull):
 class PathwaysStdlibPackage(tfds_source.OfflineBuilder):
   """128-byte snippets labelled with the standard-library package they come from; files
   split per package (`_stratified_split`); at most 600 snippets per package and split."""
-  VERSION = tfds.core.Version('1.1.0')  # 1.1.0: stratified split (1.0.0: plain hash split)
+  # 1.2.0: a validation split from each package's train files (test unchanged); 1.1.0:
+  # stratified split (1.0.0: plain hash split)
+  VERSION = tfds.core.Version('1.2.0')
   FEATURES = {'inputs': ((WINDOW,), np.uint8), 'label': ((), np.int64)}
+  SPLITS = ('train', 'validation', 'test')
 
   def _generate_examples(self, split):
     for label, package in enumerate(PACKAGES):
@@ -166,4 +177,5 @@ registry.register_task(tfds_source.builder_task(
     PathwaysStdlibPackage, name='stdlib_package', modality='bytes', head='classify',
     num_classes=len(PACKAGES), input_feature='inputs', target_feature='label',
     input_shape=(WINDOW,), input_dtype='uint8',
+    splits={'train': 'train', 'eval': 'test', 'calibration': 'validation'},
     description=f'which stdlib package a snippet is from: {", ".join(PACKAGES)}'))

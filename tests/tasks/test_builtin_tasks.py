@@ -33,15 +33,17 @@ def test_builtin_task_prepares_offline_and_batches(name, data_dir):
                                                               'parity')])
 def test_every_class_is_in_every_split(name, data_dir):
   """A class missing from the test split makes the majority rate the ceiling of what the
-  evaluation can separate (stdlib_package's hash split lost json, http and logging)."""
+  evaluation can separate (stdlib_package's hash split lost json, http and logging); one
+  missing from validation, the exit calibration's split, is never calibrated for."""
   t = registry.get_task(name)
   assert t.head == 'classify'
-  for split in ('train', 'test'):
+  assert t.splits['calibration'] == 'validation'
+  for split in ('train', 'validation', 'test'):
     src = t.data(split, data_dir)
     labels = np.array([src[i][t.target_feature] for i in range(len(src))])
     counts = np.bincount(labels, minlength=t.num_classes)
     assert (counts > 0).all(), (name, split, counts.tolist())
-    if name == 'stdlib_package' and split == 'test':  # stratified: no class a sliver
+    if name == 'stdlib_package' and split != 'train':  # stratified: no class a sliver
       assert counts.min() >= 0.25 * counts.mean(), counts.tolist()
 
 
@@ -49,8 +51,11 @@ def test_stratified_split_puts_a_tenth_of_each_class_in_test():
   files = [f'/x/{i}.py' for i in range(25)]
   assignment = pycode._stratified_split(files)
   assert list(assignment.values()).count('test') == 3  # hash ranks 0, 10, 20
+  assert list(assignment.values()).count('validation') == 3  # hash ranks 1, 11, 21
   assert assignment == pycode._stratified_split(list(reversed(files)))  # order-free
   assert pycode._stratified_split(['/x/only.py']) == {'/x/only.py': 'train'}
+  assert sorted(pycode._stratified_split(['/x/a.py', '/x/b.py', '/x/c.py']).values()) == [
+      'test', 'train', 'validation']
 
 
 def test_parity_labels_and_difficulty_are_right(data_dir):
@@ -76,7 +81,7 @@ def test_addition_lsd_writes_every_number_backwards():
   np.testing.assert_array_equal(targets[:7], [-1, -1, -1, -1, ord('5'), ord('6'), -1])
 
 
-@pytest.mark.parametrize('name', ['parity_count', 'addition_lsd'])
+@pytest.mark.parametrize('name', ['parity_count', 'addition_lsd', 'parity', 'addition'])
 def test_depth_tasks_have_three_splits_and_every_difficulty(name, data_dir):
   """The tasks where depth is the knob: train, validation (exit calibration) and test, each
   with every difficulty; parity_count's strings all have 16 elements of '+', '0', '-', its
@@ -87,8 +92,12 @@ def test_depth_tasks_have_three_splits_and_every_difficulty(name, data_dir):
     src = t.data(split, data_dir)
     examples = [src[i] for i in range(len(src))]
     difficulty = np.array([e['difficulty'] for e in examples])
-    if name == 'parity_count':
-      assert len(src) == algorithmic.SIZES[split]
+    assert len(src) == algorithmic.SIZES[split]
+    if name == 'parity':
+      assert set(difficulty) == set(range(1, 17)), split
+    elif name == 'addition':
+      assert set(difficulty) == set(range(1, 9)), split
+    elif name == 'parity_count':
       assert set(difficulty) == set(range(1, 17)), split
       labels = np.array([e['label'] for e in examples])
       for n in range(1, 17):  # both classes at every difficulty

@@ -1,5 +1,6 @@
 """Calibrated exits on a small trained model: the threshold rule, the record in the workdir,
 and the evaluation that reads it."""
+import dataclasses
 import json
 import os
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import multitask
+from pathways import registry
 from pathways.train import calibrate
 from pathways.train import evaluate_workdir
 from pathways.train import loop
@@ -27,7 +29,7 @@ def test_choose_takes_the_cheapest_threshold_within_tolerance():
 
 def test_calibration_writes_thresholds_that_evaluation_uses(data_dir, tmp_path):
   c = multitask.get_config('runlocal')
-  c.tasks = ['parity_count', 'digits']  # digits has no calibration split: its train split
+  c.tasks = ['parity_count', 'digits_nocal']  # no calibration split: its train split
   c.data.update(batch_size=16, data_dir=data_dir)
   c.mesh.data = 1
   c.model.update(d_model=16, num_layers=3, num_heads=2, mlp_hidden=32, halting=False,
@@ -36,11 +38,19 @@ def test_calibration_writes_thresholds_that_evaluation_uses(data_dir, tmp_path):
   c.train.update(num_steps=20, log_every=20, eval_every=20, eval_batches=2, routing_batches=0)
   c.ckpt.update(every=20, best_metric='')
   workdir = str(tmp_path / 'run')
+  digits = registry.get_task('digits')
+  nocal = dataclasses.replace(digits, name='digits_nocal', splits={'train': 'train',
+                                                                  'eval': 'test'})
+  with registry.TASKS.temporary('digits_nocal', nocal):
+    _train_and_calibrate(c, workdir)
+
+
+def _train_and_calibrate(c, workdir):
   loop.train_and_evaluate(c, workdir)
   record = calibrate.calibrate(workdir, tolerance=0.05, batches=2)
   saved = json.load(open(os.path.join(workdir, calibrate.EXITS_FILE)))
   assert saved == json.loads(json.dumps(record))
-  assert 'training split' in record['splits']['digits']
+  assert 'training split' in record['splits']['digits_nocal']
   assert record['splits']['parity_count'] == 'validation'
   assert os.path.getsize(os.path.join(workdir, 'exits.png')) > 1000
   for name, t in record['tasks'].items():
@@ -60,12 +70,12 @@ def test_calibration_writes_thresholds_that_evaluation_uses(data_dir, tmp_path):
     assert result[f'exit/{name}/threshold'] == pytest.approx(t['threshold'])
     assert result[f'exit/{name}/flops_saved'] == pytest.approx(
         1 - result[f'exit/{name}/flops_per_example'] / result[f'eval/{name}/flops_per_example'])
-  assert 'exit/digits/accuracy' not in evaluate_workdir.evaluate_workdir(workdir, exits=False)
+  assert 'exit/digits_nocal/accuracy' not in evaluate_workdir.evaluate_workdir(workdir, exits=False)
   stats = routing_report.write_report(workdir, eval_batches=1)  # reads the exits too
   for name in record['tasks']:
     assert 1.0 <= stats['tasks'][name]['depth'] <= 3.0
-  np.testing.assert_allclose(calibrate.thresholds(record, ['digits', 'nope']),
-                             [record['tasks']['digits']['threshold'], calibrate.NEVER])
+  np.testing.assert_allclose(calibrate.thresholds(record, ['digits_nocal', 'nope']),
+                             [record['tasks']['digits_nocal']['threshold'], calibrate.NEVER])
 
 
 def test_a_halting_model_is_not_calibrated(reference_run):
