@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 # The main job: the default experiment end to end on embedded data (train with periodic
 # evaluation and checkpoints, calibrate its exits, then evaluate the last checkpoint at full
 # depth and with the exits). The runlocal variant
-# fits 2 CPU cores (~5 min); `make run CONFIG=experiments/configs/multitask.py` is the full one.
+# fits 2 CPU cores (~2 min); `make run CONFIG=experiments/configs/multitask.py` is the full one.
 CONFIG ?= experiments/configs/multitask.py:runlocal
 WORKDIR ?= workdirs/multitask
 run: $(VENV)/.installed

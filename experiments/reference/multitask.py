@@ -8,7 +8,7 @@ For each seed, `experiments/configs/related_tasks.py` in two arms: the low-data 
 with the same examples, rows per batch and steps (single). Both are early-stopped the same
 way: evaluated every 25 steps on 512 validation snippets (the task's other training
 snippets, never trained on), and the checkpoint with the lowest validation loss evaluated on
-the whole test split (576 of its 577 snippets; every package is in it). Each run is its own
+576 of the test split's 597 snippets (every package is among them). Each run is its own
 sub-workdir; an interrupted sweep resumes.
 
 Writes workdir/summary.json (per run: validation curve, chosen step, test accuracy and loss;
