@@ -190,16 +190,17 @@ def test_evaluation_does_not_depend_on_batch_composition(data_dir, moe_kwargs=No
   p = pipeline.MultitaskPipeline(tasks, 12, data_dir=data_dir, mixture='uniform')
   m = model_lib.Figure1Model(tasks, p.layout, d_model=32, num_layers=2, num_heads=2,
                              mlp_hidden=64, moe_kwargs=moe_kwargs or MOE, rngs=nnx.Rngs(0))
-  a, b = next(p), next(p)
-  mixed = {k: v.copy() for k, v in a.items()}
-  rows = np.asarray(p.layout.task_rows(0))  # stdlib_package rows from batch b, digits from a
-  mixed['tokens'], mixed['tokens_mask'] = b['tokens'].copy(), b['tokens_mask'].copy()
-  for k in ('label', 'weight', 'difficulty'):
-    mixed[k][rows] = b[k][rows]
+  a = next(p)
   out_a = synthetic.forward(m, a).logits
-  out_mixed = synthetic.forward(m, mixed).logits
-  assert not np.allclose(out_a['stdlib_package'], out_mixed['stdlib_package'])
-  np.testing.assert_allclose(out_a['digits'], out_mixed['digits'], rtol=1e-5, atol=1e-6)
+  rows = np.asarray(p.layout.task_rows(0))  # stdlib_package rows from batch b, digits from a
+  for b in (next(p) for _ in range(3)):  # three partners: whether capacity drops a digits
+    mixed = {k: v.copy() for k, v in a.items()}  # token depends on the draw
+    mixed['tokens'], mixed['tokens_mask'] = b['tokens'].copy(), b['tokens_mask'].copy()
+    for k in ('label', 'weight', 'difficulty'):
+      mixed[k][rows] = b[k][rows]
+    out_mixed = synthetic.forward(m, mixed).logits
+    assert not np.allclose(out_a['stdlib_package'], out_mixed['stdlib_package'])
+    np.testing.assert_allclose(out_a['digits'], out_mixed['digits'], rtol=1e-5, atol=1e-6)
 
 
 def test_composition_test_detects_capacity_dependence(data_dir):
