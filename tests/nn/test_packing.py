@@ -19,9 +19,9 @@ from tests.nn import synthetic
 SLOTS = (3, 4, 5, 3)
 
 
-def _tasks():
+def _tasks(lm_head='per_position'):
   return [synthetic.task('img', 'image', 'classify', (8, 8, 1), 10),
-          synthetic.task('lm', 'bytes', 'per_position', (16,), 256),
+          synthetic.task('lm', 'bytes', lm_head, (16,), 256),
           synthetic.task('cls', 'bytes', 'classify', (6,), 4),
           synthetic.task('vec', 'vector', 'classify', (5,), 3)]
 
@@ -51,8 +51,8 @@ def _batch(seed=0, shards=1):
           'vector': rng.standard_normal((vec, 5)).astype(np.float32)}
 
 
-def _models(shards=1, **kwargs):
-  tasks = _tasks()
+def _models(shards=1, lm_head='per_position', **kwargs):
+  tasks = _tasks(lm_head)
   layout = layout_lib.make_layout(tasks, SLOTS, shards)
   args = dict(d_model=16, num_layers=2, num_heads=2, mlp_hidden=32, patch=4,
               moe_kwargs=synthetic.moe_kwargs(banks=[(4, 16)], k=2, capacity_factor=None,
@@ -156,6 +156,23 @@ def test_packed_training_losses_and_gradients_equal_padded(options):
     got = dict(nnx.to_flat_state(nnx.state(gb, nnx.Param)))[path]
     np.testing.assert_allclose(np.asarray(got[...]), want, rtol=1e-4, atol=1e-6,
                                err_msg=str(path))
+
+
+def test_packed_mixture_of_depths_equals_padded():
+  """Mixture-of-Depths (pooled tasks only: the 16-byte task classifies here): the chosen
+  tokens attend among themselves within their own segment, packed or padded."""
+  padded, packed = _models(lm_head='classify', mod_every=2, mod_capacity=0.5)
+  assert packed.mod_layers == (1,) and packed.plan is not None
+  batch = _batch(seed=2)
+  rows = padded.layout.task_rows(1)
+  batch['label'][rows] = np.arange(len(rows)) * 7 % 256
+  batch['targets'][:] = -1
+  a, b = synthetic.forward(padded, batch), synthetic.forward(packed, batch)
+  for name in a.logits:
+    np.testing.assert_allclose(np.asarray(b.logits[name]), np.asarray(a.logits[name]),
+                               rtol=2e-5, atol=2e-5, err_msg=name)
+  np.testing.assert_allclose(np.asarray(b.flops_per_example), np.asarray(a.flops_per_example),
+                             rtol=1e-6)
 
 
 def test_packed_exits_take_the_same_decisions():
