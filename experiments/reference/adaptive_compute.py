@@ -2,6 +2,7 @@
 
   python -m experiments.reference.adaptive_compute --workdir=workdirs/adaptive_compute \
       [--seeds=0,1,2] [--parts=parity,lm,multitask,wall_clock] [--mechanisms=fixed,exits,ponder]
+      [--keep_from=results/reference/adaptive_compute/summary.json]  # rerun some parts only
 
 Runs `experiments/configs/adaptive_compute.py` per part and seed (sub-workdirs
 `<task>_<mechanism>_seed<S>`; an interrupted sweep resumes), calibrates every model with exits
@@ -62,6 +63,9 @@ def define_flags():
   flags.DEFINE_integer('steps', 0, 'Training steps per run (0: the config\'s).')
   flags.DEFINE_bool('claims_only', False, 'Recompute the claims and the figure of an existing '
                     'workdir/summary.json from its measured numbers; train nothing.')
+  flags.DEFINE_string('keep_from', None, 'A summary.json of an earlier sweep: the runs of the '
+                      'parts not in --parts (and its wall-clock numbers unless wall_clock is '
+                      'rerun) are taken from it, recorded as kept; the rest is run.')
   flags.mark_flags_as_required(['workdir'])
 
 
@@ -330,7 +334,9 @@ def claims(result) -> list[dict]:
   return out
 
 
-def sweep(workdir, parts, seeds, mechanisms, steps=0, overrides=None) -> dict:
+def sweep(workdir, parts, seeds, mechanisms, steps=0, overrides=None, keep_from=None) -> dict:
+  """Runs `parts`; with `keep_from` (an earlier summary dict) the runs of the other parts and
+  its wall-clock numbers come from it (`kept`: which parts, from which sweep)."""
   start = time.time()
   runs = []
   for part in parts:
@@ -339,8 +345,14 @@ def sweep(workdir, parts, seeds, mechanisms, steps=0, overrides=None) -> dict:
     for seed in seeds:
       for mechanism in (mechanisms if part == 'parity' else ['exits']):
         runs.extend(run_part(workdir, part, mechanism, seed, steps, overrides))
+  kept = None
+  if keep_from is not None:
+    old = [r for r in keep_from['runs'] if r['part'] not in parts]
+    kept = {'parts': sorted({r['part'] for r in old}), 'runs': len(old),
+            'wall_clock': 'wall_clock' not in parts and 'wall_clock' in keep_from}
+    runs = old + runs
   result = {'tolerance': TOLERANCE, 'targets': TARGETS, 'learned': LEARNED,
-            'seeds': list(seeds), 'runs': runs,
+            'seeds': list(seeds), 'runs': runs, 'rerun_parts': list(parts), 'kept': kept,
             'by_task_and_mechanism': {}}
   for key in dict.fromkeys(f"{r['task']}/{r['mechanism']}" for r in runs):
     mine = [r for r in runs if f"{r['task']}/{r['mechanism']}" == key]
@@ -350,6 +362,8 @@ def sweep(workdir, parts, seeds, mechanisms, steps=0, overrides=None) -> dict:
                                    'flops_saved', 'depth', 'depth_difficulty_spearman')}
   if 'wall_clock' in parts and 'parity' in parts and 'exits' in mechanisms:
     result['wall_clock'] = wall_clock(workdir, seed=seeds[0])
+  elif kept and kept['wall_clock']:
+    result['wall_clock'] = keep_from['wall_clock']
   result['claims'] = claims(result)
   result['wall_seconds'] = time.time() - start
   return result
@@ -412,8 +426,12 @@ def main(argv):
     result['targets'], result['learned'] = TARGETS, LEARNED
     result['claims'] = claims(result)
   else:
+    keep_from = None
+    if FLAGS.keep_from:
+      with open(FLAGS.keep_from) as f:
+        keep_from = json.load(f)
     result = sweep(FLAGS.workdir, FLAGS.parts, [int(s) for s in FLAGS.seeds], FLAGS.mechanisms,
-                   FLAGS.steps)
+                   FLAGS.steps, keep_from=keep_from)
   write(result, FLAGS.workdir)
   print(json.dumps(result['claims'], indent=1))
 

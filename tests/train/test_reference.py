@@ -363,3 +363,27 @@ def test_glyph_family_claim_is_computed_from_the_runs(tmp_path):
   path = str(tmp_path / 'g.png')
   glyph_family.plot(runs, summary, tasks, path)
   assert os.path.getsize(path) > 1000
+
+
+def test_adaptive_compute_reruns_some_parts_and_keeps_the_others(monkeypatch, tmp_path):
+  """--keep_from: the parts not rerun (and the wall-clock numbers) come from the earlier
+  summary, the rerun part's old runs are dropped, and the aggregates and claims cover both."""
+  from experiments.reference import adaptive_compute as ac
+
+  def run(part, task, seed, drop):
+    return {'part': part, 'task': task, 'mechanism': 'exits', 'seed': seed,
+            'accuracy': 0.9 - drop, 'full_depth_accuracy': 0.9, 'accuracy_drop': drop,
+            'flops_per_example': 1.0, 'full_depth_flops_per_example': 2.0, 'flops_saved': 0.5,
+            'depth': 1.0, 'depth_difficulty_spearman': 0.6}
+  old = {'runs': [run('parity', 'parity_count', 0, 0.0), run('multitask', 'digits', 0, 0.05)],
+         'wall_clock': {'batch256_easy_speedup': 1.7}}
+  monkeypatch.setattr(ac, 'run_part', lambda workdir, part, mechanism, seed, *a: [
+      run(part, 'digits', seed, 0.001)])
+  result = ac.sweep(str(tmp_path), ['multitask'], [0], ['exits'], keep_from=old)
+  assert result['kept'] == {'parts': ['parity'], 'runs': 1, 'wall_clock': True}
+  assert [(r['part'], r['accuracy_drop']) for r in result['runs']] == [('parity', 0.0),
+                                                                        ('multitask', 0.001)]
+  assert result['wall_clock'] == old['wall_clock']
+  assert set(result['by_task_and_mechanism']) == {'parity_count/exits', 'digits/exits'}
+  mixture = [c for c in result['claims'] if 'default mixture' in c['name']]
+  assert mixture[0]['met'] and mixture[0]['measured']['worst_drop'] == 0.001
