@@ -41,7 +41,10 @@ import numpy as np
 from experiments.reference import common
 
 FLAGS = flags.FLAGS
-TOLERANCE = 0.01  # calibration: accuracy at most this far below the same model at full depth
+# Calibration: accuracy on the validation split at most this far below the same model at full
+# depth. Half the 0.01 accuracy target: with the tolerance equal to the target (the first
+# sweep), the validation-to-test difference put one parity seed 0.002 over it.
+TOLERANCE = 0.005
 PARTS = ('parity', 'lm', 'multitask', 'wall_clock')
 TASK_OF = {'parity': 'parity_count', 'lm': 'pycode_lm', 'multitask': 'multitask'}
 CONFIDENCE = {'parity': 'softmax', 'lm': 'classifier', 'multitask': 'classifier'}
@@ -64,8 +67,8 @@ def define_flags():
   flags.DEFINE_bool('claims_only', False, 'Recompute the claims and the figure of an existing '
                     'workdir/summary.json from its measured numbers; train nothing.')
   flags.DEFINE_string('keep_from', None, 'A summary.json of an earlier sweep: the runs of the '
-                      'parts not in --parts (and its wall-clock numbers unless wall_clock is '
-                      'rerun) are taken from it, recorded as kept; the rest is run.')
+                      'parts (parity: mechanisms) not rerun, and its wall-clock numbers unless '
+                      'wall_clock is rerun, are taken from it, recorded as kept.')
   flags.mark_flags_as_required(['workdir'])
 
 
@@ -335,8 +338,9 @@ def claims(result) -> list[dict]:
 
 
 def sweep(workdir, parts, seeds, mechanisms, steps=0, overrides=None, keep_from=None) -> dict:
-  """Runs `parts`; with `keep_from` (an earlier summary dict) the runs of the other parts and
-  its wall-clock numbers come from it (`kept`: which parts, from which sweep)."""
+  """Runs `parts` (parity: with `mechanisms`); with `keep_from` (an earlier summary dict) the
+  runs of every other part and mechanism, and its wall-clock numbers unless wall_clock is
+  rerun, come from it (`kept`: which ones)."""
   start = time.time()
   runs = []
   for part in parts:
@@ -347,8 +351,9 @@ def sweep(workdir, parts, seeds, mechanisms, steps=0, overrides=None, keep_from=
         runs.extend(run_part(workdir, part, mechanism, seed, steps, overrides))
   kept = None
   if keep_from is not None:
-    old = [r for r in keep_from['runs'] if r['part'] not in parts]
-    kept = {'parts': sorted({r['part'] for r in old}), 'runs': len(old),
+    rerun = {(p, m) for p in parts for m in (mechanisms if p == 'parity' else ['exits'])}
+    old = [r for r in keep_from['runs'] if (r['part'], r['mechanism']) not in rerun]
+    kept = {'parts': sorted({f"{r['part']}/{r['mechanism']}" for r in old}), 'runs': len(old),
             'wall_clock': 'wall_clock' not in parts and 'wall_clock' in keep_from}
     runs = old + runs
   result = {'tolerance': TOLERANCE, 'targets': TARGETS, 'learned': LEARNED,

@@ -375,15 +375,18 @@ def test_adaptive_compute_reruns_some_parts_and_keeps_the_others(monkeypatch, tm
             'accuracy': 0.9 - drop, 'full_depth_accuracy': 0.9, 'accuracy_drop': drop,
             'flops_per_example': 1.0, 'full_depth_flops_per_example': 2.0, 'flops_saved': 0.5,
             'depth': 1.0, 'depth_difficulty_spearman': 0.6}
-  old = {'runs': [run('parity', 'parity_count', 0, 0.0), run('multitask', 'digits', 0, 0.05)],
+  fixed = dict(run('parity', 'parity_count', 0, 0.0), mechanism='fixed')
+  old = {'runs': [run('parity', 'parity_count', 0, 0.02), fixed,
+                  run('multitask', 'digits', 0, 0.05)],
          'wall_clock': {'batch256_easy_speedup': 1.7}}
   monkeypatch.setattr(ac, 'run_part', lambda workdir, part, mechanism, seed, *a: [
-      run(part, 'digits', seed, 0.001)])
-  result = ac.sweep(str(tmp_path), ['multitask'], [0], ['exits'], keep_from=old)
-  assert result['kept'] == {'parts': ['parity'], 'runs': 1, 'wall_clock': True}
-  assert [(r['part'], r['accuracy_drop']) for r in result['runs']] == [('parity', 0.0),
-                                                                        ('multitask', 0.001)]
+      run(part, 'digits' if part == 'multitask' else 'parity_count', seed, 0.001)])
+  result = ac.sweep(str(tmp_path), ['parity', 'multitask'], [0], ['exits'], keep_from=old)
+  assert result['kept'] == {'parts': ['parity/fixed'], 'runs': 1, 'wall_clock': True}
+  assert [(r['part'], r['mechanism'], r['accuracy_drop']) for r in result['runs']] == [
+      ('parity', 'fixed', 0.0), ('parity', 'exits', 0.001), ('multitask', 'exits', 0.001)]
   assert result['wall_clock'] == old['wall_clock']
-  assert set(result['by_task_and_mechanism']) == {'parity_count/exits', 'digits/exits'}
+  assert set(result['by_task_and_mechanism']) == {'parity_count/fixed', 'parity_count/exits',
+                                                  'digits/exits'}
   mixture = [c for c in result['claims'] if 'default mixture' in c['name']]
   assert mixture[0]['met'] and mixture[0]['measured']['worst_drop'] == 0.001
