@@ -209,7 +209,8 @@ class Figure1Model(nnx.Module):
       [B, L_max]; the numbers are the same up to float rounding, except that MoE capacity
       (capacity_factor x tokens per group) counts the packed slots, so it stops growing with
       padding. MoE layers that route on whole examples (route_on='example') or mix tokens
-      (Soft MoE) need one example per row and are refused.
+      (Soft MoE) need one example per row and are refused. A layout that packing cannot
+      shrink (every task of one length) runs unpacked: `plan` is None, no gathers.
     dtype: compute dtype (parameters float32, routers float32).
   """
 
@@ -327,8 +328,11 @@ class Figure1Model(nnx.Module):
                 'example' else f'router {type(ffn.router).__name__} (its slots mix a row\'s tokens)')
         raise ValueError(f'pack=True: MoE layer {layer} uses {what}, which needs one example '
                          f'per row; use pack=False.')
-    return packing.plan_for(tasks, layout, patch,
+    plan = packing.plan_for(tasks, layout, patch,
                             moe_kwargs.get('group_size') if self.moe_layers else None)
+    if plan.computed_slots >= layout.batch_size * plan.canonical_length:
+      return None  # nothing to save (e.g. every task has the same length): no gathers
+    return plan
 
   @property
   def computed_token_slots(self) -> int:

@@ -228,6 +228,17 @@ def test_rows_per_block_divide_into_moe_groups():
   synthetic.forward(packed, _batch())
 
 
+def test_a_layout_packing_cannot_shrink_runs_unpacked():
+  """Every task the same length: the plan would compute as many slots as the padded batch,
+  so the model keeps no plan and runs no gathers."""
+  tasks = [synthetic.task('a', 'bytes', 'classify', (16,), 2),
+           synthetic.task('b', 'bytes', 'per_position', (16,), 256)]
+  layout = layout_lib.make_layout(tasks, (4, 4), 1)
+  m = model_lib.Figure1Model(tasks, layout, d_model=16, num_layers=1, num_heads=2,
+                             mlp_hidden=32, pack=True, rngs=nnx.Rngs(0))
+  assert m.plan is None and m.computed_token_slots == 8 * 16
+
+
 def test_routers_that_need_one_example_per_row_are_refused():
   with pytest.raises(ValueError, match=r"pack=True: MoE layer 1 uses route_on='example'"):
     _models(moe_kwargs=synthetic.moe_kwargs(banks=[(4, 16)], k=2, route_on='example'))
