@@ -113,16 +113,22 @@ def test_segments_never_attend_across_each_other_and_are_causal_within():
   assert allowed[7].tolist() == [False] * 7 + [True]  # an empty slot sees itself only
 
 
-def test_packed_model_equals_padded_on_every_modality():
-  padded, packed = _models()
-  assert packed.computed_token_slots < padded.computed_token_slots
-  batch = _batch()
+def _same_logits_and_flops(padded, packed, batch):
+  """Asserts both models give the same logits and per-example FLOPs; returns both outputs."""
   a, b = synthetic.forward(padded, batch), synthetic.forward(packed, batch)
   for name in a.logits:
     np.testing.assert_allclose(np.asarray(b.logits[name]), np.asarray(a.logits[name]),
                                rtol=2e-5, atol=2e-5, err_msg=name)
   np.testing.assert_allclose(np.asarray(b.flops_per_example), np.asarray(a.flops_per_example),
                              rtol=1e-6)
+  return a, b
+
+
+def test_packed_model_equals_padded_on_every_modality():
+  padded, packed = _models()
+  assert packed.computed_token_slots < padded.computed_token_slots
+  batch = _batch()
+  a, b = _same_logits_and_flops(padded, packed, batch)
   for layer in a.moe:
     for key, v in a.moe[layer].record.items():  # the routing record on real tokens
       m = np.asarray(a.token_mask)
@@ -167,12 +173,7 @@ def test_packed_mixture_of_depths_equals_padded():
   rows = padded.layout.task_rows(1)
   batch['label'][rows] = np.arange(len(rows)) * 7 % 256
   batch['targets'][:] = -1
-  a, b = synthetic.forward(padded, batch), synthetic.forward(packed, batch)
-  for name in a.logits:
-    np.testing.assert_allclose(np.asarray(b.logits[name]), np.asarray(a.logits[name]),
-                               rtol=2e-5, atol=2e-5, err_msg=name)
-  np.testing.assert_allclose(np.asarray(b.flops_per_example), np.asarray(a.flops_per_example),
-                             rtol=1e-6)
+  _same_logits_and_flops(padded, packed, batch)
 
 
 def test_packed_exits_take_the_same_decisions():
