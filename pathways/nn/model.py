@@ -237,6 +237,9 @@ class Figure1Model(nnx.Module):
     heads = [heads_lib.get(t.head) for t in tasks]
     self.causal = nnx.data(np.array([h.causal for h in heads], bool))
     self.pooled = tuple(h.pooled for h in heads)
+    # each task's own token count (<= L_max): per-position heads and losses use only these
+    self.own_length = tuple(int(modalities_lib.get(t.modality).tokens(
+        modalities_lib.get(t.modality).example_shape(t.input_shape), patch)) for t in tasks)
     self.task_embed = nnx.Dict({t.name: nnx.Param(jnp.zeros((d_model,))) for t in tasks})
     moe_kwargs = dict(moe_kwargs or {})
     # Evaluation is dropless by default, so an example's prediction never depends on what
@@ -484,7 +487,7 @@ class Figure1Model(nnx.Module):
       logits = self._layer_logits(pooled_L, states_L) if train_exits else {}
       classifier_loss = None
       if train_exits and self.exit_confidence == 'classifier':
-        classifier_loss = self._exit_classifier_loss(batch, states_L, mask, logits)
+        classifier_loss = self._exit_classifier_loss(batch, states_L, pooled_L, logits)
       real = mask.astype(jnp.float32)
       depth_B = jnp.sum((exit_layer_BxL + 1.0) * real, -1) / jnp.maximum(jnp.sum(real, -1), 1.0)
       exits = Exits(layer_BxL=jnp.where(mask, exit_layer_BxL, 0), depth_B=depth_B,
@@ -528,7 +531,8 @@ class Figure1Model(nnx.Module):
 
   def _layer_logits(self, pooled_L, states_L, pooled_only=False) -> dict:
     """{task: [L, n_i, ...]} logits at every layer from the normed states (pooled [B, D] per
-    layer; per-token [B, L_max, D] per layer, or None with `pooled_only`)."""
+    layer; per-token [B, L_max, D] per layer, or None with `pooled_only`). A per-position
+    task's are [L, n_i, own length, C]: positions past its own length never hold a target."""
     out = {}
     for i, name in enumerate(self.task_names):
       if pooled_only and not self.pooled[i]:
@@ -538,9 +542,10 @@ class Figure1Model(nnx.Module):
         out[name] = jnp.stack(pooled_L)[:, rows] @ self.heads[name][...]
         continue
       head = heads_lib.get(self.head_names[i])
+      own = self.own_length[i]
       out[name] = jnp.stack([
           head.logits(self.heads[name][...], pooled[rows],
-                      None if states_L is None else states_L[l][rows])
+                      None if states_L is None else states_L[l][rows][:, :own])
           for l, pooled in enumerate(pooled_L)])
     return out
 
@@ -576,7 +581,7 @@ class Figure1Model(nnx.Module):
     states [..., D]."""
     return jax.nn.sigmoid(state @ self.exit_w_LxD[...][layer] + self.exit_b_L[...][layer])
 
-  def _exit_classifier_loss(self, batch, states_L, mask_BxL, logits):
+  def _exit_classifier_loss(self, batch, states_L, pooled_L, logits):
     """Mean binary cross-entropy of the exit classifier over every layer but the last and
     every counted example (pooled) or target position (per-position); the target is 1 where
     the layer's prediction equals the last layer's (CALM). States and targets carry no
@@ -585,11 +590,15 @@ class Figure1Model(nnx.Module):
     for i, name in enumerate(self.task_names):
       rows = np.asarray(self.layout.task_rows(i))
       _, w = heads_lib.get(self.head_names[i]).targets(batch, rows, self.layout)
-      guess = jnp.argmax(jax.lax.stop_gradient(logits[name]), -1)  # [L, n(, l)]
+      if not self.pooled[i]:
+        w = w[:, :self.own_length[i]]
+      guess = jnp.argmax(jax.lax.stop_gradient(logits[name]), -1)  # [L, n(, own length)]
       target = (guess[:-1] == guess[-1:]).astype(jnp.float32)
       for layer in range(len(states_L) - 1):
-        h = jax.lax.stop_gradient(states_L[layer])
-        state = _masked_mean(h, mask_BxL)[rows] if self.pooled[i] else h[rows][:, :w.shape[-1]]
+        if self.pooled[i]:
+          state = jax.lax.stop_gradient(pooled_L[layer][rows])
+        else:
+          state = jax.lax.stop_gradient(states_L[layer][rows][:, :self.own_length[i]])
         p = jnp.clip(self.exit_score(layer, state), 1e-6, 1 - 1e-6)
         t = target[layer]
         bce = -(t * jnp.log(p) + (1 - t) * jnp.log(1 - p))
@@ -722,7 +731,13 @@ def task_losses(model: Figure1Model, out: ModelOutput, batch, halting_floor: flo
         p_LxN = jnp.maximum(p_LxN, halting_floor)
       ce = jnp.sum(p_LxN * loss_fn(out.halting.logits[name].astype(jnp.float32), labels[None]), 0)
     elif out.exits is not None and out.exits.weights is not None:
-      per_layer = loss_fn(out.exits.logits[name].astype(jnp.float32), labels[None])
+      exit_logits = out.exits.logits[name].astype(jnp.float32)
+      if not model.pooled[i]:  # [L, n, own length, C]: no target lies past the task's length
+        own = exit_logits.shape[2]
+        per_layer = loss_fn(exit_logits, labels[None, :, :own])
+        per_layer = jnp.pad(per_layer, ((0, 0), (0, 0), (0, labels.shape[1] - own)))
+      else:
+        per_layer = loss_fn(exit_logits, labels[None])
       ce = jnp.tensordot(jnp.asarray(out.exits.weights, jnp.float32), per_layer, axes=1)
     correct = (jnp.argmax(logits, -1) == labels)
     denom = jnp.maximum(jnp.sum(w), 1.0)

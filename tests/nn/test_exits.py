@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pathways.data import layout as layout_lib
 from pathways.nn import adaptive
 from pathways.nn import inference
 from pathways.nn import model as model_lib
@@ -181,11 +182,45 @@ def test_a_token_exit_never_reads_later_tokens():
 def test_deep_supervision_loss_and_gradients_equal_the_per_layer_loop():
   weights = adaptive.exit_weights('linear', 4)
   m, batch = _model(exit_weights=weights)
+  _check_deep_supervision(m, batch, weights)
+  # evaluation scores the prediction (the last layer), not the weighted mix
+  out = synthetic.forward(m, batch)
+  assert out.exits.logits == {} and out.exits.weights is None
+
+
+def test_deep_supervision_of_a_task_shorter_than_the_batch():
+  """A 16-byte language model beside a 32-byte classifier: its per-layer logits cover its own
+  16 positions only, and the loss still equals the per-layer loop over all 32."""
+  tasks = [synthetic.task('text', 'bytes', 'per_position', (16,), 256),
+           synthetic.task('doc', 'bytes', 'classify', (32,), 3)]
+  layout = layout_lib.make_layout(tasks, (3, 2))
+  weights = adaptive.exit_weights('equal', 3)
+  m = model_lib.Figure1Model(tasks, layout, d_model=16, num_layers=3, num_heads=2,
+                             mlp_hidden=32, moe_kwargs=MOE, exit_weights=weights,
+                             exit_confidence='classifier', rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 256, (5, 32)).astype(np.int32)
+  lengths = np.array([16, 9, 12, 30, 20])
+  mask = np.arange(32)[None] < lengths[:, None]
+  targets = np.where(mask, np.roll(tokens * mask, -1, axis=1), -1).astype(np.int32)
+  targets[3:] = -1
+  batch = {'task_id': np.array([0, 0, 0, 1, 1], np.int32), 'tokens': tokens * mask,
+           'tokens_mask': mask, 'targets': targets,
+           'label': np.array([-1, -1, -1, 0, 2], np.int32), 'weight': np.ones(5, np.float32)}
+  out = m(batch, deterministic=False)
+  assert out.exits.logits['text'].shape == (3, 3, 16, 256)
+  assert float(out.exits.classifier_loss) > 0
+  _check_deep_supervision(m, batch, weights)
+
+
+def _check_deep_supervision(m, batch, weights):
+  """The model's deep-supervision loss and gradients against a per-layer loop."""
+  names = m.task_names
 
   def loss(m):
     out = m(batch, deterministic=False)
     losses, _ = model_lib.task_losses(m, out, batch)
-    return losses['images'] + losses['text']
+    return sum(losses[n] for n in names)
 
   def reference(m):
     """Every layer's state through the final norm and the heads, one forward per layer."""
@@ -200,7 +235,7 @@ def test_deep_supervision_loss_and_gradients_equal_the_per_layer_loop():
                                   flops_per_example=None, aux_loss=0.0, budget_loss=0.0,
                                   budget={}, moe={})
       losses, _ = model_lib.task_losses(m, out, batch)
-      total = total + weights[layer] * (losses['images'] + losses['text'])
+      total = total + weights[layer] * sum(losses[n] for n in names)
     return total
 
   value, grads = nnx.jit(nnx.value_and_grad(loss))(m)
@@ -208,9 +243,6 @@ def test_deep_supervision_loss_and_gradients_equal_the_per_layer_loop():
   np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-3, atol=2e-6)
-  # evaluation scores the prediction (the last layer), not the weighted mix
-  out = synthetic.forward(m, batch)
-  assert out.exits.logits == {} and out.exits.weights is None
 
 
 def test_exit_weights_are_parsed_or_refused_naming_the_value():
