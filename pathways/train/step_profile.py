@@ -7,11 +7,11 @@ in the compiled HLO:
 
   matmul        dots (XLA:CPU's `ynn_fusion`, `dot`, `dot_general`; on GPU cuBLAS/Triton
                 custom calls and `*gemm*`);
-  canonical     element-wise work on arrays of the batch contract's layout: a dimension
-                L_max after another one ([B, L_max, D], a task's rows [n, L_max, C], per-layer
-                stacks) or one of B x L_max: what runs outside the packed blocks (per-layer
-                norms, pooling, exit heads, residual gates). A heuristic on shapes: when the
-                packed rows happen to be L_max long they count here too;
+  canonical     element-wise work on arrays of the batch contract's layout: dimensions B,
+                L_max next to each other ([B, L_max, D], per-layer stacks [n, B, L_max, D])
+                or one of B x L_max: what runs outside the packed blocks (per-layer norms,
+                pooling, residual and exit gates). A heuristic on shapes: a task's own rows
+                [n_i, L_max, ...] are not recognized (they count as other);
   data_movement gathers, scatters, sorts, loops, dynamic slices (dispatch, packing);
   layout        transposes and copies;
   other         the remaining element-wise fusions.
@@ -50,7 +50,7 @@ def category(name: str, shape: str, b: int, l: int) -> str:
     return 'matmul'
   if any(w in base for w in ('gather', 'scatter', 'sort', 'dynamic')) or base == 'while':
     return 'data_movement'
-  if b * l in dims or any(dims[i] == l for i in range(1, len(dims))):
+  if b * l in dims or any(dims[i:i + 2] == [b, l] for i in range(len(dims) - 1)):
     return 'canonical'
   if 'transpose' in base or 'copy' in base:
     return 'layout'

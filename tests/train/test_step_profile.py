@@ -11,7 +11,8 @@ def test_ops_are_sorted_into_categories():
   assert c('bitcast_gather_fusion.3', 'f32[8,16,32]') == 'data_movement'
   assert c('sort', 's32[128]') == 'data_movement'
   assert c('broadcast_multiply_fusion.2', 'f32[8,16,32]{2,1,0}') == 'canonical'
-  assert c('wrapped_broadcast', 'u32[2,4,16,256]') == 'canonical'  # per-layer task logits
+  assert c('wrapped_broadcast', 'u32[2,8,16,256]') == 'canonical'  # a per-layer stack
+  assert c('wrapped_broadcast', 'f32[6,16,32]') == 'other'  # packed rows as long as L_max
   assert c('add_fusion', 'f32[1,128,32]') == 'canonical'  # B x L_max flattened
   assert c('transpose_copy_fusion', 'f32[4,8,12]') == 'layout'
   assert c('multiply_add_fusion', 'f32[4,8,12]') == 'other'
