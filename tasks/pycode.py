@@ -9,7 +9,9 @@
 * `pycode_lm_seen` / `pycode_lm_heldout`: the uncapped corpus without / with only the
   packages in HELD_OUT (email, xml, http): a base model trains on the first, a new task on
   packages it never saw comes from the second.
-* `stdlib_package`: which of 8 standard-library packages a 128-byte snippet comes from.
+* `stdlib_package`: which of 8 standard-library packages a 128-byte snippet comes from;
+  `stdlib_package_heldout` the same among the three HELD_OUT packages only (a classification
+  task on code `pycode_lm_seen` never read).
 
 Files are listed in sorted order and split by a hash of their path (about 10% to test), so a
 file never lands in both splits. `stdlib_package` splits each package's files separately
@@ -137,9 +139,10 @@ class PathwaysStdlibPackage(tfds_source.OfflineBuilder):
   VERSION = tfds.core.Version('1.2.0')
   FEATURES = {'inputs': ((WINDOW,), np.uint8), 'label': ((), np.int64)}
   SPLITS = ('train', 'validation', 'test')
+  PACKAGES = PACKAGES
 
   def _generate_examples(self, split):
-    for label, package in enumerate(PACKAGES):
+    for label, package in enumerate(self.PACKAGES):
       count = 0
       files = _stdlib_files(package)
       assignment = _stratified_split(files)
@@ -149,6 +152,13 @@ class PathwaysStdlibPackage(tfds_source.OfflineBuilder):
         for start, w in _windows(path, WINDOW, limit=40):
           yield f'{path}:{start}', {'inputs': w, 'label': label}
           count += 1
+
+
+class PathwaysStdlibPackageHeldout(PathwaysStdlibPackage):
+  """`stdlib_package` over the HELD_OUT packages only (email, xml, http; labels 0, 1, 2 in
+  that order): classification on code that `pycode_lm_seen` never read."""
+  VERSION = tfds.core.Version('1.0.0')
+  PACKAGES = HELD_OUT
 
 
 registry.register_task(tfds_source.builder_task(
@@ -179,3 +189,10 @@ registry.register_task(tfds_source.builder_task(
     input_shape=(WINDOW,), input_dtype='uint8',
     splits={'train': 'train', 'eval': 'test', 'calibration': 'validation'},
     description=f'which stdlib package a snippet is from: {", ".join(PACKAGES)}'))
+registry.register_task(tfds_source.builder_task(
+    PathwaysStdlibPackageHeldout, name='stdlib_package_heldout', modality='bytes',
+    head='classify', num_classes=len(HELD_OUT), input_feature='inputs', target_feature='label',
+    input_shape=(WINDOW,), input_dtype='uint8',
+    splits={'train': 'train', 'eval': 'test', 'calibration': 'validation'},
+    description=f'which held-out package ({", ".join(HELD_OUT)}) a snippet is from: a new '
+                f'classification task for a base trained on pycode_lm_seen'))

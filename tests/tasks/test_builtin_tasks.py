@@ -30,7 +30,8 @@ def test_builtin_task_prepares_offline_and_batches(name, data_dir):
 
 
 @pytest.mark.parametrize('name', [n for n in BUILTIN if n in ('digits', 'stdlib_package',
-                                                              'parity')])
+                                                              'parity')]
+                         + ['stdlib_package_heldout'])
 def test_every_class_is_in_every_split(name, data_dir):
   """A class missing from the test split makes the majority rate the ceiling of what the
   evaluation can separate (stdlib_package's hash split lost json, http and logging); one
@@ -43,7 +44,7 @@ def test_every_class_is_in_every_split(name, data_dir):
     labels = np.array([src[i][t.target_feature] for i in range(len(src))])
     counts = np.bincount(labels, minlength=t.num_classes)
     assert (counts > 0).all(), (name, split, counts.tolist())
-    if name == 'stdlib_package' and split != 'train':  # stratified: no class a sliver
+    if name.startswith('stdlib_package') and split != 'train':  # stratified: no sliver
       assert counts.min() >= 0.25 * counts.mean(), counts.tolist()
 
 
@@ -112,6 +113,23 @@ def test_depth_tasks_have_three_splits_and_every_difficulty(name, data_dir):
       a, rest = text.split('+')
       b, total = rest.split('=')
       assert int(a[::-1]) + int(b[::-1]) == int(total[::-1])
+
+
+def test_heldout_package_task_is_stdlib_package_on_the_heldout_packages(data_dir):
+  """Its snippets per split and class are exactly stdlib_package's of email, xml and http."""
+  full, held = registry.get_task('stdlib_package'), registry.get_task('stdlib_package_heldout')
+  assert held.num_classes == len(pycode.HELD_OUT) == 3
+  for split in ('train', 'validation', 'test'):
+    a, b = full.data(split, data_dir), held.data(split, data_dir)
+    want = {}
+    for i in range(len(a)):
+      package = pycode.PACKAGES[int(a[i]['label'])]
+      if package in pycode.HELD_OUT:
+        want.setdefault(pycode.HELD_OUT.index(package), set()).add(bytes(a[i]['inputs']))
+    got = {}
+    for i in range(len(b)):
+      got.setdefault(int(b[i]['label']), set()).add(bytes(b[i]['inputs']))
+    assert got == want, split
 
 
 def test_pycode_splits_by_file():
