@@ -56,12 +56,11 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
-from pathways import registry
 from pathways.nn import experts as experts_lib
 from pathways.nn import model as model_lib
 from pathways.train import benchmark as benchmark_lib
+from tools import start as start_lib
 
 FLAGS = flags.FLAGS
 VARIANTS = benchmark_lib.VARIANTS
@@ -90,15 +89,10 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:  # TFDS logs at INFO
-    logging.set_verbosity(logging.WARNING)
+  name = start_lib.start(argv)
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  registry.discover()
   experts_lib.set_default_impl(FLAGS.bank_ffn)
-  named = {'config': config_flags.get_config_filename(FLAGS['config']),
-           'overrides': config_flags.get_override_values(FLAGS['config'])}
+  named = {'config': name, 'overrides': config_flags.get_override_values(FLAGS['config'])}
   remats = [('' if r == 'none' else r) for r in FLAGS.remat] or [None]
   for r in remats:
     if r is not None and r not in model_lib.REMAT_POLICIES:

@@ -17,11 +17,10 @@ import json
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
-from pathways import registry
 from pathways.nn import packing
 from pathways.train import experiment
+from tools import start as start_lib
 
 FLAGS = flags.FLAGS
 
@@ -66,15 +65,9 @@ def report(config, batches: int, shards: int) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:  # TFDS logs at INFO
-    logging.set_verbosity(logging.WARNING)
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  registry.discover()
+  name = start_lib.start(argv)
   config = FLAGS.config
   shards = FLAGS.shards or config.data.get('shards', 0) or 1
-  name = config_flags.get_config_filename(FLAGS['config'])
   print(json.dumps(dict(config=name, **report(config, FLAGS.batches, shards))), flush=True)
 
 

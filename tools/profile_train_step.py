@@ -14,10 +14,9 @@ import json
 
 from absl import app
 from absl import flags
-from absl import logging
 
-from pathways import registry
 from pathways.train import step_profile
+from tools import start as start_lib
 
 FLAGS = flags.FLAGS
 
@@ -33,14 +32,8 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:  # TFDS logs at INFO
-    logging.set_verbosity(logging.WARNING)
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  registry.discover()
-  row = dict(config=config_flags.get_config_filename(FLAGS['config']),
-             **step_profile.profile(FLAGS.config, FLAGS.steps, top=FLAGS.top))
+  name = start_lib.start(argv)
+  row = dict(config=name, **step_profile.profile(FLAGS.config, FLAGS.steps, top=FLAGS.top))
   text = json.dumps(row)
   print(text, flush=True)
   if FLAGS.out:
