@@ -359,11 +359,17 @@ def sweep(workdir, parts, seeds, mechanisms, steps=0, overrides=None, keep_from=
       for mechanism in (mechanisms if part == 'parity' else ['exits']):
         runs.extend(run_part(workdir, part, mechanism, seed, steps, overrides))
   kept = None
+  measure_wall_clock = 'wall_clock' in parts and 'parity' in parts and 'exits' in mechanisms
   if keep_from is not None:
     rerun = {(p, m) for p in parts for m in (mechanisms if p == 'parity' else ['exits'])}
     old = [r for r in keep_from['runs'] if (r['part'], r['mechanism']) not in rerun]
+    if (any(r['mechanism'] == 'exits' for r in old)
+        and keep_from.get('tolerance') != TOLERANCE):
+      raise ValueError(f"--keep_from: its exit runs were calibrated with tolerance "
+                       f"{keep_from.get('tolerance')}, this sweep uses {TOLERANCE}; rerun them "
+                       f"(--parts with their part) instead of keeping them.")
     kept = {'parts': sorted({f"{r['part']}/{r['mechanism']}" for r in old}), 'runs': len(old),
-            'wall_clock': 'wall_clock' not in parts and 'wall_clock' in keep_from}
+            'wall_clock': not measure_wall_clock and 'wall_clock' in keep_from}
     runs = old + runs
   result = {'tolerance': TOLERANCE, 'targets': TARGETS, 'learned': LEARNED,
             'seeds': list(seeds), 'runs': runs, 'rerun_parts': list(parts), 'kept': kept,
@@ -374,7 +380,7 @@ def sweep(workdir, parts, seeds, mechanisms, steps=0, overrides=None, keep_from=
         k: _agg(mine, k) for k in ('accuracy', 'full_depth_accuracy', 'accuracy_drop',
                                    'flops_per_example', 'full_depth_flops_per_example',
                                    'flops_saved', 'depth', 'depth_difficulty_spearman')}
-  if 'wall_clock' in parts and 'parity' in parts and 'exits' in mechanisms:
+  if measure_wall_clock:
     result['wall_clock'] = wall_clock(workdir, seed=seeds[0])
   elif kept and kept['wall_clock']:
     result['wall_clock'] = keep_from['wall_clock']

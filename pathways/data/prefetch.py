@@ -8,7 +8,8 @@ state right after it. The loop sees the same batches in the same order, and
 so a checkpoint saved at step s resumes at batch s + 1 exactly as without prefetching.
 
 An exception in the thread is raised by the `next()` that would have returned its batch.
-`close()` stops the thread (it is a daemon: a process exiting never waits for it).
+`close()` stops the thread (it is a daemon: a process exiting never waits for it). A `next()`
+after either raises: the batches built ahead are gone, so continuing would skip them.
 """
 from __future__ import annotations
 
@@ -55,9 +56,11 @@ class Prefetcher:
       batch = next(self.pipeline)
       self._state = self.pipeline.get_state()
       return batch
+    if self._stop.is_set():  # closed, or an error was raised: the thread built ahead
+      raise RuntimeError('Prefetcher: next() after close() or after an error in the pipeline '
+                         '(the batches built ahead are gone); make a new one from the state.')
     batch, state, error = self._queue.get()
     if error is not None:
-      self._thread = None
       self._stop.set()
       raise error
     self._state = state
@@ -71,4 +74,3 @@ class Prefetcher:
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=5.0)
-      self._thread = None

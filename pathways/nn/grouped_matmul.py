@@ -16,7 +16,9 @@ grouped FFN, chosen by `GROUPED_MATMULS` name (`model.moe.grouped_matmul`):
     column block) and sums x_tile^T dy_tile over the expert's own tiles only.
 
 The Pallas kernel is written for GPU (Triton lowering: block loads with dynamic offsets, a
-loop with per-expert bounds). On CPU it runs in Pallas' interpret mode, which checks the
+loop with per-expert bounds; Triton wants every block of a dot at least 16 and widths with a
+power-of-two divisor: tiles under 16 rows, or widths such as 99, are CPU-only shapes). On CPU
+it runs in Pallas' interpret mode, which checks the
 indexing and the numbers against `reference_grouped_ffn` (tests) but says nothing about
 speed: it is untimed here. Padding costs at most `bm - 1` rows per expert.
 
@@ -227,6 +229,8 @@ def pallas_ffn(x_NxD, w_in_ExDxF, w_out_ExFxD, sizes_E, *, bm: int = 128):
   """The Pallas grouped FFN (module docstring): rows gathered into expert tiles, two tiled
   grouped matmuls with the GELU between, gathered back. Rows past sum(sizes) give 0."""
   n = x_NxD.shape[0]
+  if n == 0:
+    return jnp.zeros((0, w_out_ExFxD.shape[2]), x_NxD.dtype)
   bm = min(bm, max(8, pl.next_power_of_2(n)))
   src_M, valid_M, dest_N, tile_expert, tile_offsets = tile_layout(sizes_E, n, bm)
   x_MxD = jnp.where(valid_M[:, None], x_NxD[src_M], 0)

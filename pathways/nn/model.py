@@ -261,6 +261,16 @@ class Figure1Model(nnx.Module):
     self.blocks = nnx.List(blocks)
     self.seq_len = max(modalities_lib.get(m).tokens(layout.shapes[modalities_lib.get(m).array],
                                                     patch) for m in layout.rows)  # L_max
+    if 'bytes' in layout.rows and not all(self.pooled):
+      l_bytes = layout.shapes['tokens'][-1]
+      if self.seq_len > l_bytes:
+        longest = max((m for m in layout.rows), key=lambda m: modalities_lib.get(m).tokens(
+            layout.shapes[modalities_lib.get(m).array], patch))
+        raise ValueError(
+            f'per-position task {self.task_names[self.pooled.index(False)]!r}: its targets '
+            f'cover the {l_bytes} byte positions, but the {longest} rows make the stack '
+            f'{self.seq_len} tokens long; per-position heads need no modality longer than the '
+            f'bytes rows (a larger patch={patch * 2}, or longer byte tasks).')
     # static graph data (hashable, compared by value like the layout)
     self.plan = self._pack_plan(tasks, layout, patch, moe_kwargs) if pack else None
     self.mod_layers = tuple(l for l in range(num_layers) if mod_every and (l + 1) % mod_every == 0)

@@ -20,6 +20,9 @@ into its own rows with the same plan, so packed rows shard like batch rows. Trac
 mesh (`jax.set_mesh`), the block axis is pinned to the mesh axes that split the batch (the
 leading axes whose sizes multiply to `shards`), so the gathers stay on each device; left to
 itself the compiler may follow FSDP weights onto the model axis and exchange activations.
+This assumes the batch is split over the mesh's leading axes in the mesh's order (the default
+mesh and rules do); a batch rule naming the axes in another order gets the same numbers
+through an exchange at each pack and unpack.
 
 Vocabulary: B batch rows, L length (L_max), R packed rows, T tokens.
 """

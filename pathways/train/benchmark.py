@@ -149,15 +149,17 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
       times.append((time.perf_counter() - t0) / steps)
     jax.block_until_ready(state)
     live = prefetch_lib.Prefetcher(pipe, config.data.get('prefetch', 2))  # as the loop feeds
-    waited, t0 = 0.0, time.perf_counter()
-    for _ in range(steps):  # fed live: the wait for each batch, as the loop sees it
-      w0 = time.perf_counter()
-      batch = exp.put(next(live))
-      waited += time.perf_counter() - w0
-      state, scalars = compiled(state, batch)
-    jax.block_until_ready((state, scalars))
-    live_s = time.perf_counter() - t0
-    live.close()
+    try:
+      waited, t0 = 0.0, time.perf_counter()
+      for _ in range(steps):  # fed live: the wait for each batch, as the loop sees it
+        w0 = time.perf_counter()
+        batch = exp.put(next(live))
+        waited += time.perf_counter() - w0
+        state, scalars = compiled(state, batch)
+      jax.block_until_ready((state, scalars))
+      live_s = time.perf_counter() - t0
+    finally:
+      live.close()
   scalars = jax.device_get(scalars)
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats()

@@ -287,8 +287,6 @@ def _train(config, workdir, stop, allow_config_changes):
     raise
   state = jax.device_put(state, exp.shardings)
   meta = {'task_ids': exp.task_ids, 'signature': experiment.model_signature(config)}
-  # built ahead in a thread; get_state() is that of the batches taken (exact resume)
-  pipe = prefetch_lib.Prefetcher(exp.pipeline, config.data.get('prefetch', 2))
   train_step = jit_train_step(exp)
   eval_step = evaluation.make_eval_step(exp.model_graphdef)
   routing_forward = collect_lib.make_forward(exp.model_graphdef)
@@ -354,6 +352,9 @@ def _train(config, workdir, stop, allow_config_changes):
 
   mesh_context = jax.set_mesh(exp.mesh)  # MoE layers trace expert parallel under it
   mesh_context.__enter__()
+  # built ahead in a thread (closed below on every exit); get_state() is that of the batches
+  # taken (exact resume)
+  pipe = prefetch_lib.Prefetcher(exp.pipeline, config.data.get('prefetch', 2))
   failed = True
   try:
     if stop.agreed():

@@ -46,7 +46,8 @@ def category(name: str, shape: str, b: int, l: int) -> str:
   base = re.sub(r'\.\d+$', '', name)
   m = re.match(r'\w+\[([\d,]*)\]', shape)
   dims = [int(x) for x in m.group(1).split(',') if x] if m else []
-  if base in ('ynn_fusion', 'dot', 'dot_general') or 'gemm' in base or 'cublas' in base:
+  if (base in ('ynn_fusion', 'dot', 'dot_general') or 'gemm' in base or 'cublas' in base
+      or base.endswith('grouped_matmul')):  # the Pallas kernels (pathways.nn.grouped_matmul)
     return 'matmul'
   if any(w in base for w in ('gather', 'scatter', 'sort', 'dynamic')) or base == 'while':
     return 'data_movement'

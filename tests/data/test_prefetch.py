@@ -37,7 +37,10 @@ def test_batches_in_order_and_state_of_the_batches_taken(depth):
     deadline.wait(0.2)
     assert p.pipeline.i >= 5  # built ahead (up to depth + 1 more)
   p.close()
-  assert p._thread is None  # pylint: disable=protected-access
+  if depth:
+    assert not p._thread.is_alive()  # pylint: disable=protected-access
+    with pytest.raises(RuntimeError, match=r'next\(\) after close\(\)'):
+      next(p)  # never silently skipping the batches that were built ahead
 
 
 def test_an_error_in_the_thread_reaches_the_loop_at_its_batch():
@@ -46,6 +49,8 @@ def test_an_error_in_the_thread_reaches_the_loop_at_its_batch():
   with pytest.raises(RuntimeError, match='bad example in batch 2'):
     next(p)
   assert p.get_state() == b'2'
+  with pytest.raises(RuntimeError, match='after an error'):
+    next(p)
   p.close()
 
 

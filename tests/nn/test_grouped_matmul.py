@@ -62,6 +62,12 @@ def test_pallas_ffn_equals_the_per_expert_loop_forwards_and_backwards(n, d, f, s
     _close(a, b)
 
 
+def test_no_rows_give_no_rows():
+  _, w_in, w_out = _weights(1, 16, 32, 4)
+  assert gm.pallas_ffn(jnp.zeros((0, 16)), w_in, w_out, jnp.zeros((4,), jnp.int32)).shape == (
+      0, 16)
+
+
 def test_ragged_dot_equals_the_per_expert_loop():
   x, w_in, w_out = _weights(40, 16, 32, 4)
   sizes = jnp.asarray([7, 0, 20, 9], jnp.int32)

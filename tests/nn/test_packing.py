@@ -240,6 +240,18 @@ def test_a_layout_packing_cannot_shrink_runs_unpacked():
   assert m.plan is None and m.computed_token_slots == 8 * 16
 
 
+def test_a_stack_longer_than_the_bytes_rows_is_refused_for_per_position_tasks():
+  """64 image patches beside 16-byte language modelling: the per-position targets cover 16
+  positions of a 64-token stack; refused by name instead of failing on shapes in the loss."""
+  tasks = [synthetic.task('img', 'image', 'classify', (16, 16, 1), 10),
+           synthetic.task('text', 'bytes', 'per_position', (16,), 256)]
+  layout = layout_lib.make_layout(tasks, (2, 2), 1)
+  with pytest.raises(ValueError, match=r"per-position task 'text': its targets cover the 16 "
+                                       r'byte positions, but the image rows make the stack 64'):
+    model_lib.Figure1Model(tasks, layout, d_model=16, num_layers=1, num_heads=2,
+                           mlp_hidden=32, patch=2, rngs=nnx.Rngs(0))
+
+
 def test_routers_that_need_one_example_per_row_are_refused():
   with pytest.raises(ValueError, match=r"pack=True: MoE layer 1 uses route_on='example'"):
     _models(moe_kwargs=synthetic.moe_kwargs(banks=[(4, 16)], k=2, route_on='example'))

@@ -378,7 +378,7 @@ def test_adaptive_compute_reruns_some_parts_and_keeps_the_others(monkeypatch, tm
   fixed = dict(run('parity', 'parity_count', 0, 0.0), mechanism='fixed')
   old = {'runs': [run('parity', 'parity_count', 0, 0.02), fixed,
                   run('multitask', 'digits', 0, 0.05)],
-         'wall_clock': {'batch256_easy_speedup': 1.7}}
+         'wall_clock': {'batch256_easy_speedup': 1.7}, 'tolerance': ac.TOLERANCE}
   monkeypatch.setattr(ac, 'run_part', lambda workdir, part, mechanism, seed, *a: [
       run(part, 'digits' if part == 'multitask' else 'parity_count', seed, 0.001)])
   result = ac.sweep(str(tmp_path), ['parity', 'multitask'], [0], ['exits'], keep_from=old)
@@ -390,3 +390,10 @@ def test_adaptive_compute_reruns_some_parts_and_keeps_the_others(monkeypatch, tm
                                                   'digits/exits'}
   mixture = [c for c in result['claims'] if 'default mixture' in c['name']]
   assert mixture[0]['met'] and mixture[0]['measured']['worst_drop'] == 0.001
+  # wall_clock asked for without the parity exit models to measure it on: kept, not lost
+  kept_only = ac.sweep(str(tmp_path), ['multitask', 'wall_clock'], [0], ['exits'],
+                       keep_from=old)
+  assert kept_only['wall_clock'] == old['wall_clock'] and kept_only['kept']['wall_clock']
+  # exit runs calibrated at another tolerance are not mixed in
+  with pytest.raises(ValueError, match='calibrated with tolerance 0.01'):
+    ac.sweep(str(tmp_path), ['multitask'], [0], ['exits'], keep_from=dict(old, tolerance=0.01))

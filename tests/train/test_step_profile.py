@@ -8,6 +8,7 @@ def test_ops_are_sorted_into_categories():
   c = lambda name, shape: step_profile.category(name, shape, 8, 16)  # noqa: E731
   assert c('ynn_fusion.12', 'f32[64,32]') == 'matmul'
   assert c('dot_general', 'f32[8,16,32]') == 'matmul'
+  assert c('transposed_grouped_matmul', 'f32[4,16,32]') == 'matmul'  # the Pallas kernels
   assert c('bitcast_gather_fusion.3', 'f32[8,16,32]') == 'data_movement'
   assert c('sort', 's32[128]') == 'data_movement'
   assert c('broadcast_multiply_fusion.2', 'f32[8,16,32]{2,1,0}') == 'canonical'
