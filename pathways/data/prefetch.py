@@ -17,10 +17,13 @@ import queue
 import threading
 
 
+DEFAULT_DEPTH = 2  # `config.data.prefetch` where a config leaves it out
+
+
 class Prefetcher:
   """Iterator over `pipeline`'s batches, `depth` built ahead (depth 0: no thread)."""
 
-  def __init__(self, pipeline, depth: int = 2):
+  def __init__(self, pipeline, depth: int = DEFAULT_DEPTH):
     if not isinstance(depth, int) or depth < 0:
       raise ValueError(f'prefetch depth={depth!r}: must be an int >= 0.')
     self.pipeline = pipeline

@@ -185,7 +185,8 @@ def tile_layout(sizes_E, num_rows: int, bm: int):
   tiles_E = (sizes_E + bm - 1) // bm
   tile_end_E = jnp.cumsum(tiles_E)
   tile_offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), tile_end_E]).astype(jnp.int32)
-  start_E = jnp.cumsum(sizes_E) - sizes_E
+  end_E = jnp.cumsum(sizes_E)
+  start_E = end_E - sizes_E
   num_tiles = -(-num_rows // bm) + e
   t = jnp.arange(num_tiles, dtype=jnp.int32)
   owner = jnp.searchsorted(tile_end_E, t, side='right').astype(jnp.int32)
@@ -196,9 +197,8 @@ def tile_layout(sizes_E, num_rows: int, bm: int):
   valid_M = (tile_expert[p // bm] >= 0) & (within < sizes_E[owner_p])
   src_M = jnp.where(valid_M, start_E[owner_p] + within, 0)
   r = jnp.arange(num_rows, dtype=jnp.int32)
-  owner_r = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), r, side='right'), e - 1)
-  dest_N = jnp.where(r < jnp.sum(sizes_E), tile_offsets[owner_r] * bm + r - start_E[owner_r],
-                     0)
+  owner_r = jnp.minimum(jnp.searchsorted(end_E, r, side='right'), e - 1)
+  dest_N = jnp.where(r < end_E[-1], tile_offsets[owner_r] * bm + r - start_E[owner_r], 0)
   return src_M, valid_M, dest_N, tile_expert, tile_offsets
 
 

@@ -259,13 +259,13 @@ class Figure1Model(nnx.Module):
         ffn = moe.DenseFFN(d_model, mlp_hidden, dtype=dtype, rngs=rngs)
       blocks.append(Block(d_model, num_heads, ffn, dtype=dtype, rngs=rngs))
     self.blocks = nnx.List(blocks)
-    self.seq_len = max(modalities_lib.get(m).tokens(layout.shapes[modalities_lib.get(m).array],
-                                                    patch) for m in layout.rows)  # L_max
+    stack_tokens = {m: modalities_lib.get(m).tokens(layout.shapes[modalities_lib.get(m).array],
+                                                    patch) for m in layout.rows}
+    self.seq_len = max(stack_tokens.values())  # L_max
     if 'bytes' in layout.rows and not all(self.pooled):
-      l_bytes = layout.shapes['tokens'][-1]
+      l_bytes = stack_tokens['bytes']
       if self.seq_len > l_bytes:
-        longest = max((m for m in layout.rows), key=lambda m: modalities_lib.get(m).tokens(
-            layout.shapes[modalities_lib.get(m).array], patch))
+        longest = max(stack_tokens, key=stack_tokens.get)
         raise ValueError(
             f'per-position task {self.task_names[self.pooled.index(False)]!r}: its targets '
             f'cover the {l_bytes} byte positions, but the {longest} rows make the stack '

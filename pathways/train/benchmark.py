@@ -148,7 +148,8 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
       jax.block_until_ready((state, scalars))
       times.append((time.perf_counter() - t0) / steps)
     jax.block_until_ready(state)
-    live = prefetch_lib.Prefetcher(pipe, config.data.get('prefetch', 2))  # as the loop feeds
+    depth = config.data.get('prefetch', prefetch_lib.DEFAULT_DEPTH)
+    live = prefetch_lib.Prefetcher(pipe, depth)  # as the loop feeds
     try:
       waited, t0 = 0.0, time.perf_counter()
       for _ in range(steps):  # fed live: the wait for each batch, as the loop sees it
@@ -201,7 +202,7 @@ def benchmark(config, variant: str, *, steps: int, repeats: int, warmup: int,
       'tokens_per_s': real_tokens / step_s,
       'computed_token_slots_per_s': slots / step_s,
       'pipeline_ms_per_batch': pipeline_ms,
-      'prefetch': int(config.data.get('prefetch', 2)),
+      'prefetch': int(depth),
       'live_step_ms': 1e3 * live_s / steps,
       'data_wait_fraction': waited / live_s,
       'matmul_flops_per_step': executed_flops,

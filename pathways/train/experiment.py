@@ -23,6 +23,7 @@ from pathways import registry
 from pathways.data import layout as layout_lib
 from pathways.data import mixture as mixture_lib
 from pathways.data import pipeline as pipeline_lib
+from pathways.data import prefetch as prefetch_lib
 from pathways.nn import adaptive
 from pathways.nn import grouped_matmul as grouped_lib
 from pathways.nn import grow as grow_lib
@@ -73,7 +74,7 @@ def upgrade(config):
   if 'shards' not in config.data:
     config.data.shards = 0
   if 'prefetch' not in config.data:
-    config.data.prefetch = 2
+    config.data.prefetch = prefetch_lib.DEFAULT_DEPTH
   if 'task_modules' not in config:
     config.task_modules = []
   if 'aux' in config and 'importance_load_loss' not in config.aux:
@@ -319,7 +320,7 @@ def _validate_data(d) -> None:
     _bad('data.mixture', d.mixture, f'must be one of {mixture_lib.SCHEMES}')
   if not _finite(d.temperature, 1e-9):
     _bad('data.temperature', d.temperature, 'must be a finite number > 0')
-  if not _int(d.get('prefetch', 2), 0):
+  if not _int(d.get('prefetch', prefetch_lib.DEFAULT_DEPTH), 0):
     _bad('data.prefetch', d.prefetch, 'must be an int >= 0 (batches built ahead; 0: none)')
 
 

@@ -354,7 +354,8 @@ def _train(config, workdir, stop, allow_config_changes):
   mesh_context.__enter__()
   # built ahead in a thread (closed below on every exit); get_state() is that of the batches
   # taken (exact resume)
-  pipe = prefetch_lib.Prefetcher(exp.pipeline, config.data.get('prefetch', 2))
+  pipe = prefetch_lib.Prefetcher(exp.pipeline,
+                                 config.data.get('prefetch', prefetch_lib.DEFAULT_DEPTH))
   failed = True
   try:
     if stop.agreed():
