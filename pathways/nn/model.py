@@ -413,8 +413,6 @@ class Figure1Model(nnx.Module):
     FLOPs are counted. A threshold above 1 never exits (and checks nothing)."""
     x, mask, task_ids = self.embed(batch)
     causal_B = jnp.asarray(self.causal)[task_ids]
-    d_model = x.shape[-1]
-    num_layers = len(self.blocks)
     exiting = exit_thresholds is not None
     if exiting and not deterministic:
       raise ValueError('exit_thresholds: confidence exits are an inference path '
@@ -425,7 +423,71 @@ class Figure1Model(nnx.Module):
     if exiting and self.halting:
       raise ValueError('exit_thresholds: this model halts (PonderNet); exits and halting are '
                        'alternatives, not a combination.')
-    keep_states = exiting or self.halting or (self.exit_weights is not None and not deterministic)
+    train_exits = self.exit_weights is not None and not deterministic
+    keep_states = exiting or self.halting or train_exits
+    exit_layer_BxL = jnp.full(mask.shape, len(self.blocks) - 1, jnp.int32)
+    if self.plan is not None and not exiting and not self.mod_layers and not self.task_ffn_spec:
+      x, layer_flops_LxB, layer_expected_LxB, moe_stats, pooled_L, token_states = (
+          self._packed_stack(x, mask, causal_B, task_ids, deterministic,
+                             self.halting or train_exits))
+    else:
+      x, layer_flops_LxB, layer_expected_LxB, moe_stats, pooled_L, token_states, exit_layer_BxL = (
+          self._canonical_stack(x, mask, causal_B, task_ids, deterministic, keep_states,
+                                self.halting or train_exits, exit_thresholds, batch))
+    layer_flops_LxB = jnp.stack(layer_flops_LxB)
+    x = self.final_norm(x)
+    reach_LxB, halting, ponder_cost = jnp.ones_like(layer_flops_LxB), None, None
+    pooled_BxD = _masked_mean(x, mask)
+    if self.halting:
+      p_LxB, halt_B = self._halting_distribution(jnp.stack(pooled_L))
+      pooled_tasks = jnp.asarray(np.array(self.pooled))[task_ids]
+      depth = jnp.arange(1, len(self.blocks) + 1, dtype=jnp.float32)[:, None]
+      if deterministic:
+        reach = (depth - 1 <= halt_B[None, :]).astype(jnp.float32)
+      else:
+        reach = 1.0 - (jnp.cumsum(p_LxB, axis=0) - p_LxB)
+      reach_LxB = jnp.where(pooled_tasks[None, :], reach, 1.0)
+      expected_depth_B = jnp.sum(p_LxB * depth, axis=0)
+      w = pooled_tasks.astype(jnp.float32)
+      ponder_cost = jnp.sum(expected_depth_B * w) / jnp.maximum(jnp.sum(w), 1.0)
+      if deterministic:  # each example's pooled state at its halting layer
+        pooled_BxD = jnp.take_along_axis(jnp.stack(pooled_L), halt_B[None, :, None], axis=0)[0]
+      layer_logits = self._layer_logits(pooled_L, None, pooled_only=True)
+      halting = Halting(p_LxB=p_LxB, layer_B=halt_B, logits=layer_logits)
+    exits = None
+    if exiting or self.exit_weights is not None:
+      logits = self._layer_logits(pooled_L, token_states) if train_exits else {}
+      classifier_loss = None
+      if train_exits and self.exit_confidence == 'classifier':
+        classifier_loss = self._exit_classifier_loss(batch, token_states, pooled_L, logits)
+      real = mask.astype(jnp.float32)
+      depth_B = jnp.sum((exit_layer_BxL + 1.0) * real, -1) / jnp.maximum(jnp.sum(real, -1), 1.0)
+      exits = Exits(layer_BxL=jnp.where(mask, exit_layer_BxL, 0), depth_B=depth_B,
+                    logits=logits, weights=self.exit_weights if train_exits else None,
+                    classifier_loss=classifier_loss)
+    flops_B = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
+    expected_B = jnp.sum(jnp.stack(layer_expected_LxB) * reach_LxB, axis=0)
+    budget_loss, budget_metrics = budget_lib.budget_terms(
+        self.task_names, self.flops_budget, self.budget_lambda[...], expected_B, flops_B,
+        self.layout.task_rows, None if 'weight' not in batch else jnp.asarray(batch['weight']))
+    aux_loss = (jnp.mean(jnp.stack([s.aux_loss for s in moe_stats.values()])) if moe_stats
+                else jnp.zeros((), jnp.float32))
+    return ModelOutput(logits=self.apply_heads(pooled_BxD, x),
+                       tokens_per_example=jnp.sum(mask, axis=-1), token_mask=mask,
+                       flops_per_example=flops_B,
+                       aux_loss=aux_loss, budget_loss=budget_loss, budget=budget_metrics,
+                       moe=moe_stats, ponder_cost=ponder_cost, halting=halting, exits=exits)
+
+  def _canonical_stack(self, x, mask, causal_B, task_ids, deterministic, keep_states,
+                       per_layer_states, exit_thresholds, batch):
+    """The layer stack on the canonical [B, L_max] layout (each block computed packed when the
+    model packs, `_call_block`), with confidence exits and Mixture-of-Depths. Returns (x,
+    FLOPs [B] per layer, expected FLOPs [B] per layer, MoE stats, pooled normed states [B, D]
+    per layer (with `per_layer_states`), token_states(layer, task) -> [n_i, own length, D],
+    exit layers [B, L_max])."""
+    d_model = x.shape[-1]
+    num_layers = len(self.blocks)
+    exiting = exit_thresholds is not None
     frozen_BxL = jnp.zeros(mask.shape, bool)
     exit_layer_BxL = jnp.full(mask.shape, num_layers - 1, jnp.int32)
     if exiting:
@@ -469,52 +531,57 @@ class Figure1Model(nnx.Module):
         frozen_BxL = frozen_BxL | newly
       layer_flops_LxB.append(jnp.sum(flops_BxL, axis=-1) + check_B)
       layer_expected_LxB.append(jnp.sum(expected_BxL, axis=-1) + check_B)
-    layer_flops_LxB = jnp.stack(layer_flops_LxB)
-    x = self.final_norm(x)
-    reach_LxB, halting, ponder_cost = jnp.ones_like(layer_flops_LxB), None, None
-    pooled_BxD = _masked_mean(x, mask)
-    train_exits = self.exit_weights is not None and not deterministic
-    pooled_L = ([_masked_mean(h, mask) for h in states_L] if self.halting or train_exits
-                else [])
-    if self.halting:
-      p_LxB, halt_B = self._halting_distribution(jnp.stack(pooled_L))
-      pooled_tasks = jnp.asarray(np.array(self.pooled))[task_ids]
-      depth = jnp.arange(1, len(self.blocks) + 1, dtype=jnp.float32)[:, None]
-      if deterministic:
-        reach = (depth - 1 <= halt_B[None, :]).astype(jnp.float32)
+    pooled_L = [_masked_mean(h, mask) for h in states_L] if per_layer_states else []
+
+    def token_states(layer, i):
+      return states_L[layer][np.asarray(self.layout.task_rows(i))][:, :self.own_length[i]]
+    return (x, layer_flops_LxB, layer_expected_LxB, moe_stats, pooled_L, token_states,
+            exit_layer_BxL)
+
+  def _packed_stack(self, x, mask, causal_B, task_ids, deterministic, per_layer_states):
+    """The layer stack computed packed from the first block to the last (`pathways.nn.packing`):
+    the canonical layout is packed once and unpacked once, and the per-layer normed states of
+    deep supervision and halting are normed, pooled (per segment) and read (per-position
+    tasks' own positions) in the packed rows. Training and plain inference, without confidence
+    exits, Mixture-of-Depths or task FFNs (those run in `_canonical_stack`). Returns what
+    `_canonical_stack` returns but the exit layers."""
+    plan = self.plan
+    b, l = mask.shape
+    d_model = x.shape[-1]
+    call = _BLOCK_CALLS[self.remat]
+    filled = packing.filled(plan)
+    per_token = lambda a_B: packing.pack(plan, jnp.broadcast_to(a_B[:, None], (b, l)))  # noqa: E731
+    back = lambda a: packing.unpack(plan, a, jnp.zeros((b, l) + a.shape[2:], a.dtype))  # noqa: E731
+    x_p, mask_p = packing.pack(plan, x), packing.pack(plan, mask) & filled
+    causal_p, task_p, segment_p = per_token(causal_B), per_token(task_ids), packing.segments(plan)
+    attention_B = jnp.sum(attention.flops_per_token(d_model, mask, causal_B), axis=-1)
+    tokens_B = jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(jnp.float32)
+    layer_flops_LxB, layer_expected_LxB, states_L, pooled_L, moe_stats = [], [], [], [], {}
+    for layer, block in enumerate(self.blocks):
+      bias = None if layer not in self.moe_layers else self._router_bias_NxE(layer)[task_p]
+      x_p, stats = call(block, x_p, mask_p, causal_p, task_p, bias, deterministic, None,
+                        segment_p)
+      if stats is not None:
+        stats = stats.replace(flops_BxL=back(stats.flops_BxL),
+                              expected_flops_BxL=back(stats.expected_flops_BxL),
+                              record={k: back(v) for k, v in stats.record.items()})
+        moe_stats[layer] = stats
+        layer_flops_LxB.append(attention_B + jnp.sum(stats.flops_BxL, axis=-1))
+        layer_expected_LxB.append(attention_B + jnp.sum(stats.expected_flops_BxL, axis=-1))
       else:
-        reach = 1.0 - (jnp.cumsum(p_LxB, axis=0) - p_LxB)
-      reach_LxB = jnp.where(pooled_tasks[None, :], reach, 1.0)
-      expected_depth_B = jnp.sum(p_LxB * depth, axis=0)
-      w = pooled_tasks.astype(jnp.float32)
-      ponder_cost = jnp.sum(expected_depth_B * w) / jnp.maximum(jnp.sum(w), 1.0)
-      if deterministic:  # each example's pooled state at its halting layer
-        pooled_BxD = jnp.take_along_axis(jnp.stack(pooled_L), halt_B[None, :, None], axis=0)[0]
-      layer_logits = self._layer_logits(pooled_L, None, pooled_only=True)
-      halting = Halting(p_LxB=p_LxB, layer_B=halt_B, logits=layer_logits)
-    exits = None
-    if exiting or self.exit_weights is not None:
-      logits = self._layer_logits(pooled_L, states_L) if train_exits else {}
-      classifier_loss = None
-      if train_exits and self.exit_confidence == 'classifier':
-        classifier_loss = self._exit_classifier_loss(batch, states_L, pooled_L, logits)
-      real = mask.astype(jnp.float32)
-      depth_B = jnp.sum((exit_layer_BxL + 1.0) * real, -1) / jnp.maximum(jnp.sum(real, -1), 1.0)
-      exits = Exits(layer_BxL=jnp.where(mask, exit_layer_BxL, 0), depth_B=depth_B,
-                    logits=logits, weights=self.exit_weights if train_exits else None,
-                    classifier_loss=classifier_loss)
-    flops_B = jnp.sum(layer_flops_LxB * reach_LxB, axis=0)
-    expected_B = jnp.sum(jnp.stack(layer_expected_LxB) * reach_LxB, axis=0)
-    budget_loss, budget_metrics = budget_lib.budget_terms(
-        self.task_names, self.flops_budget, self.budget_lambda[...], expected_B, flops_B,
-        self.layout.task_rows, None if 'weight' not in batch else jnp.asarray(batch['weight']))
-    aux_loss = (jnp.mean(jnp.stack([s.aux_loss for s in moe_stats.values()])) if moe_stats
-                else jnp.zeros((), jnp.float32))
-    return ModelOutput(logits=self.apply_heads(pooled_BxD, x),
-                       tokens_per_example=jnp.sum(mask, axis=-1), token_mask=mask,
-                       flops_per_example=flops_B,
-                       aux_loss=aux_loss, budget_loss=budget_loss, budget=budget_metrics,
-                       moe=moe_stats, ponder_cost=ponder_cost, halting=halting, exits=exits)
+        layer_flops_LxB.append(attention_B + block.ffn.flops_per_token() * jnp.sum(mask, -1))
+        layer_expected_LxB.append(layer_flops_LxB[-1])
+      if per_layer_states:
+        h = self.final_norm(x_p)
+        states_L.append(h)
+        m = mask_p.astype(h.dtype)[..., None]
+        pooled_L.append(packing.example_sums(plan, h * m, b) / tokens_B[:, None].astype(h.dtype))
+
+    def token_states(layer, i):
+      rows = self.layout.offsets[i] + np.arange(self.layout.slots[i])
+      return packing.take_rows(plan, states_L[layer], rows, self.own_length[i])
+    return (packing.unpack(plan, x_p, x), layer_flops_LxB, layer_expected_LxB, moe_stats,
+            pooled_L, token_states)
 
   def _call_block(self, block, x, mask, causal_B, task_ids, bias, deterministic, active):
     """One block on the canonical [B, L_max] layout, computed packed when the model packs
@@ -539,10 +606,11 @@ class Figure1Model(nnx.Module):
                             record={k: back(v) for k, v in stats.record.items()})
     return packing.unpack(plan, y, x), stats
 
-  def _layer_logits(self, pooled_L, states_L, pooled_only=False) -> dict:
+  def _layer_logits(self, pooled_L, token_states, pooled_only=False) -> dict:
     """{task: [L, n_i, ...]} logits at every layer from the normed states (pooled [B, D] per
-    layer; per-token [B, L_max, D] per layer, or None with `pooled_only`). A per-position
-    task's are [L, n_i, own length, C]: positions past its own length never hold a target."""
+    layer; `token_states(layer, task)`: a per-position task's [n_i, own length, D], or None
+    with `pooled_only`). A per-position task's are [L, n_i, own length, C]: positions past its
+    own length never hold a target."""
     out = {}
     for i, name in enumerate(self.task_names):
       if pooled_only and not self.pooled[i]:
@@ -552,10 +620,9 @@ class Figure1Model(nnx.Module):
         out[name] = jnp.stack(pooled_L)[:, rows] @ self.heads[name][...]
         continue
       head = heads_lib.get(self.head_names[i])
-      own = self.own_length[i]
       out[name] = jnp.stack([
           head.logits(self.heads[name][...], pooled[rows],
-                      None if states_L is None else states_L[l][rows][:, :own])
+                      None if self.pooled[i] else token_states(l, i))
           for l, pooled in enumerate(pooled_L)])
     return out
 
@@ -591,7 +658,7 @@ class Figure1Model(nnx.Module):
     states [..., D]."""
     return jax.nn.sigmoid(state @ self.exit_w_LxD[...][layer] + self.exit_b_L[...][layer])
 
-  def _exit_classifier_loss(self, batch, states_L, pooled_L, logits):
+  def _exit_classifier_loss(self, batch, token_states, pooled_L, logits):
     """Mean binary cross-entropy of the exit classifier over every layer but the last and
     every counted example (pooled) or target position (per-position); the target is 1 where
     the layer's prediction equals the last layer's (CALM). States and targets carry no
@@ -604,11 +671,11 @@ class Figure1Model(nnx.Module):
         w = w[:, :self.own_length[i]]
       guess = jnp.argmax(jax.lax.stop_gradient(logits[name]), -1)  # [L, n(, own length)]
       target = (guess[:-1] == guess[-1:]).astype(jnp.float32)
-      for layer in range(len(states_L) - 1):
+      for layer in range(len(pooled_L) - 1):
         if self.pooled[i]:
           state = jax.lax.stop_gradient(pooled_L[layer][rows])
         else:
-          state = jax.lax.stop_gradient(states_L[layer][rows][:, :self.own_length[i]])
+          state = jax.lax.stop_gradient(token_states(layer, i))
         p = jnp.clip(self.exit_score(layer, state), 1e-6, 1 - 1e-6)
         t = target[layer]
         bce = -(t * jnp.log(p) + (1 - t) * jnp.log(1 - p))
@@ -663,11 +730,15 @@ class Figure1Model(nnx.Module):
     None for a dense layer."""
     if layer not in self.moe_layers:
       return None
-    m = self.moe_layers.index(layer)
-    prior_NxE = jnp.stack([self.router_prior[name][...][m] for name in self.task_names])
-    bias_NxE = prior_NxE + jnp.asarray(self.connectivity[m])
+    bias_NxE = self._router_bias_NxE(layer)
     return jnp.broadcast_to(bias_NxE[task_ids_B][:, None, :],
                             (task_ids_B.shape[0], length, bias_NxE.shape[-1]))
+
+  def _router_bias_NxE(self, layer: int):
+    """[N, E'] each task's router-logit bias in MoE layer `layer` (prior + connectivity)."""
+    m = self.moe_layers.index(layer)
+    prior_NxE = jnp.stack([self.router_prior[name][...][m] for name in self.task_names])
+    return prior_NxE + jnp.asarray(self.connectivity[m])
 
   def halting_lambda(self, layer: int, pooled_BxD):
     """Halting probability lambda_l [B] after `layer` (1 at the last layer)."""

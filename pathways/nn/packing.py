@@ -10,10 +10,14 @@ only, so one compiled step serves every mixture draw.
 
 A block then runs on [R, L_p, D]: attention sees keys of its own segment only
 (`pathways.nn.attention.attention_mask` with segment ids; causal within a segment), the FFN
-and MoE layers are per token anyway. Around the block, `pack` gathers the canonical
-[B, L_max, ...] arrays into packed rows and `unpack` scatters the result back (positions no
-example can fill pass through unchanged), so everything outside the blocks (pooling, heads,
-exits, halting, FLOPs accounting, the routing record) keeps the batch contract's layout.
+and MoE layers are per token anyway. `pack` gathers the canonical [B, L_max, ...] arrays into
+packed rows and `unpack` scatters the result back (positions no example can fill pass through
+unchanged). The model packs once before the first block and unpacks once after the last
+(training and plain inference): the per-layer work of deep supervision and halting stays in
+the packed rows (`example_sums` pools each segment, `take_rows` reads a per-position task's
+own positions), and the final states, heads, FLOPs accounting and routing record are in the
+batch contract's layout. Confidence exits, Mixture-of-Depths and task FFNs decide per
+canonical row between blocks, so with them each block is packed and unpacked on its own.
 
 With several data shards the batch is `shards` equal blocks (`BatchLayout`); each block packs
 into its own rows with the same plan, so packed rows shard like batch rows. Traced under a
@@ -235,3 +239,31 @@ def segments(plan: PackPlan):
   """int32 [shards * R_s, L]: each packed slot's segment (its canonical row within the
   block), -1 on empty slots."""
   return jnp.asarray(np.tile(plan.segment_RxL, (plan.shards, 1)))
+
+
+def example_sums(plan: PackPlan, a_RxL, batch_size: int):
+  """[shards * R_s, L_p, ...] packed -> [B, ...]: each example's sum over its packed slots
+  (empty slots dropped), computed within each shard block."""
+  rest = a_RxL.shape[2:]
+  a = _on_blocks(a_RxL.reshape((plan.shards, plan.rows * plan.length) + rest))
+  ids = jnp.asarray(np.where(plan.segment_RxL >= 0, plan.segment_RxL, plan.block_rows)
+                    .reshape(-1), jnp.int32)
+  out = jax.vmap(lambda v: jax.ops.segment_sum(v, ids, num_segments=plan.block_rows + 1,
+                                               indices_are_sorted=False))(a)
+  return _on_blocks(out[:, :plan.block_rows]).reshape((batch_size,) + rest)
+
+
+def take_rows(plan: PackPlan, a_RxL, rows_in_block, length: int):
+  """The first `length` canonical positions of some batch rows, read from packed rows:
+  [shards * R_s, L_p, ...] -> [shards * len(rows_in_block), length, ...], in the order of
+  `BatchLayout.task_rows` (block by block). `rows_in_block` are rows within one block; every
+  position read must be computed (within the rows' possible slots)."""
+  rest = a_RxL.shape[2:]
+  rows = np.asarray(rows_in_block)
+  index = plan.target_T.reshape(plan.block_rows, plan.canonical_length)[rows, :length]
+  if (index < 0).any():
+    raise ValueError(f'take_rows: rows {rows.tolist()} have positions below {length} that no '
+                     f'packed slot computes.')
+  a = _on_blocks(a_RxL.reshape((plan.shards, plan.rows * plan.length) + rest))
+  out = _on_blocks(jnp.take(a, jnp.asarray(index.reshape(-1), jnp.int32), axis=1))
+  return out.reshape((plan.shards * len(rows), length) + rest)

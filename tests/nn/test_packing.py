@@ -85,6 +85,28 @@ def test_plan_places_every_possible_slot_once_and_round_trips():
                                     np.flatnonzero(possible[s]))
 
 
+def test_example_sums_and_take_rows_read_the_packed_rows_like_the_canonical_ones():
+  """Pooling per segment and reading some rows' first positions in the packed layout equal
+  the same on the canonical layout (two shard blocks; slots no example fills hold junk)."""
+  rng = np.random.default_rng(1)
+  lengths = np.array([3, 8, 5, 1, 6, 2])
+  possible = np.tile(np.arange(8)[None] < lengths[:, None], (2, 1))
+  plan = packing.make_plan(possible, shards=2, length=8)
+  x = rng.standard_normal((12, 8, 3)).astype(np.float32)
+  mask = possible & (rng.random((12, 8)) < 0.8)
+  packed = packing.pack(plan, jnp.asarray(x * mask[..., None]))
+  junk = jnp.where(packing.filled(plan)[..., None], packed, 100.0)
+  sums = packing.example_sums(plan, jnp.where(packing.filled(plan)[..., None], junk, 0.0), 12)
+  np.testing.assert_allclose(np.asarray(sums), (x * mask[..., None]).sum(1), rtol=1e-6,
+                             atol=1e-6)
+  rows = np.array([1, 4])
+  own = 6  # the shorter row's length
+  got = packing.take_rows(plan, packing.pack(plan, jnp.asarray(x)), rows, own)
+  np.testing.assert_array_equal(np.asarray(got), x[np.concatenate([rows, rows + 6]), :own])
+  with pytest.raises(ValueError, match='no packed slot computes'):
+    packing.take_rows(plan, packed, rows, own + 1)
+
+
 def test_row_length_is_chosen_to_compute_the_fewest_slots():
   """Four examples of 16, 128, 16 and 32 slots (one of each default task per data shard, as
   in the `large` shape): one row of 192, not two of 128; with groups of 512 tokens, the
