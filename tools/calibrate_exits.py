@@ -1,11 +1,13 @@
 """Calibrate a workdir's confidence exits: each task's threshold on held-out data.
 
-  python -m tools.calibrate_exits --workdir=/tmp/run [--tolerance=0.01] [--batches=16]
+  python -m tools.calibrate_exits --workdir=/tmp/run [--tolerance=0.01] [--confidence=0.95]
+      [--batches=16]
 
 For a model trained with exits (`model.exit_weights`), runs the calibration examples (each
 task's 'calibration' split; its training split where it has none, said in the output) at
 every threshold of a grid, picks per task the lowest threshold whose accuracy stays within
-`tolerance` of full depth, and writes workdir/exits.json and workdir/exits.png (accuracy
+`tolerance` of full depth (with --confidence: whose upper confidence bound of the accuracy
+drop does, risk control), and writes workdir/exits.json and workdir/exits.png (accuracy
 against FLOPs per example). `experiments.evaluate`, the routing report and bucketed inference
 then use those thresholds (`pathways.train.calibrate`).
 """
@@ -18,6 +20,9 @@ from pathways import registry
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training workdir of a model with exits.')
 flags.DEFINE_float('tolerance', 0.01, 'Largest accuracy loss against full depth allowed.')
+flags.DEFINE_float('confidence', None, 'Risk control: the one-sided upper bound of the '
+                   'accuracy drop at this level (e.g. 0.95) must be within the tolerance; '
+                   'unset: the calibration examples\' drop itself.')
 flags.DEFINE_integer('batches', None, 'Calibration batches (default: the config\'s '
                      'train.eval_batches).')
 flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.")
@@ -41,6 +46,7 @@ def main(argv):
       print(f'{FLAGS.workdir}: the model was not trained with exits; nothing to calibrate.')
       return
   record = calibrate.calibrate(FLAGS.workdir, tolerance=FLAGS.tolerance, batches=FLAGS.batches,
+                               confidence=FLAGS.confidence,
                                checkpoint=FLAGS.checkpoint)
   for name, split in record['splits'].items():
     print(f'{name}: calibrated on {split}')

@@ -211,6 +211,12 @@ class MultitaskPipeline:
     modalities_lib.get(t.modality).write_input(batch, j, ex[t.input_feature])
     heads_lib.get(t.head).write_target(batch, row, j, ex[t.target_feature])
 
+  def coverage(self) -> dict[str, tuple[int, int]]:
+    """{task: (examples this process has drawn so far, examples in its split)}: where the
+    first exceeds the second, the draws repeat examples (the split is cycled)."""
+    return {t.name: (self._next[t.name] * len(self._shards), len(self._sources[t.name]))
+            for t in self.tasks}
+
   def get_state(self) -> bytes:
     return json.dumps({'step': self._step, 'next': self._next, 'seed': self.seed,
                        'tasks': [t.name for t in self.tasks],

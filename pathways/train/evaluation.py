@@ -36,26 +36,37 @@ def make_eval_step(model_graphdef):
   return eval_step
 
 
-def evaluate(eval_step, model_state, batches, tasks=(), exit_thresholds=None) -> dict:
+def per_batch(eval_step, model_state, batches, exit_thresholds=None) -> list[dict]:
+  """One {task: {'loss', 'accuracy', 'count', 'flops', 'depth'}} (host floats; loss and
+  accuracy are the batch's means, flops and depth its sums) per batch: what `aggregate`
+  averages, and what a paired comparison of two settings on the same batches reads."""
+  thresholds = None if exit_thresholds is None else jnp.asarray(exit_thresholds, jnp.float32)
+  out = []
+  for batch in batches:
+    got = jax.device_get(eval_step(model_state, batch) if thresholds is None
+                         else eval_step(model_state, batch, thresholds))
+    out.append({name: {'loss': float(m['loss']), 'accuracy': float(m['accuracy']),
+                       'count': float(m['count']), 'flops': float(m['flops']),
+                       'depth': float(m.get('depth', 0.0))} for name, m in got.items()})
+  return out
+
+
+def aggregate(batch_results: list[dict], tasks=()) -> dict:
   """{'eval/<task>/accuracy|loss|flops_per_example|depth': value, 'eval/mean_accuracy'},
   plus each metric a task declares (`Task.metrics`, e.g. perplexity) from its loss and
-  accuracy. Loss and accuracy are averaged over batches weighted by each batch's example
-  count. `exit_thresholds` ([N] or None): evaluate with confidence exits (depth: layers run,
-  mean over each example's tokens)."""
+  accuracy, from `per_batch`'s results. Loss and accuracy are averaged over batches weighted
+  by each batch's example count."""
   sums = {}
-  thresholds = None if exit_thresholds is None else jnp.asarray(exit_thresholds, jnp.float32)
-  for batch in batches:
-    out = jax.device_get(eval_step(model_state, batch) if thresholds is None
-                         else eval_step(model_state, batch, thresholds))
+  for out in batch_results:
     for name, m in out.items():
       s = sums.setdefault(name, {'loss': 0.0, 'accuracy': 0.0, 'count': 0.0, 'flops': 0.0,
                                  'depth': 0.0})
-      c = float(m['count'])
-      s['loss'] += float(m['loss']) * c
-      s['accuracy'] += float(m['accuracy']) * c
+      c = m['count']
+      s['loss'] += m['loss'] * c
+      s['accuracy'] += m['accuracy'] * c
       s['count'] += c
-      s['flops'] += float(m['flops'])
-      s['depth'] += float(m.get('depth', 0.0))
+      s['flops'] += m['flops']
+      s['depth'] += m['depth']
   declared = {t.name: t.metrics for t in tasks}
   result = {}
   for name, s in sums.items():
@@ -71,3 +82,10 @@ def evaluate(eval_step, model_state, batches, tasks=(), exit_thresholds=None) ->
       result[f'eval/{name}/depth'] = s['depth'] / c
   result['eval/mean_accuracy'] = float(np.mean([result[f'eval/{n}/accuracy'] for n in sums]))
   return result
+
+
+def evaluate(eval_step, model_state, batches, tasks=(), exit_thresholds=None) -> dict:
+  """`aggregate(per_batch(...))`: per-task metrics over `batches`. `exit_thresholds` ([N] or
+  None): evaluate with confidence exits (depth: layers run, mean over each example's
+  tokens)."""
+  return aggregate(per_batch(eval_step, model_state, batches, exit_thresholds), tasks)

@@ -44,6 +44,17 @@ def test_pipeline_proportions_over_many_steps(data_dir):
   np.testing.assert_allclose(totals / totals.sum(), p.weights, atol=0.01)
 
 
+def test_coverage_counts_the_examples_drawn_against_the_split_size(data_dir):
+  p = _pipe(data_dir, batch_size=16)
+  drawn = np.zeros(len(MIX))
+  for _ in range(7):
+    b = next(p)
+    drawn += np.bincount(b['task_id'], weights=b['weight'], minlength=len(MIX))
+  cov = p.coverage()
+  assert [cov[n][0] for n in MIX] == drawn.astype(int).tolist()
+  assert [cov[n][1] for n in MIX] == [len(p._sources[n]) for n in MIX]  # pylint: disable=protected-access
+
+
 def test_same_seed_same_batches_and_fixed_shapes(data_dir):
   a, b = _pipe(data_dir), _pipe(data_dir)
   shapes = None

@@ -217,6 +217,9 @@ def test_adaptive_compute_evaluates_exits_against_full_depth(data_dir, tmp_path)
   assert fixed['flops_per_example'] == 16 * 10368 and fixed['flops_saved'] == 0.0
   assert fixed['depth'] == 2.0 and fixed['accuracy'] == fixed['full_depth_accuracy']
   assert exits['calibration_split'] == 'validation' and 'threshold' in exits
+  record = json.load(open(tmp_path / 'parity_count_exits_seed0' / 'exits.json'))
+  assert (record['tolerance'], record['confidence']) == (adaptive_compute.TOLERANCE['parity'],
+                                                         adaptive_compute.RISK_LEVEL)
   checks = 2 * 16 * 2  # one softmax check of the 2-class head per example, after layer 0
   assert exits['flops_per_example'] <= 16 * 10368 + checks
   assert 1.0 <= exits['depth'] <= 2.0
@@ -378,7 +381,8 @@ def test_adaptive_compute_reruns_some_parts_and_keeps_the_others(monkeypatch, tm
   fixed = dict(run('parity', 'parity_count', 0, 0.0), mechanism='fixed')
   old = {'runs': [run('parity', 'parity_count', 0, 0.02), fixed,
                   run('multitask', 'digits', 0, 0.05)],
-         'wall_clock': {'batch256_easy_speedup': 1.7}, 'tolerance': ac.TOLERANCE}
+         'wall_clock': {'batch256_easy_speedup': 1.7}, 'tolerance': ac.TOLERANCE,
+         'risk_level': ac.RISK_LEVEL}
   monkeypatch.setattr(ac, 'run_part', lambda workdir, part, mechanism, seed, *a: [
       run(part, 'digits' if part == 'multitask' else 'parity_count', seed, 0.001)])
   result = ac.sweep(str(tmp_path), ['parity', 'multitask'], [0], ['exits'], keep_from=old)
@@ -394,6 +398,8 @@ def test_adaptive_compute_reruns_some_parts_and_keeps_the_others(monkeypatch, tm
   kept_only = ac.sweep(str(tmp_path), ['multitask', 'wall_clock'], [0], ['exits'],
                        keep_from=old)
   assert kept_only['wall_clock'] == old['wall_clock'] and kept_only['kept']['wall_clock']
-  # exit runs calibrated at another tolerance are not mixed in
-  with pytest.raises(ValueError, match='calibrated with tolerance 0.01'):
-    ac.sweep(str(tmp_path), ['multitask'], [0], ['exits'], keep_from=dict(old, tolerance=0.01))
+  # exit runs calibrated at another tolerance, or without the bound, are not mixed in
+  with pytest.raises(ValueError, match=r'calibrated with \(tolerance, risk level\) \(0.005'):
+    ac.sweep(str(tmp_path), ['multitask'], [0], ['exits'], keep_from=dict(old, tolerance=0.005))
+  with pytest.raises(ValueError, match='risk level'):
+    ac.sweep(str(tmp_path), ['multitask'], [0], ['exits'], keep_from=dict(old, risk_level=None))
