@@ -13,8 +13,12 @@ Both are evaluated every EVAL_EVERY steps on VALIDATION images of each task's va
 fonts, with every evaluated checkpoint kept (the script early-stops each task the same way in
 both arms and evaluates the chosen step on the test fonts).
 
-Argument: 'arm=A,seed=S,steps=N,task=NAME,examples=K' (defaults shared, 0, 300,
-glyphs_latin_5 for the single arm, 5 per class).
+With `rich=ALPHABET` (reference result 5c) that alphabet is not a low-data member: the shared
+arm trains it from all its training images (`glyphs_<alphabet>`, ROWS rows per batch like the
+others) beside the low-data members, and the single arms are the low-data members alone.
+
+Argument: 'arm=A,seed=S,steps=N,task=NAME,examples=K,rich=ALPHABET' (defaults shared, 0, 300,
+the first low-data member for the single arm, 5 per class, no rich alphabet).
 """
 from __future__ import annotations
 
@@ -28,21 +32,23 @@ ROWS = 16  # rows of each task per batch
 VALIDATION = 288  # validation images per task (18 batches; Greek has 288)
 
 
-def tasks(examples: int) -> tuple[str, ...]:
+def tasks(examples: int, rich: str = '') -> tuple[str, ...]:
+  """The low-data members: every alphabet but `rich`, `examples` training images per class."""
   from tasks import glyphs  # pylint: disable=g-import-not-at-top
-  return tuple(glyphs.register_low_data(a, examples) for a in ALPHABETS)
+  return tuple(glyphs.register_low_data(a, examples) for a in ALPHABETS if a != rich)
 
 
 def get_config(arg: str | None = None):
   args = config_args.parse(arg, {'arm': 'A', 'seed': 'S', 'steps': 'N', 'task': 'NAME',
-                                 'examples': 'K'})
+                                 'examples': 'K', 'rich': 'ALPHABET'})
   arm = config_args.choice(args, 'arm', 'shared', ARMS)
   steps = int(args.get('steps', 300))
-  family = tasks(int(args.get('examples', 5)))
+  rich = config_args.choice(args, 'rich', '', ('',) + ALPHABETS)
+  family = tasks(int(args.get('examples', 5)), rich)
   task = config_args.choice(args, 'task', family[0], family)
   c = multitask.get_config('runlocal')
   c.seed = int(args.get('seed', 0))
-  c.tasks = family if arm == 'shared' else (task,)
+  c.tasks = (family + ((f'glyphs_{rich}',) if rich else ())) if arm == 'shared' else (task,)
   c.data.update(batch_size=ROWS * len(c.tasks), mixture='uniform')
   c.model.update(d_model=64, num_layers=4, num_heads=4, mlp_hidden=128, moe_every=2, patch=4,
                  halting=False, exit_weights='', exit_confidence='softmax')

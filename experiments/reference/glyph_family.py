@@ -1,7 +1,7 @@
 """Reference result 5b: related low-data alphabets help each other in one model.
 
   python -m experiments.reference.glyph_family --workdir=workdirs/glyph_family \
-      [--examples=5] [--seeds=0,1,2] [--steps=300]
+      [--examples=5] [--seeds=0,1,2] [--steps=300] [--rich=latin]
 
 For each seed, `experiments/configs/glyph_family.py` in two arms: Latin, Greek and Cyrillic
 capitals (`glyphs_<alphabet>_<examples>`: that many training images per class) in one model
@@ -11,6 +11,10 @@ trained on) with its checkpoints kept; for each task the step of the highest val
 accuracy is chosen (ties: the earliest) and evaluated on TEST_EXAMPLES test images (other
 fonts never trained on). The same selection in both arms, fixed before the runs. Each run is
 its own sub-workdir; an interrupted sweep resumes.
+
+With --rich=ALPHABET (result 5c) that alphabet trains in the shared arm from all its
+training images beside the other two at 5 per class (a data-rich relative, as the code model
+is in result 5); the single arms and the claim are the two low-data alphabets.
 
 Writes workdir/summary.json (per run and task: validation curve, chosen step, test accuracy
 and loss; per task and arm: mean, standard error, range; `claims` computed here) and
@@ -41,6 +45,9 @@ def define_flags():
   flags.DEFINE_integer('examples', 5, 'Training images per class of every alphabet.')
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
   flags.DEFINE_integer('steps', 300, 'Training steps of every run.')
+  flags.DEFINE_enum('rich', '', ['', 'latin', 'greek', 'cyrillic'], 'An alphabet the shared '
+                    'arm trains from all its training images beside the low-data ones '
+                    '(result 5c); the claim covers the low-data alphabets only.')
   flags.mark_flags_as_required(['workdir'])
 
 
@@ -114,9 +121,9 @@ def plot(runs, summary, tasks, path):
   common.save(fig, path)
 
 
-def sweep(workdir, examples, seeds, steps) -> dict:
+def sweep(workdir, examples, seeds, steps, rich='') -> dict:
   from experiments.configs import glyph_family  # pylint: disable=g-import-not-at-top
-  tasks = glyph_family.tasks(examples)
+  tasks = glyph_family.tasks(examples, rich)
   batches = TEST_EXAMPLES // glyph_family.ROWS
   runs = []
   for seed in seeds:
@@ -125,7 +132,7 @@ def sweep(workdir, examples, seeds, steps) -> dict:
       name = f'shared_seed{seed}' if arm == 'shared' else f'single_{only}_seed{seed}'
       print(f'== {name}', flush=True)
       run_dir = os.path.join(workdir, name)
-      arg = f'arm={arm},seed={seed},steps={steps},examples={examples}' + (
+      arg = f'arm={arm},seed={seed},steps={steps},examples={examples},rich={rich}' + (
           f',task={only}' if only else '')
       _, seconds = common.train(glyph_family.get_config(arg), run_dir)
       for task, (step, curve, result) in _early_stopped(run_dir, [only] if only else tasks,
@@ -139,7 +146,8 @@ def sweep(workdir, examples, seeds, steps) -> dict:
         print(json.dumps({k: v for k, v in run.items() if k != 'validation_accuracy'}),
               flush=True)
   summary = summarize(runs, tasks)
-  result = {'tasks': list(tasks), 'examples_per_class': examples, 'steps': steps,
+  result = {'tasks': list(tasks), 'rich': f'glyphs_{rich}' if rich else None,
+            'examples_per_class': examples, 'steps': steps,
             'rows_per_task': glyph_family.ROWS, 'validation_examples': glyph_family.VALIDATION,
             'test_examples': TEST_EXAMPLES, 'selection': 'highest validation accuracy',
             **summary, 'runs': runs, 'claims': claims(summary, runs, tasks)}
@@ -151,7 +159,8 @@ def sweep(workdir, examples, seeds, steps) -> dict:
 def main(argv):
   del argv
   common.start(FLAGS.workdir)
-  result = sweep(FLAGS.workdir, FLAGS.examples, [int(s) for s in FLAGS.seeds], FLAGS.steps)
+  result = sweep(FLAGS.workdir, FLAGS.examples, [int(s) for s in FLAGS.seeds], FLAGS.steps,
+                 FLAGS.rich)
   print(json.dumps({'mean_gain': result['mean_gain'], 'claims': result['claims']}, indent=1))
 
 

@@ -127,3 +127,41 @@ def test_matmul_flops():
   # jit nests a jaxpr; grad adds the two backward products.
   grad = jax.make_jaxpr(jax.grad(jax.jit(lambda x: jnp.sum(x @ b))))(a)
   assert benchmark_train.matmul_flops(grad) == 192 + 192
+
+
+def test_length_buckets_split_the_mixture_batch_by_token_length(data_dir):
+  from tools import benchmark_buckets  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config(data_dir)
+  config.tasks = ['digits', 'parity', 'stdlib_package', 'addition']
+  config.data.batch_size = 16
+  got = benchmark_buckets.buckets(config)
+  assert [(b['tokens'], sorted(b['tasks']), b['batch_size']) for b in got] == [
+      (128, ['stdlib_package'], 4), (32, ['addition'], 4), (16, ['digits', 'parity'], 8)]
+  arms = benchmark_buckets.arm_configs(config)
+  assert list(arms) == ['packed', 'bucket128', 'bucket32', 'bucket16']
+  assert arms['packed'].model.pack and list(arms['packed'].tasks) == list(config.tasks)
+  assert [(tuple(sorted(a.tasks)), a.data.batch_size, a.model.pack)
+          for n, a in arms.items() if n != 'packed'] == [
+              (('stdlib_package',), 4, False), (('addition',), 4, False),
+              (('digits', 'parity'), 8, False)]
+
+
+def test_bucket_summary_adds_the_buckets_steps_against_one_packed_step():
+  from tools import benchmark_buckets  # pylint: disable=g-import-not-at-top
+
+  def row(arm, rnd, ms, examples, flops, tokens, slots):
+    return {'arm': arm, 'round': rnd, 'tasks': [arm], 'step_ms_median': ms,
+            'examples_per_step': examples, 'model_flops_per_step': flops,
+            'tokens_per_step': tokens, 'computed_token_slots_per_step': slots,
+            'peak_flops_per_device': 1e12}
+  rows = [row('packed', 0, 100.0, 8, 4e9, 90, 100), row('bucket32', 0, 60.0, 4, 2e9, 40, 64),
+          row('bucket16', 0, 30.0, 4, 2e9, 50, 64), row('packed', 1, 120.0, 8, 4e9, 90, 100),
+          row('bucket32', 1, 50.0, 4, 2e9, 40, 64), row('bucket16', 1, 40.0, 4, 2e9, 50, 64)]
+  s = benchmark_buckets.summarize(rows)
+  assert s['rounds'] == 2
+  assert s['packed']['ms_per_example'] == pytest.approx(110.0 / 8)  # median of 100 and 120
+  assert s['buckets']['ms_per_example'] == pytest.approx((55.0 + 35.0) / 8)
+  assert s['buckets_over_packed'] == pytest.approx(90.0 / 110.0)
+  assert s['buckets']['real_token_fraction'] == pytest.approx(90 / 128)
+  assert s['buckets']['mfu'] == pytest.approx(4e9 / 0.090 / 1e12)
+  assert list(s['buckets']['arms']) == ['bucket32', 'bucket16'] and s['buckets']['steps_per_round'] == 2

@@ -341,6 +341,18 @@ def test_glyph_family_arms_differ_only_in_the_other_alphabets():
   assert a == b
   with pytest.raises(ValueError, match=r"task='glyphs_runic_5': allowed are"):
     glyph_family.get_config('arm=single,task=glyphs_runic_5')
+  # result 5c: Latin from all its images beside the two low-data alphabets, who alone are
+  # the single arms
+  rich = glyph_family.get_config('arm=shared,rich=latin')
+  experiment.validate(rich)
+  assert list(rich.tasks) == ['glyphs_greek_5', 'glyphs_cyrillic_5', 'glyphs_latin']
+  assert rich.data.batch_size == 3 * glyph_family.ROWS
+  assert glyph_family.tasks(5, 'latin') == ('glyphs_greek_5', 'glyphs_cyrillic_5')
+  assert list(glyph_family.get_config('arm=single,rich=latin').tasks) == ['glyphs_greek_5']
+  with pytest.raises(ValueError, match=r"task='glyphs_latin_5': allowed are"):
+    glyph_family.get_config('arm=single,rich=latin,task=glyphs_latin_5')
+  with pytest.raises(ValueError, match=r"rich='runic': allowed are"):
+    glyph_family.get_config('arm=shared,rich=runic')
 
 
 def test_glyph_family_claim_is_computed_from_the_runs(tmp_path):
